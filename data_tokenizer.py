@@ -21,7 +21,7 @@ _CACHE_MAX = 1 << 18  # words cached per tokenizer; bounds memory on huge corpor
 
 
 def _bytes_to_unicode() -> dict[int, str]:
-    """Byte -> one printable character, the map CLIP (and GPT-2) use.
+    """Byte -> one printable character, the map of openai/CLIP's simple_tokenizer.py (from GPT-2).
 
     The 188 bytes that are visible latin-1 characters stand for themselves; the other 68
     (controls, space, 0x7f-0xa0, 0xad) get chr(256 + k) in byte order. BPE can then work on
@@ -73,7 +73,9 @@ class Tokenizer:
     <|endoftext|> last, so eot_id = vocab_size - 1 is the largest id in any sequence (the text
     model finds the EOT position by argmax, as CLIP does).
 
-    Worked example, with CLIP's merges (ids as clip.tokenize gives them):
+    Layout and pre-tokenisation follow openai/CLIP's simple_tokenizer.py; the code is ours.
+
+    Worked example, with CLIP's merges file (rank r = line r + 1 of the file, id 512 + r):
         "A photo of a cat."  -> cleaned "a photo of a cat."
         pre-tokens           -> ["a", "photo", "of", "a", "cat", "."]
         "a"  is one byte     -> "a</w>"  = 256 + 64 (byte 'a' is the 65th symbol)   = 320
@@ -185,7 +187,7 @@ class Tokenizer:
             ids.extend(w_ids)
         return ids
 
-    def decode(self, ids) -> str:
+    def decode(self, ids: Iterable[int]) -> str:
         """Text of a list of ids: specials dropped, each word end (</w>) becomes a space."""
         ids = [int(i) for i in ids]
         if any(not 0 <= i < self.vocab_size for i in ids):
