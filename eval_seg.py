@@ -1,0 +1,663 @@
+"""Zero-shot semantic segmentation evaluation, self-contained (no mmsegmentation).
+
+    python eval_seg.py --ckpt out/ckpt.pt                      # the three world benchmarks
+    python eval_seg.py --ckpt PATH --benchmarks all --data-root DIR
+    python eval_seg.py --preds DIR --benchmarks voc --data-root DIR   # score saved label PNGs
+
+Writes metrics.json (per-class IoU, NaN as null) and vis/*.png overlays (input | ground truth |
+prediction) into --out (default: the checkpoint's folder), and prints one table per benchmark
+and the mean over benchmarks in the paper's column order.
+
+Model interface (duck-typed; tagalign.py's world and CLIP models provide it):
+    model.encode_dense(images) -> (B, E, h, w)   images: float (B, 3, H, W), already normalised
+                                                  with the protocol's mean/std; any h, w
+    model.encode_text(texts: list[str]) -> (T, E) un-normalised text embeddings
+    model.device (optional, else CPU)
+The evaluator fills the templates, averages the un-normalised text embeddings per class and
+L2-normalises them; it L2-normalises the dense embeddings over E, takes the cosine to every
+class, maps it to a score sigmoid(10 * cos - 2.5), upsamples the (B, C, h, w) scores bilinearly
+to the crop and, for benchmarks with a background class, prepends a constant background score
+(0.4): background wins where every class scores below it.
+
+Protocol (TCL's, which TagAlign uses; read from the authors' configs): resize so the short side
+is 448 with the long side capped at 2048 (mmcv.imrescale: s = min(2048/long, 448/short),
+size int(x*s+0.5), bilinear on uint8), ImageNet mean/std, sliding window 448 with stride 224 on
+mmseg's grid (last window snapped to the border), per-crop scores averaged where windows overlap,
+bilinear resize back to the original size, argmax. The score mapping and 0.4 threshold are
+TagAlign's (github.com/Qinying-Liu/TagAlign, configs/tagalign.yml: bg_thresh 0.4, scale 10,
+bias -2.5; models/tagalign/tagalign.py generate_masks: sigmoid(scale*cos+bias) before the
+upsampling), inherited from TCL's Sim2Mask (w=10, b=-2.5). A later commit of their repo
+(segmentation/configs at 70914ae) switched to softmax(30*cos), stride 56, per-dataset
+thresholds and a CLIP blend; we follow the paper-era setting that matches TCL's protocol.
+mIoU is mmseg's (see IoU below). Optional PAMR (Araslanov & Roth, CVPR 2020) as in TCL.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------- class names
+# mmsegmentation's class lists (mmseg/datasets/{voc,pascal_context,coco_stuff,cityscapes,ade}.py,
+# 1.x), COCO-Object as in TCL/GroupViT (background + the 80 things of COCO-Stuff). One string per
+# benchmark, split once; the order is the label index order of the annotation PNGs.
+VOC = ("background,aeroplane,bicycle,bird,boat,bottle,bus,car,cat,chair,cow,diningtable,dog,horse,"
+       "motorbike,person,pottedplant,sheep,sofa,train,tvmonitor").split(",")
+CONTEXT = ("background,aeroplane,bag,bed,bedclothes,bench,bicycle,bird,boat,book,bottle,building,"
+           "bus,cabinet,car,cat,ceiling,chair,cloth,computer,cow,cup,curtain,dog,door,fence,floor,"
+           "flower,food,grass,ground,horse,keyboard,light,motorbike,mountain,mouse,person,plate,"
+           "platform,pottedplant,road,rock,sheep,shelves,sidewalk,sign,sky,snow,sofa,table,track,"
+           "train,tree,truck,tvmonitor,wall,water,window,wood").split(",")
+COCO_STUFF = (
+    "person,bicycle,car,motorcycle,airplane,bus,train,truck,boat,traffic light,fire hydrant,"
+    "stop sign,parking meter,bench,bird,cat,dog,horse,sheep,cow,elephant,bear,zebra,giraffe,"
+    "backpack,umbrella,handbag,tie,suitcase,frisbee,skis,snowboard,sports ball,kite,baseball bat,"
+    "baseball glove,skateboard,surfboard,tennis racket,bottle,wine glass,cup,fork,knife,spoon,bowl,"
+    "banana,apple,sandwich,orange,broccoli,carrot,hot dog,pizza,donut,cake,chair,couch,"
+    "potted plant,bed,dining table,toilet,tv,laptop,mouse,remote,keyboard,cell phone,microwave,"
+    "oven,toaster,sink,refrigerator,book,clock,vase,scissors,teddy bear,hair drier,toothbrush,"
+    "banner,blanket,branch,bridge,building-other,bush,cabinet,cage,cardboard,carpet,"
+    "ceiling-other,ceiling-tile,cloth,clothes,clouds,counter,cupboard,curtain,desk-stuff,dirt,"
+    "door-stuff,fence,floor-marble,floor-other,floor-stone,floor-tile,floor-wood,flower,fog,"
+    "food-other,fruit,furniture-other,grass,gravel,ground-other,hill,house,leaves,light,mat,metal,"
+    "mirror-stuff,moss,mountain,mud,napkin,net,paper,pavement,pillow,plant-other,plastic,platform,"
+    "playingfield,railing,railroad,river,road,rock,roof,rug,salad,sand,sea,shelf,sky-other,"
+    "skyscraper,snow,solid-other,stairs,stone,straw,structural-other,table,tent,textile-other,"
+    "towel,tree,vegetable,wall-brick,wall-concrete,wall-other,wall-panel,wall-stone,wall-tile,"
+    "wall-wood,water-other,waterdrops,window-blind,window-other,wood").split(",")
+COCO_OBJECT = ["background"] + COCO_STUFF[:80]
+CITYSCAPES = ("road,sidewalk,building,wall,fence,pole,traffic light,traffic sign,vegetation,"
+              "terrain,sky,person,rider,car,truck,bus,train,motorcycle,bicycle").split(",")
+ADE20K = (  # mmseg writes "bed " with a trailing space; CLIP's tokenizer makes it the same prompt
+    "wall,building,sky,floor,tree,ceiling,road,bed,windowpane,grass,cabinet,sidewalk,person,earth,"
+    "door,table,mountain,plant,curtain,chair,car,water,painting,sofa,shelf,house,sea,mirror,rug,"
+    "field,armchair,seat,fence,desk,rock,wardrobe,lamp,bathtub,railing,cushion,base,box,column,"
+    "signboard,chest of drawers,counter,sand,sink,skyscraper,fireplace,refrigerator,grandstand,"
+    "path,stairs,runway,case,pool table,pillow,screen door,stairway,river,bridge,bookcase,blind,"
+    "coffee table,toilet,flower,book,hill,bench,countertop,stove,palm,kitchen island,computer,"
+    "swivel chair,boat,bar,arcade machine,hovel,bus,towel,light,truck,tower,chandelier,awning,"
+    "streetlight,booth,television receiver,airplane,dirt track,apparel,pole,land,bannister,"
+    "escalator,ottoman,bottle,buffet,poster,stage,van,ship,fountain,conveyer belt,canopy,washer,"
+    "plaything,swimming pool,stool,barrel,basket,waterfall,tent,bag,minibike,cradle,oven,ball,"
+    "food,step,tank,trade name,microwave,pot,animal,bicycle,lake,dishwasher,screen,blanket,"
+    "sculpture,hood,sconce,vase,traffic light,tray,ashcan,fan,pier,crt screen,plate,monitor,"
+    "bulletin board,shower,radiator,glass,clock,flag").split(",")
+
+# ----------------------------------------------------------------------------- metric
+def _numpy(a):
+    return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+
+
+def reduce_zero(label):
+    """mmseg's reduce_zero_label: 0 -> 255 (ignored), k -> k-1, 255 stays 255."""
+    label = _numpy(label).astype(np.int64)
+    return np.where((label == 0) | (label == 255), 255, label - 1)
+
+
+class IoU:
+    """mIoU exactly as mmseg computes it (mmseg.core.evaluation.metrics, intersect_and_union).
+
+    Per image, over pixels whose label is not ignore_index: count the intersection, predicted
+    and labelled pixels per class (values outside [0, C) fall in no bin, so an out-of-range
+    prediction is a miss with no false positive); sum the counts over the dataset. IoU = inter /
+    union, NaN where the union is 0 (left out of the mean); a class predicted but absent from the
+    labels scores 0 and counts. Acc = inter / labelled (NaN where none). All in percent.
+    """
+
+    def __init__(self, num_classes, ignore_index=255, reduce_zero_label=False):
+        self.C, self.ignore_index, self.reduce_zero_label = num_classes, ignore_index, reduce_zero_label
+        self.inter, self.pred, self.label = (np.zeros(num_classes, np.int64) for _ in range(3))
+
+    def update(self, pred, label):
+        """pred, label: integer arrays or tensors of one image, same shape."""
+        pred, label = _numpy(pred).astype(np.int64), _numpy(label).astype(np.int64)
+        if pred.shape != label.shape:
+            raise ValueError(f"IoU.update: prediction {pred.shape} and label {label.shape} differ")
+        if self.reduce_zero_label:
+            label = reduce_zero(label)
+        keep = label != self.ignore_index
+        pred, label = pred[keep], label[keep]
+        p_in, l_in = (pred >= 0) & (pred < self.C), (label >= 0) & (label < self.C)
+        hit = p_in & (pred == label)
+        self.inter += np.bincount(pred[hit], minlength=self.C)
+        self.pred += np.bincount(pred[p_in], minlength=self.C)
+        self.label += np.bincount(label[l_in], minlength=self.C)
+
+    def compute(self):
+        inter, pred, label = self.inter.astype(float), self.pred.astype(float), self.label.astype(float)
+        union = pred + label - inter
+        iou = np.divide(inter, union, out=np.full(self.C, np.nan), where=union > 0) * 100
+        acc = np.divide(inter, label, out=np.full(self.C, np.nan), where=label > 0) * 100
+
+        def nanmean(v):
+            return float(np.nanmean(v)) if np.isfinite(v).any() else math.nan
+
+        aacc = 100 * inter.sum() / label.sum() if label.sum() > 0 else math.nan
+        return {"mIoU": nanmean(iou), "mAcc": nanmean(acc), "aAcc": float(aacc),
+                "IoU": iou.tolist(), "Acc": acc.tolist()}
+
+# ----------------------------------------------------------------------------- protocol
+TEMPLATES = {
+    "simple": ("a photo of a {}.",),
+    # TCL's "custom" set (datasets/templates.py): 7 ImageNet templates + 2.
+    "tcl": ("itap of a {}.", "a bad photo of a {}.", "a origami {}.", "a photo of the large {}.",
+            "a {} in a video game.", "art of the {}.", "a photo of the small {}.",
+            "a photo of many {}.", "a photo of {}s."),
+}
+
+
+@dataclass(frozen=True)
+class Protocol:
+    short_side: int | None = 448  # resize so the short side is this; None: keep the image size
+    long_cap: int = 2048  # ... unless the long side would pass this (mmseg img_scale (2048, 448))
+    window: int | None = 448  # sliding-window crop; None: one window = the whole image
+    stride: int = 224  # window stride (mmseg slide mode)
+    mean: tuple = (0.485, 0.456, 0.406)  # normalisation, in [0, 1] pixel units (ImageNet)
+    std: tuple = (0.229, 0.224, 0.225)
+    templates: tuple = TEMPLATES["simple"]  # prompts; embeddings averaged un-normalised per class
+    score_scale: float = 10.0  # class score = sigmoid(score_scale * cos + score_bias) (TagAlign)
+    score_bias: float = -2.5
+    bg_thresh: float = 0.4  # constant background score, for benchmarks with a background class
+    pamr: bool = False  # PAMR refinement of each crop's scores (TCL's optional post-processing)
+    pamr_iters: int = 10
+    pamr_dilations: tuple = (1, 2, 4, 8, 12, 24)
+
+
+# "world": the synthetic images are small and fixed-size; mean/std/templates come from data.py.
+PRESETS = {"tcl": Protocol(), "world": Protocol(short_side=None, window=None)}
+
+# ----------------------------------------------------------------------------- readers
+def read_label(path):
+    """An index PNG as an (H, W) integer array: palette PNGs give their indices, not colours."""
+    im = Image.open(path)
+    if im.mode not in ("P", "L", "I", "I;16"):
+        raise SystemExit(f"eval_seg: {path}: mode {im.mode}, expected a palette or grayscale index PNG")
+    return np.array(im).astype(np.int64 if im.mode.startswith("I") else np.uint8)
+
+
+def _check_pairs(pairs, img_dir, ann_dir):
+    if not pairs:
+        raise SystemExit(f"eval_seg: no images found in {img_dir}")
+    for k, where in ((0, img_dir), (1, ann_dir)):
+        missing = [p[k] for p in pairs if not p[k].is_file()]
+        if missing:
+            raise SystemExit(f"eval_seg: {where}: {len(missing)} of {len(pairs)} files missing "
+                             f"(first: {missing[0].name})")
+    return pairs
+
+
+def _split_pairs(root, img, ann, split):
+    """VOC-style: ids listed in a split file; root/img/<id>.jpg, root/ann/<id>.png."""
+    for d in (root / img, root / ann):
+        if not d.is_dir():
+            raise SystemExit(f"eval_seg: missing folder {d}")
+    if not (root / split).is_file():
+        raise SystemExit(f"eval_seg: missing split file {root / split}")
+    ids = [s.strip() for s in (root / split).read_text().splitlines() if s.strip()]
+    return _check_pairs([(root / img / f"{i}.jpg", root / ann / f"{i}.png", i) for i in ids],
+                        root / img, root / ann)
+
+
+def _folder_pairs(img_dir, ann_dir, img_suffix, ann_suffix):
+    """Folder-style: every image in img_dir (nested folders too) has ann_dir/<same path><suffix>."""
+    for d in (img_dir, ann_dir):
+        if not d.is_dir():
+            raise SystemExit(f"eval_seg: missing folder {d}")
+    images = sorted(img_dir.rglob(f"*{img_suffix}"))
+    n_ann = sum(1 for _ in ann_dir.rglob(f"*{ann_suffix}"))
+    if n_ann != len(images):
+        raise SystemExit(f"eval_seg: {ann_dir}: {n_ann} '*{ann_suffix}' files for {len(images)} "
+                         f"images in {img_dir}")
+    pairs = []
+    for p in images:
+        stem = p.name[: -len(img_suffix)]
+        pairs.append((p, ann_dir / p.parent.relative_to(img_dir) / (stem + ann_suffix), stem))
+    return _check_pairs(pairs, img_dir, ann_dir)
+
+
+def _voc(r):
+    return _split_pairs(r, "JPEGImages", "SegmentationClass", "ImageSets/Segmentation/val.txt")
+
+
+def _context(r):
+    return _split_pairs(r, "JPEGImages", "SegmentationClassContext",
+                        "ImageSets/SegmentationContext/val.txt")
+
+
+def _coco_object(r):
+    return _folder_pairs(r / "images/val2017", r / "annotations/val2017", ".jpg", "_instanceTrainIds.png")
+
+
+def _coco_stuff(r):
+    return _folder_pairs(r / "images/val2017", r / "annotations/val2017", ".jpg", "_labelTrainIds.png")
+
+
+def _cityscapes(r):  # leftImg8bit/val/<city>/X_leftImg8bit.png -> gtFine/val/<city>/X_gtFine_...
+    return _folder_pairs(r / "leftImg8bit/val", r / "gtFine/val", "_leftImg8bit.png",
+                         "_gtFine_labelTrainIds.png")
+
+
+def _ade(r):
+    return _folder_pairs(r / "images/validation", r / "annotations/validation", ".jpg", ".png")
+
+
+# name -> (folders tried under --data-root, reader, classes, reduce_zero_label, background,
+# standard val size). Insertion order is the paper's column order.
+BENCHMARKS = {
+    "voc": (("VOCdevkit/VOC2012", "VOC2012"), _voc, VOC, False, True, 1449),
+    "context": (("VOCdevkit/VOC2010", "VOC2010"), _context, CONTEXT, False, True, 5104),
+    "coco-object": (("coco_stuff164k",), _coco_object, COCO_OBJECT, False, True, 5000),
+    "voc20": (("VOCdevkit/VOC2012", "VOC2012"), _voc, VOC[1:], True, False, 1449),
+    "context59": (("VOCdevkit/VOC2010", "VOC2010"), _context, CONTEXT[1:], True, False, 5104),
+    "coco-stuff": (("coco_stuff164k",), _coco_stuff, COCO_STUFF, False, False, 5000),
+    "cityscapes": (("cityscapes", "Cityscapes"), _cityscapes, CITYSCAPES, False, False, 500),
+    "ade20k": (("ade/ADEChallengeData2016", "ADEChallengeData2016"), _ade, ADE20K, True, False, 2000),
+}
+WORLD = ("world-object", "world-stuff", "world-attr")
+
+
+class FolderBenchmark:
+    """A standard benchmark on disk; item i -> (image uint8 (H, W, 3), raw label (H, W), id)."""
+
+    def __init__(self, pairs, classes, reduce_zero_label, background):
+        self.pairs, self.classes = pairs, list(classes)
+        self.reduce_zero_label, self.background = reduce_zero_label, background
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        img_path, ann_path, image_id = self.pairs[i]
+        image = np.asarray(Image.open(img_path).convert("RGB"))
+        label = read_label(ann_path)
+        if label.shape != image.shape[:2]:
+            raise SystemExit(f"eval_seg: {ann_path}: label {label.shape} does not match image "
+                             f"{image.shape[:2]} of {img_path}")
+        return image, label, image_id
+
+
+def load_benchmark(name, data_root=None, n_images=None):
+    """A world benchmark from data.py, or a standard one read from its layout under data_root."""
+    if name in WORLD:
+        import data  # lazy: the evaluator runs without the world when scoring real benchmarks
+        return data.world_benchmark(name, **({} if n_images is None else {"n_images": n_images}))
+    if data_root is None:
+        raise SystemExit(f"eval_seg: benchmark {name} needs --data-root")
+    folders, reader, classes, rzl, bg, n_val = BENCHMARKS[name]
+    root = next((Path(data_root) / f for f in folders if (Path(data_root) / f).is_dir()), None)
+    if root is None:
+        raise SystemExit(f"eval_seg: {name}: no folder {' or '.join(folders)} under {data_root}")
+    bench = FolderBenchmark(reader(root), classes, rzl, bg)
+    if len(bench) != n_val:
+        print(f"note: {name} has {len(bench)} images under {root} (the standard val split has {n_val})")
+    return bench
+
+# ----------------------------------------------------------------------------- geometry
+def resized_shape(h, w, short=448, cap=2048):
+    """mmcv.imrescale's size: scale s = min(cap/long, short/short side), int(x*s + 0.5)."""
+    s = min(cap / max(h, w), short / min(h, w))
+    return int(h * s + 0.5), int(w * s + 0.5)
+
+
+def window_grid(H, W, window, stride):
+    """mmseg's slide grid as (y1, y2, x1, x2) boxes: ceil((H - window) / stride) + 1 rows, the
+    last window snapped to the border; a side shorter than the window gets one window of its own
+    size, so all crops of an image have the same shape (min(window, H), min(window, W))."""
+    if window is None:
+        return [(0, H, 0, W)]
+    ny = max(H - window + stride - 1, 0) // stride + 1
+    nx = max(W - window + stride - 1, 0) // stride + 1
+    boxes = []
+    for iy in range(ny):
+        for ix in range(nx):
+            y2, x2 = min(iy * stride + window, H), min(ix * stride + window, W)
+            boxes.append((max(y2 - window, 0), y2, max(x2 - window, 0), x2))
+    return boxes
+
+
+def slide_inference(x, crop_scores, C, window, stride, batch_size=16):
+    """x (B, 3, H, W) -> (B, C, H, W): crop_scores maps crops (n, 3, h, w) to scores
+    (n, C, h, w); crops of all B images go through it batch_size at a time; overlapping windows
+    are averaged."""
+    B, _, H, W = x.shape
+    boxes = window_grid(H, W, window, stride)
+    out, count = x.new_zeros(B, C, H, W), x.new_zeros(1, 1, H, W)
+    jobs = [(b, box) for b in range(B) for box in boxes]
+    for i in range(0, len(jobs), batch_size):
+        chunk = jobs[i:i + batch_size]
+        scores = crop_scores(torch.stack([x[b, :, y1:y2, x1:x2] for b, (y1, y2, x1, x2) in chunk]))
+        for (b, (y1, y2, x1, x2)), s in zip(chunk, scores):
+            out[b, :, y1:y2, x1:x2] += s
+    for y1, y2, x1, x2 in boxes:
+        count[..., y1:y2, x1:x2] += 1
+    return out / count
+
+# ----------------------------------------------------------------------------- PAMR
+def _shifts(t, dilations):
+    """The 8 neighbours of every pixel in a 3x3 window per dilation, edges replicated:
+    yields (B, K, H, W) views, 8 * len(dilations) of them."""
+    H, W = t.shape[-2:]
+    for d in dilations:
+        p = F.pad(t, (d, d, d, d), mode="replicate")
+        for dy in (-d, 0, d):
+            for dx in (-d, 0, d):
+                if dy or dx:
+                    yield p[..., d + dy:d + dy + H, d + dx:d + dx + W]
+
+
+def pamr(image, mask, iters=10, dilations=(1, 2, 4, 8, 12, 24)):
+    """Pixel-adaptive mask refinement (Araslanov & Roth, "Single-stage semantic segmentation
+    from image labels", CVPR 2020, section 3.3), written from the paper's description.
+
+    image (B, 3, H, W), mask (B, C, H, W) -> refined (B, C, H, W). Affinity of pixel i to each
+    neighbour j in dilated 3x3 neighbourhoods: k_ij = -|x_i - x_j| / sigma_i with sigma_i the
+    local standard deviation of the image over i's neighbours (per channel), averaged over
+    channels, softmax over the neighbours; the mask is then averaged with these weights
+    `iters` times (a convex combination each time, so constant masks stay constant)."""
+    nb = torch.stack(list(_shifts(image, dilations)), 2)  # (B, 3, N, H, W)
+    sigma = nb.std(dim=2, keepdim=True)
+    aff = (-(nb - image.unsqueeze(2)).abs() / (sigma + 1e-8)).mean(1).softmax(1)  # (B, N, H, W)
+    for _ in range(iters):  # accumulate neighbour by neighbour: no (B, C, N, H, W) tensor
+        acc = torch.zeros_like(mask)
+        for j, m in enumerate(_shifts(mask, dilations)):
+            acc.addcmul_(m, aff[:, j:j + 1])
+        mask = acc
+    return mask
+
+# ----------------------------------------------------------------------------- model side
+def text_embeddings(model, names, templates, chunk=256):
+    """(C, E) L2-normalised class embeddings: each template filled with each name, embeddings
+    averaged un-normalised over the templates, then normalised (TCL/TagAlign)."""
+    texts = [t.format(n) for n in names for t in templates]
+    emb = torch.cat([model.encode_text(texts[i:i + chunk]).float() for i in range(0, len(texts), chunk)])
+    return F.normalize(emb.view(len(names), len(templates), -1).mean(1), dim=-1)
+
+
+def crop_scorer(model, text, protocol, background):
+    """crops (n, 3, h, w) -> scores (n, C, h, w), the background channel first when present."""
+    def scores(crops):
+        f = F.normalize(model.encode_dense(crops).float(), dim=1)  # (n, E, h', w')
+        if f.dim() != 4 or f.shape[1] != text.shape[1]:
+            raise ValueError(f"encode_dense gave {tuple(f.shape)}; expected (n, {text.shape[1]}, h, w)")
+        cos = torch.einsum("nehw,ce->nchw", f, text)
+        s = torch.sigmoid(protocol.score_scale * cos + protocol.score_bias)
+        s = F.interpolate(s, size=crops.shape[-2:], mode="bilinear", align_corners=False)
+        if protocol.pamr:  # TCL refines each crop's class scores before adding the background
+            s = pamr(crops, s, protocol.pamr_iters, protocol.pamr_dilations)
+        if background:
+            s = torch.cat([torch.full_like(s[:, :1], protocol.bg_thresh), s], 1)
+        return s
+    return scores
+
+
+def preprocess(image, protocol, device):
+    """uint8 (H, W, 3) -> normalised float (1, 3, H', W') after the protocol's resize."""
+    x = torch.from_numpy(np.array(image, np.uint8))  # a copy: arrays from PIL are read-only
+    x = x.to(device).permute(2, 0, 1)[None].float()  # (1, 3, H, W) in 0..255
+    if protocol.short_side:
+        size = resized_shape(*x.shape[-2:], protocol.short_side, protocol.long_cap)
+        if size != tuple(x.shape[-2:]):  # mmcv resizes the uint8 image: round back to uint8 levels
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False).round().clamp(0, 255)
+    mean = torch.tensor(protocol.mean, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(protocol.std, device=device).view(1, 3, 1, 1) * 255
+    return (x - mean) / std
+
+# ----------------------------------------------------------------------------- evaluation
+PALETTE = np.random.default_rng(0).integers(40, 256, (256, 3)).astype(np.uint8)
+PALETTE[255] = 0  # ignore / no prediction: black
+
+
+def save_overlay(path, image, label, pred):
+    """input | ground truth | prediction side by side (labels after reduce_zero_label)."""
+    colour = lambda a: PALETTE[np.asarray(a).astype(np.int64) % 256]  # noqa: E731  (-1 wraps to 255)
+    canvas = np.concatenate([image, colour(label), colour(pred)], 1)
+    im = Image.fromarray(canvas)
+    if im.width > 1536:  # Cityscapes-size inputs: keep the files small
+        im = im.resize((1536, round(im.height * 1536 / im.width)), Image.NEAREST)
+    im.save(path)
+
+
+def _vis_indices(n, n_vis):
+    return set(np.linspace(0, n - 1, n_vis).round().astype(int).tolist()) if n and n_vis else set()
+
+
+def _vis_label(label, bench):
+    label = reduce_zero(label) if getattr(bench, "reduce_zero_label", False) else label
+    return np.asarray(label).astype(np.int64)
+
+
+@torch.no_grad()
+def evaluate(model, bench, protocol, name="", batch_size=16, n_vis=0, vis_dir=None, limit=None):
+    """Segment every image of bench with model; returns IoU.compute() plus counts and speed."""
+    device = torch.device(getattr(model, "device", "cpu"))
+    if any(m > 1 for m in protocol.mean):
+        raise ValueError(f"{name}: protocol mean {protocol.mean} must be in [0, 1] pixel units")
+    classes, bg = list(bench.classes), bool(bench.background)
+    C = len(classes)
+    text = text_embeddings(model, classes[1:] if bg else classes, protocol.templates).to(device)
+    scores = crop_scorer(model, text, protocol, bg)
+    metric = IoU(C, reduce_zero_label=getattr(bench, "reduce_zero_label", False))
+    n = len(bench) if limit is None else min(limit, len(bench))
+    vis = _vis_indices(n, n_vis)
+    n_crops, t0, group = 0, time.time(), []
+
+    def flush():  # one forward pass group: images whose resized shapes agree
+        nonlocal n_crops
+        x = torch.cat([g[4] for g in group])
+        n_crops += len(window_grid(*x.shape[-2:], protocol.window, protocol.stride)) * len(group)
+        out = slide_inference(x, scores, C, protocol.window, protocol.stride, batch_size)
+        for (i, image, label, image_id, _), s in zip(group, out):
+            if s.shape[-2:] != label.shape:  # back to the original size, then argmax
+                s = F.interpolate(s[None], size=label.shape, mode="bilinear", align_corners=False)[0]
+            pred = s.argmax(0).cpu().numpy()
+            metric.update(pred, label)
+            if i in vis:
+                safe = str(image_id).replace("/", "_")
+                save_overlay(Path(vis_dir) / f"{name}_{safe}.png", image, _vis_label(label, bench), pred)
+        bar.update(len(group))
+        bar.set_postfix(crops_s=f"{n_crops / (time.time() - t0):.1f}")
+        group.clear()
+
+    if vis:
+        Path(vis_dir).mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "eval"):
+        model.eval()
+    with tqdm(total=n, desc=name, unit="img", leave=False) as bar:
+        for i in range(n):
+            image, label, image_id = bench[i]
+            label = np.asarray(label)
+            if label.shape != image.shape[:2]:
+                raise ValueError(f"{name} image {image_id}: label {label.shape} vs image {image.shape}")
+            x = preprocess(image, protocol, device)
+            per_image = len(window_grid(*x.shape[-2:], protocol.window, protocol.stride))
+            # Group same-shape images up to batch_size crops and ~200 MB of scores.
+            cap = max(1, min(batch_size // per_image, int(5e7 // (C * x.shape[-2] * x.shape[-1]))))
+            if group and (group[0][4].shape != x.shape or len(group) >= cap):
+                flush()
+            group.append((i, image, label, image_id, x))
+        if group:
+            flush()
+    seconds = time.time() - t0
+    return {**metric.compute(), "images": n, "crops": n_crops, "seconds": seconds}
+
+
+def evaluate_preds(bench, preds_dir, name="", n_vis=0, vis_dir=None, limit=None):
+    """Score saved predictions: preds_dir/<image id>.png per image, class index in the
+    benchmark's 0-based order after reduce_zero_label, 255 = no prediction."""
+    n = len(bench) if limit is None else min(limit, len(bench))
+    # Check every file first (ids without decoding images where the reader knows them).
+    ids = [q[2] for q in bench.pairs[:n]] if hasattr(bench, "pairs") else [bench[i][2] for i in range(n)]
+    paths = [Path(preds_dir) / f"{image_id}.png" for image_id in ids]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise SystemExit(f"eval_seg: --preds {preds_dir}: {len(missing)} of {n} prediction files "
+                         f"missing for {name} (first: {missing[0].name})")
+    metric = IoU(len(bench.classes), reduce_zero_label=getattr(bench, "reduce_zero_label", False))
+    vis = _vis_indices(n, n_vis)
+    if vis:
+        Path(vis_dir).mkdir(parents=True, exist_ok=True)
+    for i, p in enumerate(tqdm(paths, desc=name, leave=False)):
+        image, label, image_id = bench[i]
+        pred = read_label(p)
+        if pred.shape != np.asarray(label).shape:
+            raise SystemExit(f"eval_seg: {p}: prediction {pred.shape} does not match the label "
+                             f"{np.asarray(label).shape}")
+        metric.update(pred, label)
+        if i in vis:
+            save_overlay(Path(vis_dir) / f"{name}_{image_id}.png", image, _vis_label(label, bench), pred)
+    return {**metric.compute(), "images": n}
+
+# ----------------------------------------------------------------------------- output
+def _fmt(v):
+    return "    nan" if v is None or not math.isfinite(v) else f"{v:7.2f}"
+
+
+def print_class_table(name, classes, r):
+    print(f"\n{name}: per-class IoU / Acc (%), {r['images']} images")
+    for c, iou, acc in zip(classes, r["IoU"], r["Acc"]):
+        print(f"  {c:<24}{_fmt(iou)}{_fmt(acc)}")
+    print(f"  {'mIoU / mAcc / aAcc':<24}{_fmt(r['mIoU'])}{_fmt(r['mAcc'])}{_fmt(r['aAcc'])}")
+
+
+def print_summary(results):
+    names = list(results)
+    mean = float(np.mean([results[k]["mIoU"] for k in names]))
+    print("\nmIoU   " + " ".join(f"{k:>12}" for k in names) + f" {'mean':>12}")
+    print("       " + " ".join(f"{_fmt(results[k]['mIoU']):>12}" for k in names) + f" {_fmt(mean):>12}")
+    return mean
+
+
+def _clean(x):
+    """JSON-safe copy: NaN -> null, dataclasses/tuples/paths to plain types."""
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return _clean(dataclasses.asdict(x))
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if x is None or isinstance(x, (str, int, bool)):
+        return x
+    return str(x)
+
+
+def write_json(path, obj):
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(_clean(obj), indent=1, allow_nan=False))
+    os.replace(tmp, path)
+
+# ----------------------------------------------------------------------------- entry points
+def protocol_for(name, bench, overrides=None):
+    """The preset for a benchmark (world: mean/std/templates from data.py), then overrides."""
+    if name in WORLD:
+        p = dataclasses.replace(PRESETS["world"], mean=tuple(bench.mean), std=tuple(bench.std),
+                                templates=tuple(bench.templates))
+    else:
+        p = PRESETS["tcl"]
+    return dataclasses.replace(p, **(overrides or {}))
+
+
+def run_benchmarks(model, names=WORLD, data_root=None, out_dir="out", n_vis=4, batch_size=16,
+                   extra=None, overrides=None, n_images=None, limit=None, preds_dir=None):
+    """Evaluate `model` (or saved predictions in preds_dir when model is None) on `names`,
+    print the tables, write out_dir/metrics.json and out_dir/vis/*.png; returns the metrics:
+    {name: {"mIoU", "mAcc", "aAcc", "IoU": {class: value}, ...}, "mean": {"mIoU": ..}, **extra}.
+    overrides: Protocol fields to change (e.g. {"bg_thresh": 0.5, "pamr": True});
+    n_images: world benchmark size (data.py's default when None); limit: first N images only."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    benches = {k: load_benchmark(k, data_root, n_images) for k in names}  # fail early on bad paths
+    results, metrics = {}, {}
+    for k, bench in benches.items():
+        if preds_dir is None:
+            protocol = protocol_for(k, bench, overrides)
+            r = evaluate(model, bench, protocol, k, batch_size, n_vis, out_dir / "vis", limit)
+            r["protocol"] = protocol
+            r["speed"] = {"images_per_s": r["images"] / r["seconds"],
+                          "crops_per_s": r["crops"] / r["seconds"]}
+        else:
+            r = evaluate_preds(bench, preds_dir, k, n_vis, out_dir / "vis", limit)
+        print_class_table(k, bench.classes, r)
+        results[k] = r
+        metrics[k] = {**r, "IoU": dict(zip(bench.classes, r["IoU"])),
+                      "Acc": dict(zip(bench.classes, r["Acc"]))}
+    metrics["mean"] = {"mIoU": print_summary(results), "benchmarks": list(results)}
+    metrics.update(extra or {})
+    write_json(out_dir / "metrics.json", metrics)
+    print(f"wrote {out_dir / 'metrics.json'}" + (f" and {out_dir / 'vis'}/" if n_vis else ""))
+    return metrics
+
+
+def parse_names(text):
+    if text is None:
+        return list(WORLD)
+    names = []
+    for k in text.lower().replace("_", "-").split(","):
+        k = k.strip()
+        if k == "all":
+            names += [b for b in BENCHMARKS if b not in names]
+        elif k in BENCHMARKS or k in WORLD:
+            names += [k] if k not in names else []
+        elif k:
+            raise SystemExit(f"eval_seg: unknown benchmark '{k}' (choose from all, "
+                             f"{', '.join(list(BENCHMARKS) + list(WORLD))})")
+    order = list(BENCHMARKS) + list(WORLD)  # the paper's column order
+    return sorted(names, key=order.index)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Zero-shot segmentation evaluation "
+                                "(TCL/TagAlign protocol, mmseg mIoU).")
+    p.add_argument("--ckpt", help="checkpoint written by tagalign.py (loaded with tagalign.load_model)")
+    p.add_argument("--preds", help="folder of saved predictions <image id>.png (class index after "
+                   "reduce_zero_label, 255 = none) to score instead of a model")
+    p.add_argument("--benchmarks", help="comma-separated names or 'all' (the eight standard ones); "
+                   "default: world-object,world-stuff,world-attr")
+    p.add_argument("--data-root", help="folder holding the standard datasets in their mmseg layouts")
+    p.add_argument("--out", help="folder for metrics.json and vis/ "
+                   "(default: the checkpoint's folder, or out/)")
+    p.add_argument("--bg-thresh", type=float, help="constant background score (default 0.4)")
+    p.add_argument("--templates", choices=sorted(TEMPLATES), help="prompt set (default: simple)")
+    p.add_argument("--pamr", action="store_true", help="refine crop scores with PAMR (10 iterations)")
+    p.add_argument("--n-vis", type=int, default=4, help="overlay images saved per benchmark")
+    p.add_argument("--batch-size", type=int, default=16, help="crops per forward pass")
+    p.add_argument("--limit", type=int, help="evaluate only the first N images of each benchmark")
+    p.add_argument("--world-images", type=int, help="images per world benchmark (default: data.py's)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device for the model (default: cuda if available)")
+    args = p.parse_args(argv)
+    if (args.ckpt is None) == (args.preds is None):
+        raise SystemExit("eval_seg: give exactly one of --ckpt PATH or --preds DIR")
+    if args.batch_size < 1 or args.n_vis < 0 or (args.limit is not None and args.limit < 1):
+        raise SystemExit("eval_seg: --batch-size and --limit must be >= 1, --n-vis >= 0")
+    names = parse_names(args.benchmarks)
+    overrides = {k: v for k, v in (("bg_thresh", args.bg_thresh), ("pamr", args.pamr or None),
+                                   ("templates", TEMPLATES.get(args.templates))) if v is not None}
+    model, extra = None, {"args": vars(args)}
+    if args.ckpt is not None:
+        if not Path(args.ckpt).is_file():
+            raise SystemExit(f"eval_seg: --ckpt {args.ckpt}: no such file")
+        import tagalign  # lazy: scoring saved predictions needs no model code
+        model = tagalign.load_model(args.ckpt, device=args.device)
+        extra["config"] = getattr(model, "config", None)
+    elif not Path(args.preds).is_dir():
+        raise SystemExit(f"eval_seg: --preds {args.preds}: no such folder")
+    out = args.out or (str(Path(args.ckpt).parent) if args.ckpt else "out")
+    return run_benchmarks(model, names, args.data_root, out, args.n_vis, args.batch_size, extra,
+                          overrides, args.world_images, args.limit, args.preds)
+
+
+if __name__ == "__main__":
+    main()

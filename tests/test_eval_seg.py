@@ -1,0 +1,488 @@
+"""Tests for eval_seg.py: the mmseg metric, the readers on tiny trees in each benchmark's exact
+layout, the protocol's geometry, background, templates, PAMR, and the CLI, without real data."""
+import dataclasses
+import json
+import math
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import eval_seg as E
+
+# ----------------------------------------------------------------------------- metric
+def ref_metric(preds, labels, C, ignore=255):
+    """Independent reference: one (C+1) x (C+1) confusion matrix over non-ignored pixels, row =
+    label, column = prediction, index C collecting every out-of-range value."""
+    cm = np.zeros((C + 1, C + 1), np.int64)
+    for p, l in zip(preds, labels):
+        p, l = np.asarray(p).ravel().astype(np.int64), np.asarray(l).ravel().astype(np.int64)
+        keep = l != ignore
+        p, l = p[keep], l[keep]
+        p[(p < 0) | (p >= C)] = C
+        l[(l < 0) | (l >= C)] = C
+        np.add.at(cm, (l, p), 1)
+    inter = np.diag(cm)[:C].astype(float)
+    area_pred = cm[:, :C].sum(0).astype(float)  # out-of-range labels still count predictions
+    area_label = cm[:C, :].sum(1).astype(float)
+    union = area_pred + area_label - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou, acc = inter / union * 100, inter / area_label * 100
+    return iou, acc, inter.sum() / area_label.sum() * 100
+
+
+def test_metric_matches_confusion_matrix_reference():
+    rng = np.random.default_rng(1)
+    C, m = 7, E.IoU(7)
+    preds, labels = [], []
+    for shape in [(13, 17), (5, 31), (1, 1), (40, 3)]:
+        label = rng.integers(0, C - 1, shape)  # class C-1 never labelled
+        label[rng.random(shape) < 0.2] = 255
+        label[rng.random(shape) < 0.05] = 9  # out-of-range label that is not ignored
+        pred = rng.integers(-1, C + 2, shape)  # out-of-range predictions on both sides
+        pred[rng.random(shape) < 0.1] = 255
+        m.update(pred, torch.from_numpy(label) if shape == (5, 31) else label)
+        preds.append(pred)
+        labels.append(label)
+    r = m.compute()
+    iou, acc, aacc = ref_metric(preds, labels, C)
+    np.testing.assert_allclose(r["IoU"], iou, equal_nan=True)
+    np.testing.assert_allclose(r["Acc"], acc, equal_nan=True)
+    assert r["IoU"][C - 1] == 0.0  # predicted, never labelled: 0 and counted
+    assert r["mIoU"] == pytest.approx(np.nanmean(iou)) and r["aAcc"] == pytest.approx(aacc)
+    assert r["mAcc"] == pytest.approx(np.nanmean(acc))
+
+
+def test_metric_absent_class_nan_and_out_of_range_prediction():
+    m = E.IoU(4)
+    label = np.array([[0, 0, 1, 255]])
+    m.update(np.array([[0, 2, 7, 3]]), label)  # 7: a miss with no false positive; 3 on ignore
+    r = m.compute()
+    # class 0: inter 1, union 2; class 1: 0/1; class 2: predicted, absent -> 0; class 3: NaN
+    assert r["IoU"][:3] == [50.0, 0.0, 0.0] and math.isnan(r["IoU"][3])
+    assert r["mIoU"] == pytest.approx(50 / 3)
+    assert r["aAcc"] == pytest.approx(100 / 3) and r["mAcc"] == pytest.approx(25.0)
+
+
+def test_metric_reduce_zero_label():
+    rng = np.random.default_rng(2)
+    raw = rng.integers(0, 6, (20, 20)).astype(np.uint8)
+    raw[:2] = 255
+    pred = rng.integers(0, 5, (20, 20))
+    shifted = np.where((raw == 0) | (raw == 255), 255, raw.astype(int) - 1)
+    a, b = E.IoU(5, reduce_zero_label=True), E.IoU(5)
+    a.update(pred, raw)
+    b.update(pred, shifted)
+    assert a.compute() == b.compute()
+    np.testing.assert_array_equal(E.reduce_zero(np.array([0, 1, 5, 255])), [255, 0, 4, 255])
+
+# ----------------------------------------------------------------------------- fixture trees
+# Raw label ids drawn in the fixtures; the image's colour encodes the raw id (one pure channel
+# each, so the 25/75 blends of a 2x bilinear resize stay nearest to the majority colour), so an
+# oracle model can read the ground truth back from the pixels.
+RAW = {"voc": (0, 15, 8), "voc20": (0, 15, 8), "context": (0, 5, 59), "context59": (0, 5, 59),
+       "coco-object": (0, 1, 80), "coco-stuff": (0, 100, 170), "cityscapes": (0, 10, 18),
+       "ade20k": (0, 1, 150)}
+COLORS = ((200, 0, 0), (0, 200, 0), (0, 0, 200))
+IGNORE_COLOR = (200, 200, 200)
+IDS = {"voc": ["2007_000033", "2007_000042", "2008_000002"], "cityscapes":
+       ["aachen_000000_000019", "aachen_000001_000019", "bonn_000000_000019"]}
+
+
+def draw(name, i, h=32, w=48):
+    """(image uint8 (h, w, 3), raw label (h, w)): blocks of the three raw ids and an ignore patch."""
+    r0, r1, r2 = RAW[name]
+    s = h / 32
+    label = np.full((h, w), r0, np.uint8)
+    y = lambda v: int(v * s)  # noqa: E731  (block corners scale with the image)
+    label[y(4 + i):y(20 + i), y(6):y(30)] = r1
+    label[y(18):y(30), y(28 - 2 * i):y(44)] = r2
+    label[:y(3), :y(5)] = 255
+    lut = np.tile(np.array(IGNORE_COLOR, np.uint8), (256, 1))
+    lut[[r0, r1, r2]] = COLORS
+    return lut[label], label
+
+
+def voc_palette():
+    p = np.zeros((256, 3), np.uint8)
+    for k in range(256):  # the usual VOC bit-interleaved colour map
+        c = k
+        for j in range(8):
+            p[k] |= np.array([(c >> 0) & 1, (c >> 1) & 1, (c >> 2) & 1], np.uint8) << (7 - j)
+            c >>= 3
+    return p
+
+
+# name -> (folder under the data root, image path, label paths, split file); {id}, {city} filled
+# per image. COCO keeps both label files of an image side by side: the first is the benchmark's,
+# the second a decoy the reader must not pick.
+VOC_LAYOUT = ("VOC2012", "JPEGImages/{id}.jpg", ["SegmentationClass/{id}.png"],
+              "ImageSets/Segmentation/val.txt")
+CONTEXT_LAYOUT = ("VOC2010", "JPEGImages/{id}.jpg", ["SegmentationClassContext/{id}.png"],
+                  "ImageSets/SegmentationContext/val.txt")
+COCO_LABELS = ["annotations/val2017/{id}_labelTrainIds.png", "annotations/val2017/{id}_instanceTrainIds.png"]
+LAYOUT = {
+    "voc": VOC_LAYOUT, "voc20": VOC_LAYOUT, "context": CONTEXT_LAYOUT, "context59": CONTEXT_LAYOUT,
+    "coco-stuff": ("coco_stuff164k", "images/val2017/{id}.jpg", COCO_LABELS, None),
+    "coco-object": ("coco_stuff164k", "images/val2017/{id}.jpg", COCO_LABELS[::-1], None),
+    "cityscapes": ("cityscapes", "leftImg8bit/val/{city}/{id}_leftImg8bit.png",
+                   ["gtFine/val/{city}/{id}_gtFine_labelTrainIds.png"], None),
+    "ade20k": ("ADEChallengeData2016", "images/validation/{id}.jpg", ["annotations/validation/{id}.png"], None),
+}
+
+
+def image_ids(name, n):
+    if name.startswith("coco"):
+        return [f"{i:012d}" for i in range(n)]
+    if name == "ade20k":
+        return [f"ADE_val_{i + 1:08d}" for i in range(n)]
+    return IDS["cityscapes" if name == "cityscapes" else "voc"][:n]
+
+
+def write_tree(root, name, n=3, size=(32, 48)):
+    """n images in `name`'s on-disk layout under root; returns [(image, raw label, id)]."""
+    folder, image_fmt, label_fmts, split = LAYOUT[name]
+    out = []
+    for i, image_id in enumerate(image_ids(name, n)):
+        image, label = draw(name, i, *size)
+        fill = {"id": image_id, "city": image_id.split("_")[0]}
+        paths = [root / folder / f.format(**fill) for f in [image_fmt] + label_fmts]
+        for p in paths:
+            p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(paths[0], quality=100, subsampling=0)  # JPEG options, PNG ignores
+        decoy = np.where(label == 255, 255, 77).astype(np.uint8)
+        for p, lab in zip(paths[1:], [label, decoy]):
+            im = Image.fromarray(lab, mode="L")
+            if folder == "VOC2012":  # VOC ground truth is a palette PNG: indices, not colours
+                im = im.convert("P")
+                im.putpalette(voc_palette().ravel().tolist())
+            im.save(p)
+        out.append((image, label, image_id))
+    if split:
+        (root / folder / split).parent.mkdir(parents=True, exist_ok=True)
+        (root / folder / split).write_text("".join(f"{x[2]}\n" for x in out))
+    return out
+
+
+@pytest.mark.parametrize("name", list(E.BENCHMARKS))
+def test_reader_on_fixture_tree(tmp_path, name, capsys):
+    written = write_tree(tmp_path, name)
+    bench = E.load_benchmark(name, tmp_path)
+    n_cls = {"voc": 21, "voc20": 20, "context": 60, "context59": 59, "coco-object": 81,
+             "coco-stuff": 171, "cityscapes": 19, "ade20k": 150}[name]
+    assert len(bench.classes) == n_cls and len(bench) == 3
+    assert bench.reduce_zero_label == (name in ("voc20", "context59", "ade20k"))
+    assert bench.background == (name in ("voc", "context", "coco-object"))
+    for (image, label, image_id), (img2, lab2, id2) in zip(written, [bench[i] for i in range(3)]):
+        assert id2 == image_id
+        np.testing.assert_array_equal(lab2, label)  # palette PNGs read as indices
+        assert img2.shape == image.shape and img2.dtype == np.uint8
+        assert np.abs(img2.astype(int) - image).max() <= 4  # JPEG at quality 100
+    assert "standard val split has" in capsys.readouterr().out  # 3 images is not the val split
+
+
+def test_class_lists_spot_checks():
+    assert E.CONTEXT[1:] == sorted(E.CONTEXT[1:])  # mmseg 1.x: alphabetical after background
+    assert E.ADE20K[7] == "bed" and E.ADE20K[-1] == "flag" and E.COCO_STUFF[80] == "banner"
+    assert E.COCO_OBJECT[-1] == "toothbrush" and E.CITYSCAPES[-1] == "bicycle"
+
+
+def test_reader_errors(tmp_path):
+    with pytest.raises(SystemExit, match="ADEChallengeData2016"):
+        E.load_benchmark("ade20k", tmp_path)
+    with pytest.raises(SystemExit, match="needs --data-root"):
+        E.load_benchmark("voc", None)
+    write_tree(tmp_path, "ade20k")
+    (tmp_path / "ADEChallengeData2016/annotations/validation/ADE_val_00000002.png").unlink()
+    with pytest.raises(SystemExit, match=r"annotations/validation: 2 '\*.png' files for 3 images"):
+        E.load_benchmark("ade20k", tmp_path)
+    write_tree(tmp_path, "voc")
+    (tmp_path / "VOC2012/SegmentationClass/2008_000002.png").unlink()
+    with pytest.raises(SystemExit, match=r"SegmentationClass: 1 of 3 files missing \(first: 2008_000002"):
+        E.load_benchmark("voc", tmp_path)
+    Image.new("RGB", (4, 4)).save(tmp_path / "rgb.png")
+    with pytest.raises(SystemExit, match="rgb.png: mode RGB"):
+        E.read_label(tmp_path / "rgb.png")
+    with pytest.raises(SystemExit, match="unknown benchmark 'vocc'"):
+        E.parse_names("voc,vocc")
+    assert E.parse_names("ade20k,voc") == ["voc", "ade20k"]  # the paper's column order
+    assert E.parse_names("all") == list(E.BENCHMARKS)
+
+# ----------------------------------------------------------------------------- models
+class Oracle:
+    """Returns the one-hot ground truth: reads each pixel's colour (undoing the protocol's
+    normalisation), maps the nearest known colour to a class name, and embeds names as one-hot
+    vectors; background (name None) embeds to zero, so every class scores sigmoid(-2.5) < 0.4."""
+
+    def __init__(self, color_to_name, vocab, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                 templates=tuple(E.TEMPLATES["simple"])):
+        self.vocab = list(vocab)
+        self.text = {t.format(n): k for k, n in enumerate(self.vocab) for t in templates}
+        self.colors = torch.tensor(list(color_to_name), dtype=torch.float)  # (K, 3)
+        table = torch.zeros(len(self.colors), len(self.vocab))
+        for k, n in enumerate(color_to_name.values()):
+            if n is not None:
+                table[k, self.vocab.index(n)] = 1
+        self.table = table
+        self.mean, self.std = torch.tensor(mean) * 255, torch.tensor(std) * 255
+        self.calls = 0
+
+    def encode_text(self, texts):
+        return torch.eye(len(self.vocab))[[self.text[t] for t in texts]] * 3.0  # norm != 1 on purpose
+
+    def encode_dense(self, x):  # (B, 3, H, W) -> (B, V, H, W)
+        self.calls += 1
+        v = x.permute(0, 2, 3, 1) * self.std + self.mean  # (B, H, W, 3) pixel values
+        k = ((v[..., None, :] - self.colors) ** 2).sum(-1).argmin(-1)
+        return self.table[k].permute(0, 3, 1, 2)
+
+
+def oracle_for(name, cls=None, **kw):
+    _, _, classes, rzl, bg, _ = E.BENCHMARKS[name]
+
+    def class_name(raw):  # None: background (or ignored after reduce_zero_label)
+        if raw == 0 and (bg or rzl):
+            return None
+        return classes[raw - 1] if rzl else classes[raw]
+
+    names = {c: class_name(raw) for c, raw in zip(COLORS, RAW[name])}
+    names[IGNORE_COLOR] = names[COLORS[2]]  # ignore patches: anything
+    return (cls or Oracle)(names, classes, **kw)
+
+
+SMALL = dataclasses.replace(E.PRESETS["tcl"], short_side=64, window=48, stride=24)  # same code, tiny sizes
+
+
+@pytest.mark.parametrize("name", list(E.BENCHMARKS))
+def test_oracle_scores_100_through_the_protocol(tmp_path, name):
+    write_tree(tmp_path, name)
+    bench = E.load_benchmark(name, tmp_path)
+    r = E.evaluate(oracle_for(name), bench, SMALL, name, batch_size=4)
+    assert r["mIoU"] == 100.0 and r["aAcc"] == 100.0
+    present = sum(not math.isnan(v) for v in r["IoU"])
+    assert present == (2 if name in ("voc20", "context59", "ade20k") else 3)
+    assert r["crops"] == 3 * 6  # 64 x 96, window 48, stride 24: 2 rows x 3 columns
+
+
+def test_oracle_scores_100_with_published_preset(tmp_path):
+    write_tree(tmp_path, "voc", size=(224, 300))  # resized x2 to 448 x 600: two 448 windows
+    bench = E.load_benchmark("voc", tmp_path)
+    model = oracle_for("voc")
+    r = E.evaluate(model, bench, E.PRESETS["tcl"], "voc", batch_size=16)
+    assert r["mIoU"] == 100.0 and r["crops"] == 6
+    assert model.calls == 1  # all six crops (three images, same size) in one batch
+
+
+class NoisyOracle(Oracle):
+    """The oracle with salt noise: a random 60% of each crop's pixels embed a random class."""
+
+    def encode_dense(self, x):
+        f = super().encode_dense(x)
+        g = torch.Generator().manual_seed(self.calls)
+        flip = torch.rand(f.shape[0], 1, *f.shape[2:], generator=g) < 0.6
+        noise = self.table[torch.randint(len(self.table), f.shape[2:], generator=g)].permute(2, 0, 1)
+        return torch.where(flip, noise, f)
+
+
+def test_pamr_in_the_protocol_removes_noise(tmp_path):
+    write_tree(tmp_path, "voc20")
+    bench = E.load_benchmark("voc20", tmp_path)
+    plain = E.evaluate(oracle_for("voc20", NoisyOracle), bench, SMALL, "voc20")
+    pamr = dataclasses.replace(SMALL, pamr=True)
+    refined = E.evaluate(oracle_for("voc20", NoisyOracle), bench, pamr, "voc20")
+    assert plain["mIoU"] < 85 and refined["mIoU"] > plain["mIoU"] + 3  # measured: 77.1 -> 86.4
+
+
+def test_constant_predictor_closed_form(tmp_path):
+    written = write_tree(tmp_path, "coco-stuff")
+    bench = E.load_benchmark("coco-stuff", tmp_path)
+    k = RAW["coco-stuff"][1]
+    model = Oracle({c: E.COCO_STUFF[k] for c in COLORS + (IGNORE_COLOR,)}, E.COCO_STUFF)
+    r = E.evaluate(model, bench, SMALL, "coco-stuff")
+    labels = np.concatenate([lab.ravel() for _, lab, _ in written])
+    valid = labels != 255
+    frac = (labels[valid] == k).mean() * 100
+    assert r["IoU"][k] == pytest.approx(frac) and r["aAcc"] == pytest.approx(frac)
+    assert [r["IoU"][c] for c in RAW["coco-stuff"] if c != k] == [0.0, 0.0]
+    assert r["mIoU"] == pytest.approx(frac / 3) and r["mAcc"] == pytest.approx(100 / 3)
+    # Background benchmark, a model that matches no class: everything is background.
+    written = write_tree(tmp_path, "voc")
+    model = Oracle({c: None for c in COLORS + (IGNORE_COLOR,)}, E.VOC)
+    r = E.evaluate(model, E.load_benchmark("voc", tmp_path), SMALL, "voc")
+    labels = np.concatenate([lab.ravel() for _, lab, _ in written])
+    frac = (labels[labels != 255] == 0).mean() * 100
+    assert r["IoU"][0] == pytest.approx(frac) and r["mIoU"] == pytest.approx(frac / 3)
+
+# ----------------------------------------------------------------------------- geometry
+def test_resize_rule():
+    assert E.resized_shape(375, 500) == (448, 597)  # VOC's usual size
+    assert E.resized_shape(500, 375) == (597, 448)
+    assert E.resized_shape(1024, 2048) == (448, 896)  # Cityscapes
+    assert E.resized_shape(100, 2000) == (102, 2048)  # long side capped: short side < 448
+    assert E.resized_shape(32, 48, 64) == (64, 96)  # small images are upscaled
+    assert E.resized_shape(333, 500) == (448, int(500 * 448 / 333 + 0.5))
+
+
+def test_window_grid():
+    assert E.window_grid(448, 597, 448, 224) == [(0, 448, 0, 448), (0, 448, 149, 597)]
+    assert E.window_grid(448, 448, 448, 224) == [(0, 448, 0, 448)]
+    assert [b[2] for b in E.window_grid(448, 896, 448, 224)] == [0, 224, 448]
+    boxes = E.window_grid(102, 2048, 448, 224)  # shorter than the window: crops 102 x 448
+    assert len(boxes) == 9 and boxes[-1] == (0, 102, 1600, 2048) and boxes[-2][2] == 1568
+    assert E.window_grid(100, 200, 448, 224) == [(0, 100, 0, 200)]
+    assert E.window_grid(64, 96, 48, 24) == [(y, y + 48, x, x + 48) for y in (0, 16) for x in (0, 24, 48)]
+    assert E.window_grid(30, 40, None, 224) == [(0, 30, 0, 40)]
+
+
+def test_stitching_is_exact_with_an_analytic_model():
+    H, W = 448, 597
+    ys, xs = torch.meshgrid(torch.arange(H).float(), torch.arange(W).float(), indexing="ij")
+    x = torch.stack([xs, ys, xs * 0.5 - ys * 2 + 3])[None].repeat(2, 1, 1, 1)
+    x[1, 2] += 1  # the two images differ
+
+    def crop_scores(c):  # logits linear in pixel coordinates, plus the crop's left edge x1
+        x1 = c[:, 0, :1, :1].expand(-1, c.shape[2], c.shape[3])
+        return torch.stack([c[:, 0], c[:, 1], c[:, 2], x1], 1)
+
+    for bs in (1, 3, 16):
+        out = E.slide_inference(x, crop_scores, 4, 448, 224, bs)
+        assert torch.equal(out[:, :3], x)  # every crop placed where it came from
+        # averaging: windows at x1 = 0 and 149 overlap on [149, 448)
+        want = torch.where(xs < 149, 0.0, torch.where(xs < 448, 74.5, 149.0))
+        assert torch.equal(out[0, 3], want) and torch.equal(out[1, 3], want)
+
+# ----------------------------------------------------------------------------- background, text, PAMR
+def test_background_threshold_on_sigmoid_scores():
+    # cos to class "a" per column; TagAlign's score sigmoid(10 cos - 2.5) passes 0.4 at
+    # cos* = (log(0.4 / 0.6) + 2.5) / 10 = 0.2095.
+    cos = torch.tensor([0.0, 0.1, 0.2, 0.205, 0.214, 0.3, 0.9])
+
+    class Model:
+        def encode_text(self, texts):
+            return torch.eye(3)[:2][[("b" in t) * 1 for t in texts]]
+
+        def encode_dense(self, x):  # (n, 3, h, w): embedding cos*e_a + sqrt(1-cos^2)*e_3
+            c = cos.view(1, 1, -1).expand(x.shape[0], x.shape[2], -1)
+            return torch.stack([c, torch.zeros_like(c), (1 - c ** 2).sqrt()], 1)
+
+    text = E.text_embeddings(Model(), ["a", "b"], ("a photo of a {}.",))
+    crops = torch.zeros(1, 3, 2, 7)
+    s = E.crop_scorer(Model(), text, E.PRESETS["tcl"], True)(crops)
+    assert s.shape == (1, 3, 2, 7) and torch.all(s[:, 0] == 0.4)
+    assert s.argmax(1)[0, 0].tolist() == [0, 0, 0, 0, 1, 1, 1]
+    s = E.crop_scorer(Model(), text, dataclasses.replace(E.PRESETS["tcl"], bg_thresh=0.9), True)(crops)
+    assert s.argmax(1)[0, 0].tolist() == [0] * 6 + [1]  # 0.9 <=> cos* = 0.4697
+
+
+def test_template_averaging_uses_unnormalised_embeddings():
+    table = {"t1 cat": [3.0, 0.0], "t2 cat": [0.0, 1.0], "t1 dog": [0.0, 2.0], "t2 dog": [0.0, 5.0]}
+
+    class Model:
+        def encode_text(self, texts):
+            return torch.tensor([table[t] for t in texts])
+
+    emb = E.text_embeddings(Model(), ["cat", "dog"], ("t1 {}", "t2 {}"))
+    want = torch.tensor([[1.5, 0.5], [0.0, 3.5]])
+    torch.testing.assert_close(emb, want / want.norm(dim=1, keepdim=True))  # not mean of unit vectors
+    assert len(E.TEMPLATES["tcl"]) == 9 and E.TEMPLATES["simple"] == ("a photo of a {}.",)
+
+
+def test_pamr_follows_image_edges():
+    g = torch.Generator().manual_seed(0)
+    H, W = 24, 32
+    image = torch.zeros(1, 3, H, W)
+    image[..., W // 2:] = 1.0
+    image += 0.02 * torch.rand(image.shape, generator=g)  # mild texture
+    truth = torch.zeros(H, W, dtype=torch.long)
+    truth[:, W // 2:] = 1
+    mask = torch.nn.functional.one_hot(truth, 2).permute(2, 0, 1)[None].float()
+    flip = torch.rand(H, W, generator=g) < 0.15  # salt noise on the mask
+    noisy = torch.where(flip, 1 - mask, mask)
+    out = E.pamr(image, noisy)
+    assert out.shape == noisy.shape
+    assert (noisy.argmax(1)[0] != truth).sum() > 50 and torch.equal(out.argmax(1)[0], truth)
+    torch.testing.assert_close(out.sum(1), torch.ones(1, H, W))  # convex combinations
+    const = torch.full((1, 2, H, W), 0.3)
+    torch.testing.assert_close(E.pamr(image, const), const)
+
+# ----------------------------------------------------------------------------- entry points
+def test_preds_mode_scores_ground_truth_100(tmp_path):
+    for name in ("voc20", "ade20k", "cityscapes"):
+        write_tree(tmp_path, name)
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    for name in ("voc20", "ade20k", "cityscapes"):
+        bench = E.load_benchmark(name, tmp_path)
+        for i in range(len(bench)):
+            _, label, image_id = bench[i]
+            gt = E.reduce_zero(label) if bench.reduce_zero_label else label
+            Image.fromarray(gt.astype(np.uint8), mode="L").save(preds / f"{image_id}.png")
+    out = tmp_path / "out"
+    m = E.main(["--preds", str(preds), "--benchmarks", "voc20,ade20k", "--data-root", str(tmp_path),
+                "--out", str(out), "--n-vis", "2"])
+    saved = json.loads((out / "metrics.json").read_text())
+    for name in ("voc20", "ade20k"):
+        assert m[name]["mIoU"] == 100.0 and saved[name]["mIoU"] == 100.0
+        assert saved[name]["IoU"]["aeroplane" if name == "voc20" else "sky"] is None  # NaN -> null
+    assert len(list((out / "vis").glob("voc20_*.png"))) == 2
+    assert saved["args"]["preds"] == str(preds)
+    (preds / f"{IDS['cityscapes'][1]}.png").unlink()
+    with pytest.raises(SystemExit, match="1 of 3 prediction files missing"):
+        E.main(["--preds", str(preds), "--benchmarks", "cityscapes", "--data-root", str(tmp_path),
+                "--out", str(out)])
+    with pytest.raises(SystemExit, match="needs --data-root"):
+        E.main(["--preds", str(preds), "--benchmarks", "voc", "--out", str(out)])
+    with pytest.raises(SystemExit, match="exactly one of"):
+        E.main(["--benchmarks", "voc"])
+
+
+class FakeWorld:
+    """The shape of data.world_benchmark(name): classes, background, mean, std, templates."""
+
+    def __init__(self, name, n_images=3):
+        self.background = name == "world-object"
+        self.classes = (["background", "circle", "square"] if self.background
+                        else ["grass", "red circle", "blue circle"])
+        self.mean, self.std, self.templates = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), ["a {}.", "the {}"]
+        self.n = n_images
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        label = np.zeros((20, 28), np.uint8)
+        label[3:12, 4 + i:15] = 1
+        label[10:18, 16:26 - i] = 2
+        label[0, :3] = 255
+        image = np.array(COLORS, np.uint8)[np.minimum(label, 2)]
+        return image, label, f"{i:05d}"
+
+
+def test_world_path_run_benchmarks(tmp_path, monkeypatch):
+    fake = types.ModuleType("data")
+    fake.world_benchmark = lambda name, n_images=3: FakeWorld(name, n_images)
+    monkeypatch.setitem(sys.modules, "data", fake)
+    models = {}
+    for name in E.WORLD:
+        w = FakeWorld(name)
+        names = {c: (None if w.background and k == 0 else w.classes[k]) for k, c in enumerate(COLORS)}
+        models[name] = Oracle(names, w.classes, mean=w.mean, std=w.std, templates=w.templates)
+    m = E.run_benchmarks(models["world-stuff"], ["world-stuff"], out_dir=tmp_path, n_vis=2,
+                         extra={"config": {"width": 64}, "args": {"steps": 1}})
+    assert m["world-stuff"]["mIoU"] == 100.0 and m["world-stuff"]["images"] == 3
+    assert m["world-stuff"]["crops"] == 3  # world preset: one window = the whole image
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(saved) == {"world-stuff", "mean", "config", "args"}
+    assert saved["world-stuff"]["protocol"]["templates"] == ["a {}.", "the {}"]
+    assert saved["world-stuff"]["IoU"] == {"grass": 100.0, "red circle": 100.0, "blue circle": 100.0}
+    assert sorted(p.name for p in (tmp_path / "vis").iterdir()) == ["world-stuff_00000.png",
+                                                                     "world-stuff_00002.png"]
+    vis = np.asarray(Image.open(tmp_path / "vis/world-stuff_00000.png"))
+    assert vis.shape == (20, 84, 3) and np.array_equal(vis[1:, 28:56], vis[1:, 56:])  # gt | pred
+    assert (vis[0, 28:31] == 0).all() and (vis[0, 56:59] != 0).any()  # ignore is black in the gt
+    for name in ("world-object", "world-attr"):
+        r = E.run_benchmarks(models[name], [name], out_dir=tmp_path / name, n_vis=0)
+        assert r[name]["mIoU"] == 100.0
