@@ -1,0 +1,524 @@
+"""TagAlign: CLIP-style image-text alignment plus multi-tag classification (arXiv 2312.14149).
+
+One file holds the model and its training: config, a hand-written ViT and causal text
+transformer whose parameter names load OpenAI CLIP state dicts as they are, the TagAlign dense
+head (decoder -> LayerNorm -> projection, image embedding = mean over patches), the two losses
+wired from `kernels/`, AdamW, the training loop with atomic checkpoints and `--resume`, and the
+command line (`train`, `tags`).
+
+    python tagalign.py train                 # the synthetic world, from scratch, on a CPU
+    python tagalign.py train --tag-weight 0  # the ITC-only baseline
+    python tagalign.py tags --captions caps.txt --out tags/
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+import kernels
+
+
+# ---------------------------------------------------------------- config
+@dataclass
+class Config:
+    # image encoder (ViT)
+    image_size: int = 64        # training resolution (pixels, square)
+    patch_size: int = 8         # pixels per patch side: the dense grid is image_size / patch_size
+    stem: str = "conv"          # "conv": two stride-2 3x3 convs before the patch embedding; "patch": CLIP's
+    stem_width: int = 24        # channels of the first conv of the conv stem (the second has twice as many)
+    vision_width: int = 96      # transformer width
+    vision_layers: int = 3      # residual attention blocks
+    vision_heads: int = 3       # attention heads
+    # text encoder (causal transformer)
+    vocab_size: int = 1000      # tokenizer vocabulary, set from the tokenizer
+    context_length: int = 28    # tokens per caption, start and end tokens included
+    text_width: int = 64        # transformer width
+    text_layers: int = 2        # residual attention blocks
+    text_heads: int = 2         # attention heads
+    # joint space and the TagAlign head
+    embed_dim: int = 64         # dimension of the shared image-text space
+    decoder_blocks: int = 1     # gated residual conv blocks on the patch grid (TCL's decoder)
+    quick_gelu: bool = False    # x * sigmoid(1.702 x) as in OpenAI CLIP; exact GELU otherwise
+
+    @classmethod
+    def from_clip_state_dict(cls, sd):
+        """Infer the shape of an OpenAI CLIP ViT from its state dict, as CLIP's build_model does."""
+        vw = sd["visual.conv1.weight"].shape[0]
+        patch = sd["visual.conv1.weight"].shape[-1]
+        grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        tw = sd["ln_final.weight"].shape[0]
+        count = lambda prefix: len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})  # noqa: E731
+        return cls(image_size=grid * patch, patch_size=patch, stem="patch",
+                   vision_width=vw, vision_layers=count("visual.transformer.resblocks."),
+                   vision_heads=vw // 64, vocab_size=sd["token_embedding.weight"].shape[0],
+                   context_length=sd["positional_embedding"].shape[0], text_width=tw,
+                   text_layers=count("transformer.resblocks."), text_heads=tw // 64,
+                   embed_dim=sd["text_projection"].shape[1], quick_gelu=True)
+
+
+# ---------------------------------------------------------------- transformer blocks (CLIP names)
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever the input dtype, as OpenAI CLIP's."""
+
+    def forward(self, x):
+        return super().forward(x.float()).to(x.dtype)
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with nn.MultiheadAttention's packed parameter names."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x, causal=False):
+        B, N, W = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, N, 3W)
+        q, k, v = qkv.view(B, N, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, N, W/H)
+        return self.out_proj(y.transpose(1, 2).reshape(B, N, W))
+
+
+class MLP(nn.Module):
+    def __init__(self, width, quick_gelu):
+        super().__init__()
+        self.c_fc = nn.Linear(width, 4 * width)
+        self.gelu = QuickGELU() if quick_gelu else nn.GELU()
+        self.c_proj = nn.Linear(4 * width, width)
+
+    def forward(self, x):
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class ResidualBlock(nn.Module):
+    """Pre-LN block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, width, heads, quick_gelu):
+        super().__init__()
+        self.ln_1, self.attn = LayerNorm(width), Attention(width, heads)
+        self.ln_2, self.mlp = LayerNorm(width), MLP(width, quick_gelu)
+
+    def forward(self, x, causal=False):
+        x = x + self.attn(self.ln_1(x), causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width, layers, heads, quick_gelu):
+        super().__init__()
+        self.resblocks = nn.ModuleList(ResidualBlock(width, heads, quick_gelu) for _ in range(layers))
+
+    def forward(self, x, causal=False):
+        for block in self.resblocks:
+            x = block(x, causal)
+        return x
+
+
+# ---------------------------------------------------------------- image encoder
+class VisionTransformer(nn.Module):
+    """CLIP's ViT; `dense()` returns the patch tokens, `forward()` the class-token embedding."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        W, c = cfg.vision_width, cfg.stem_width
+        if cfg.stem == "conv":
+            # Early convolutions (Xiao et al. 2021, "Early Convolutions Help Transformers See
+            # Better"): stride-2 3x3 convs, doubling the channels, down to the patch grid; conv1
+            # is then a 1x1 patch embedding. patch_size must be a power of two.
+            n = int(math.log2(cfg.patch_size))
+            chans = [3] + [c * 2 ** i for i in range(n)]
+            self.stem = nn.Sequential(*[m for i in range(n) for m in (nn.Conv2d(chans[i], chans[i + 1], 3, 2, 1), nn.GELU())])
+            self.conv1 = nn.Conv2d(chans[-1], W, 1, bias=False)
+        else:
+            self.stem = nn.Identity()
+            self.conv1 = nn.Conv2d(3, W, cfg.patch_size, cfg.patch_size, bias=False)
+        grid = cfg.image_size // cfg.patch_size
+        self.class_embedding = nn.Parameter(W ** -0.5 * torch.randn(W))
+        self.positional_embedding = nn.Parameter(W ** -0.5 * torch.randn(grid * grid + 1, W))
+        self.ln_pre = LayerNorm(W)
+        self.transformer = Transformer(W, cfg.vision_layers, cfg.vision_heads, cfg.quick_gelu)
+        self.ln_post = LayerNorm(W)
+        self.proj = nn.Parameter(W ** -0.5 * torch.randn(W, cfg.embed_dim))
+
+    def positions(self, h, w):
+        """Positional embeddings for an h x w grid, interpolated bicubically when it differs."""
+        pos = self.positional_embedding
+        g = round((pos.shape[0] - 1) ** 0.5)
+        if (h, w) == (g, g):
+            return pos
+        grid = pos[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (1, W, g, g)
+        grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False)
+        return torch.cat([pos[:1], grid.to(pos.dtype).flatten(2)[0].T])
+
+    def tokens(self, x):
+        """(B, 3, H, W) images -> (B, 1 + h*w, width) transformer outputs, and (h, w)."""
+        x = self.conv1(self.stem(x))  # (B, W, h, w)
+        B, W, h, w = x.shape
+        x = x.flatten(2).transpose(1, 2)  # (B, h*w, W)
+        cls = self.class_embedding.to(x.dtype).expand(B, 1, W)
+        x = torch.cat([cls, x], dim=1) + self.positions(h, w).to(x.dtype)
+        return self.transformer(self.ln_pre(x)), (h, w)
+
+    def forward(self, x):
+        x, _ = self.tokens(x)
+        return self.ln_post(x[:, 0]) @ self.proj  # (B, E)
+
+
+# ---------------------------------------------------------------- CLIP (names as OpenAI's)
+class CLIP(nn.Module):
+    """Image and text towers with OpenAI CLIP's module names: its state dict loads as it is."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.visual = VisionTransformer(cfg)
+        W = cfg.text_width
+        self.token_embedding = nn.Embedding(cfg.vocab_size, W)
+        self.positional_embedding = nn.Parameter(0.01 * torch.randn(cfg.context_length, W))
+        self.transformer = Transformer(W, cfg.text_layers, cfg.text_heads, cfg.quick_gelu)
+        self.ln_final = LayerNorm(W)
+        self.text_projection = nn.Parameter(W ** -0.5 * torch.randn(W, cfg.embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+
+    def encode_text(self, tokens):
+        """(B, L) token ids -> (B, E): the end-of-text position (the largest id, as in CLIP)."""
+        x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
+        x = self.ln_final(self.transformer(x, causal=True))
+        eot = tokens.argmax(dim=-1)  # (B,)
+        return x[torch.arange(x.shape[0]), eot] @ self.text_projection
+
+    def encode_image(self, images):
+        return self.visual(images)
+
+
+# ---------------------------------------------------------------- TagAlign: dense head and model
+class GatedBlock(nn.Module):
+    """Residual block of two 3x3 convs with LayerNorm and GELU, added through a gate that starts
+    at zero, so a fresh decoder is the identity (TCL's decoder, Cha et al. 2023)."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.norm1, self.conv1 = LayerNorm(width), nn.Conv2d(width, width, 3, padding=1)
+        self.norm2, self.conv2 = LayerNorm(width), nn.Conv2d(width, width, 3, padding=1)
+        self.gate = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):  # (B, W, h, w)
+        ln = lambda norm, t: norm(t.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # noqa: E731  over W
+        y = self.conv1(F.gelu(ln(self.norm1, x)))
+        y = self.conv2(F.gelu(ln(self.norm2, y)))
+        return x + self.gate * y
+
+
+class TagAlign(nn.Module):
+    """Dense patch embeddings in the text space; the image embedding is their mean.
+
+    images -> ViT patch tokens -> decoder -> LayerNorm -> projection: (B, h, w, E). So the image
+    embedding that the contrastive and tag losses train is an average of patch embeddings, and a
+    patch's cosine to a class name's text embedding segments the image zero-shot.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.clip = CLIP(cfg)
+        W = cfg.vision_width
+        self.decoder = nn.ModuleList(GatedBlock(W) for _ in range(cfg.decoder_blocks))
+        self.dense_ln = LayerNorm(W)  # in CLIP mode: a trainable copy of visual.ln_post
+        self.dense_proj = nn.Parameter(W ** -0.5 * torch.randn(W, cfg.embed_dim))  # copy of visual.proj
+        self.tag_logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # the tag loss's own
+
+    def dense(self, images):
+        """(B, 3, H, W) normalised images -> (B, h, w, E) patch embeddings (not normalised)."""
+        x, (h, w) = self.clip.visual.tokens(images)
+        x = x[:, 1:].transpose(1, 2).unflatten(2, (h, w))  # (B, W, h, w), class token dropped
+        for block in self.decoder:
+            x = block(x)
+        return self.dense_ln(x.permute(0, 2, 3, 1)) @ self.dense_proj
+
+    def encode_image(self, images):
+        return self.dense(images).mean(dim=(1, 2))  # (B, E)
+
+    def encode_text(self, tokens):
+        return self.clip.encode_text(tokens)  # (B, E)
+
+
+class SegmentationModel:
+    """The evaluator's model interface (eval_seg.py): dense embeddings and text embeddings."""
+
+    def __init__(self, model, tokenizer, device="cpu"):
+        self.model, self.tokenizer, self.device = model.eval(), tokenizer, torch.device(device)
+
+    @torch.no_grad()
+    def encode_dense(self, images):  # (B, 3, H, W) -> (B, E, h, w)
+        return self.model.dense(images.to(self.device)).permute(0, 3, 1, 2)
+
+    @torch.no_grad()
+    def encode_text(self, texts):  # list of T strings -> (T, E)
+        tokens = self.tokenizer(texts, self.model.cfg.context_length).to(self.device)
+        return self.model.encode_text(tokens)
+
+
+# ---------------------------------------------------------------- losses
+def compute_loss(model, images, tokens, tag_tokens, targets, args):
+    """Total loss = ITC + tag_weight x tag loss (DESIGN section 4); returns (total, itc, tag).
+
+    images (B, 3, H, W), tokens (B, L) captions, tag_tokens (K, L) the tag names, targets (B, K)
+    multi-hot tags parsed from the captions. In world mode the tag embeddings come from the text
+    encoder being trained (in CLIP mode they are frozen CLIP text embeddings).
+    """
+    img = F.normalize(model.encode_image(images), dim=-1)  # (B, E)
+    txt = F.normalize(model.encode_text(tokens), dim=-1)  # (B, E)
+    scale = model.clip.logit_scale.exp().clamp(max=100)  # CLIP's cap on the temperature
+    itc = kernels.clip_loss(img, txt, scale, impl=args.kernels)
+    if args.tag_weight == 0:  # the ITC-only baseline: tags are not even embedded
+        return itc, itc, torch.zeros_like(itc)
+    tag_emb = F.normalize(model.encode_text(tag_tokens), dim=-1)  # (K, E)
+    tag_scale = model.tag_logit_scale.exp().clamp(max=100)
+    tag = kernels.tag_loss(img, tag_emb, targets, tag_scale, kind=args.tag_loss, impl=args.kernels)
+    return itc + args.tag_weight * tag, itc, tag
+
+
+# ---------------------------------------------------------------- optimizer
+def make_optimizer(model, args):
+    """AdamW as the paper: eps 1e-6, weight decay 0.05 on matrices only (no decay on 1-d params)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def lr_at(step, args):
+    """Linear warmup, then cosine decay to 10% (the paper keeps it constant over 30k steps; a
+    few thousand steps from scratch converge better with a decay)."""
+    warmup = max(1, int(args.warmup * args.steps))
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, args.steps - warmup)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+# ---------------------------------------------------------------- world data: tokenizer, tags, batches
+def build_world_text(args, cfg):
+    """Tokenizer and tag vocabulary learned from a corpus of world captions (the training split).
+
+    Tags come from the tag parser run on the captions, exactly as on real data; nothing is read
+    from the world's internals.
+    """
+    world = data.World(args.seed, cfg.image_size)
+    corpus = [world.caption(i) for i in range(args.corpus)]
+    tokenizer = data.Tokenizer.train(corpus, vocab_size=args.vocab_size)
+    vocab = data.build_vocab(corpus, top_objects=args.top_tags, top_attributes=args.top_tags,
+                             min_count=args.min_tag_count)
+    return tokenizer, vocab
+
+
+def world_batch(world, step, batch_size, tokenizer, vocab, cfg):
+    """Batch `step` of the endless training stream: a pure function of (seed, step), which is
+    what makes --resume exact. Returns images (B, 3, H, W), tokens (B, L), targets (B, K)."""
+    scenes = [world.sample(step * batch_size + i) for i in range(batch_size)]
+    images = data.to_tensor(np.stack([s.image for s in scenes]), data.WORLD_MEAN, data.WORLD_STD)
+    captions = [s.caption for s in scenes]
+    tokens = tokenizer(captions, cfg.context_length)
+    targets = torch.zeros(batch_size, len(vocab.tags), dtype=torch.bool)
+    for i, caption in enumerate(captions):
+        targets[i, vocab.encode(caption)] = True
+    return images, tokens, targets
+
+
+def tag_texts(vocab):
+    return [data.WORLD_TEMPLATES[0].format(t) for t in vocab.tags]
+
+
+# ---------------------------------------------------------------- checkpoints
+def save_checkpoint(path, model, optimizer, step, cfg, args, tokenizer, vocab):
+    """Everything --resume needs, written atomically: a crash mid-write leaves the old file."""
+    state = {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        "config": dataclasses.asdict(cfg), "args": vars(args),
+        "tokenizer": tokenizer.state_dict(), "tags": vocab.tags,
+    }
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path):
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file: one line, not a pickle traceback
+        raise SystemExit(f"error: {path} is not a tagalign checkpoint ({type(e).__name__}: {e})")
+
+
+def load_model(path, device="cpu"):
+    """A trained checkpoint as the evaluator's SegmentationModel (used by eval_seg.py)."""
+    ckpt = read_checkpoint(path)
+    model = TagAlign(Config(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    tokenizer = data.Tokenizer.from_state_dict(ckpt["tokenizer"])
+    return SegmentationModel(model.to(device), tokenizer, device)
+
+
+# ---------------------------------------------------------------- training
+WORLD_BENCHMARKS = ("world-object", "world-stuff", "world-attr")
+RESUME_MUST_MATCH = ("steps", "batch_size", "lr", "warmup", "weight_decay", "seed", "tag_weight",
+                     "tag_loss", "corpus", "vocab_size", "top_tags", "min_tag_count")
+
+
+def train(args):
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    random.seed(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    ckpt = None
+    if args.resume:
+        ckpt = read_checkpoint(ckpt_path)
+        for k in RESUME_MUST_MATCH:  # a resumed run must be the same run
+            if ckpt["args"][k] != getattr(args, k):
+                raise SystemExit(f"error: {ckpt_path} was trained with --{k.replace('_', '-')} "
+                                 f"{ckpt['args'][k]}, this command says {getattr(args, k)}")
+
+    cfg = Config(**ckpt["config"]) if ckpt else Config()
+    if ckpt:
+        tokenizer = data.Tokenizer.from_state_dict(ckpt["tokenizer"])
+        vocab = data.TagVocab.from_tags(ckpt["tags"])
+    else:
+        t0 = time.time()
+        tokenizer, vocab = build_world_text(args, cfg)
+        cfg.vocab_size = tokenizer.vocab_size
+        print(f"world text: {args.corpus} captions, {tokenizer.vocab_size} tokens, {len(vocab.tags)} tags "
+              f"({time.time() - t0:.1f}s): {' '.join(vocab.tags)}")
+    world = data.World(args.seed, cfg.image_size)
+    tag_tokens = tokenizer(tag_texts(vocab), cfg.context_length)  # (K, L)
+
+    model = TagAlign(cfg)
+    optimizer = make_optimizer(model, args)
+    start = 0
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        np.random.set_state(ckpt["rng"]["numpy"])
+        random.setstate(ckpt["rng"]["python"])
+        start = ckpt["step"] + 1
+        print(f"resumed from {ckpt_path} at step {start}")
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.2f}M parameters, grid {cfg.image_size // cfg.patch_size}^2, "
+          f"tag weight {args.tag_weight} ({args.tag_loss}), kernels {args.kernels}")
+
+    from tqdm import tqdm
+
+    bar = tqdm(range(start, args.steps + 1), initial=start, total=args.steps + 1, disable=args.quiet,
+               dynamic_ncols=True)
+    log = open(os.path.join(args.out, "log.jsonl"), "a")
+    t_train, seen = 0.0, 0
+    for step in bar:
+        if step == args.steps:  # the last step only checkpoints and evaluates
+            save_checkpoint(ckpt_path, model, optimizer, step, cfg, args, tokenizer, vocab)
+            break
+        t0 = time.time()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args)
+        images, tokens, targets = world_batch(world, step, args.batch_size, tokenizer, vocab, cfg)
+        loss, itc, tag = compute_loss(model, images, tokens, tag_tokens, targets, args)
+        if not torch.isfinite(loss):
+            raise SystemExit(f"error: loss is {loss.item()} at step {step} (itc {itc.item()}, "
+                             f"tag {tag.item()}); lower --lr or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        t_train += time.time() - t0
+        seen += args.batch_size
+        bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / t_train:.0f}")
+        if step % args.log_every == 0 or step == args.steps - 1:
+            row = {"step": step, "loss": loss.item(), "itc": itc.item(), "tag": tag.item(),
+                   "lr": lr_at(step, args), "scale": model.clip.logit_scale.exp().item(),
+                   "img_per_s": seen / t_train}
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            if args.quiet or step % (10 * args.log_every) == 0:
+                tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+        if args.ckpt_every and step > start and step % args.ckpt_every == 0:
+            save_checkpoint(ckpt_path, model, optimizer, step, cfg, args, tokenizer, vocab)
+    bar.close()
+    log.close()
+    if t_train:
+        print(f"trained {args.steps - start} steps in {t_train:.0f}s ({seen / t_train:.0f} images/s)")
+    if args.eval_images:
+        import eval_seg
+
+        seg = SegmentationModel(model, tokenizer)
+        names = list(WORLD_BENCHMARKS)
+        eval_seg.run_benchmarks(seg, names, out_dir=args.out, n_images=args.eval_images,
+                                extra={"config": dataclasses.asdict(cfg), "args": vars(args)})
+    return model
+
+
+# ---------------------------------------------------------------- command line
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="TagAlign: train, or tag a caption corpus.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train (default: from scratch on the synthetic world) and evaluate")
+    p.add_argument("--steps", type=int, default=1500, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=128, help="images (and captions) per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of AdamW")
+    p.add_argument("--warmup", type=float, default=0.05, help="fraction of the steps spent warming up the lr")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay on matrices")
+    p.add_argument("--grad-clip", type=float, default=5.0, help="clip the gradient norm to this")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and of the training stream")
+    p.add_argument("--tag-weight", type=float, default=1.0, help="weight of the tag loss; 0 = the ITC-only baseline")
+    p.add_argument("--tag-loss", choices=("softmax", "bce"), default="softmax",
+                   help="softmax: soft-target CE over all tags (the paper); bce: per-tag binary CE (ablation)")
+    p.add_argument("--kernels", choices=("auto", "triton", "torch"), default="auto",
+                   help="loss implementation: fused Triton kernels, the PyTorch reference, or auto (Triton on CUDA)")
+    p.add_argument("--corpus", type=int, default=20000, help="world captions used to learn the tokenizer and tag vocabulary")
+    p.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary size learned on the world captions")
+    p.add_argument("--top-tags", type=int, default=10000, help="most frequent objects (and as many attributes) kept as tags")
+    p.add_argument("--min-tag-count", type=int, default=5, help="a tag must occur this often in the corpus")
+    p.add_argument("--eval-images", type=int, default=500, help="validation images per world benchmark (0: no evaluation)")
+    p.add_argument("--out", default="out", help="output folder: ckpt.pt, log.jsonl, metrics.json, vis/")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt exactly where it stopped")
+    p.add_argument("--ckpt-every", type=int, default=250, help="write OUT/ckpt.pt every N steps (0: only at the end)")
+    p.add_argument("--log-every", type=int, default=25, help="append a line to OUT/log.jsonl every N steps")
+    p.add_argument("--quiet", action="store_true", help="no progress bar; print the log lines instead")
+
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        for flag in ("steps", "batch_size", "corpus", "vocab_size"):
+            if getattr(args, flag) < 1:
+                parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+        if args.lr <= 0 or args.tag_weight < 0:
+            parser.error("--lr must be positive and --tag-weight non-negative")
+        return train(args)
+
+
+if __name__ == "__main__":
+    main()
