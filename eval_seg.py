@@ -390,13 +390,21 @@ def crop_scorer(model, text, protocol, background):
             raise ValueError(f"encode_dense gave {tuple(f.shape)}; expected (n, {text.shape[1]}, h, w)")
         cos = torch.einsum("nehw,ce->nchw", f, text)
         s = torch.sigmoid(protocol.score_scale * cos + protocol.score_bias)
-        s = F.interpolate(s, size=crops.shape[-2:], mode="bilinear", align_corners=False)
+        s = resize_bilinear(s, crops.shape[-2:])  # (n, C, h, w)
         if protocol.pamr:  # TCL refines each crop's class scores before adding the background
             s = pamr(crops, s, protocol.pamr_iters, protocol.pamr_dilations)
         if background:
             s = torch.cat([torch.full_like(s[:, :1], protocol.bg_thresh), s], 1)
         return s
     return scores
+
+
+def resize_bilinear(x, size):
+    """(B, C, H, W) -> (B, C, *size), bilinear with half-pixel centres and no antialiasing: what
+    cv2.INTER_LINEAR (mmcv) and mmseg's resize(align_corners=False) compute."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 def preprocess(image, protocol, device):
@@ -406,7 +414,7 @@ def preprocess(image, protocol, device):
     if protocol.short_side:
         size = resized_shape(*x.shape[-2:], protocol.short_side, protocol.long_cap)
         if size != tuple(x.shape[-2:]):  # mmcv resizes the uint8 image: round back to uint8 levels
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False).round().clamp(0, 255)
+            x = resize_bilinear(x, size).round().clamp(0, 255)
     mean = torch.tensor(protocol.mean, device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor(protocol.std, device=device).view(1, 3, 1, 1) * 255
     return (x - mean) / std
@@ -456,9 +464,7 @@ def evaluate(model, bench, protocol, name="", batch_size=16, n_vis=0, vis_dir=No
         n_crops += len(window_grid(*x.shape[-2:], protocol.window, protocol.stride)) * len(group)
         out = slide_inference(x, scores, C, protocol.window, protocol.stride, batch_size)
         for (i, image, label, image_id, _), s in zip(group, out):
-            if s.shape[-2:] != label.shape:  # back to the original size, then argmax
-                s = F.interpolate(s[None], size=label.shape, mode="bilinear", align_corners=False)[0]
-            pred = s.argmax(0).cpu().numpy()
+            pred = resize_bilinear(s[None], label.shape)[0].argmax(0).cpu().numpy()  # original size
             metric.update(pred, label)
             if i in vis:
                 safe = str(image_id).replace("/", "_")

@@ -324,6 +324,32 @@ def test_resize_rule():
     assert E.resized_shape(100, 2000) == (102, 2048)  # long side capped: short side < 448
     assert E.resized_shape(32, 48, 64) == (64, 96)  # small images are upscaled
     assert E.resized_shape(333, 500) == (448, int(500 * 448 / 333 + 0.5))
+    assert E.resized_shape(256, 262) == (448, 459)  # 458.5 rounds up (Python's round gives 458)
+
+
+def ref_resize(a, out_h, out_w):
+    """Independent numpy bilinear with half-pixel centres, edges clamped (cv2.INTER_LINEAR)."""
+    def taps(n_in, n_out):
+        src = np.maximum((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0)
+        i0 = np.minimum(np.floor(src).astype(int), n_in - 1)
+        return i0, np.minimum(i0 + 1, n_in - 1), src - i0
+    y0, y1, wy = taps(a.shape[0], out_h)
+    x0, x1, wx = taps(a.shape[1], out_w)
+    rows = a[y0] * (1 - wy)[:, None, None] + a[y1] * wy[:, None, None]
+    return rows[:, x0] * (1 - wx)[None, :, None] + rows[:, x1] * wx[None, :, None]
+
+
+def test_resizes_match_half_pixel_bilinear():
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (30, 41, 3)).astype(np.uint8)
+    protocol = dataclasses.replace(E.PRESETS["tcl"], short_side=64, mean=(0, 0, 0), std=(1 / 255,) * 3)
+    x = E.preprocess(image, protocol, "cpu")  # (1, 3, 64, 87): scale 64/30, not an integer
+    assert x.shape == (1, 3, 64, 87)
+    want = np.clip(np.round(ref_resize(image.astype(float), 64, 87)), 0, 255)
+    assert np.abs(x[0].permute(1, 2, 0).numpy() - want).max() <= 1  # float32 vs float64 rounding ties
+    scores = torch.from_numpy(rng.random((1, 5, 64, 87)))  # and back to the original size
+    back = E.resize_bilinear(scores, (30, 41))[0].permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(back, ref_resize(scores[0].permute(1, 2, 0).numpy(), 30, 41), atol=1e-12)
 
 
 def test_window_grid():
