@@ -26,9 +26,11 @@ mmseg's grid (last window snapped to the border), per-crop scores averaged where
 bilinear resize back to the original size, argmax. The score mapping and 0.4 threshold are
 TagAlign's (github.com/Qinying-Liu/TagAlign, configs/tagalign.yml: bg_thresh 0.4, scale 10,
 bias -2.5; models/tagalign/tagalign.py generate_masks: sigmoid(scale*cos+bias) before the
-upsampling), inherited from TCL's Sim2Mask (w=10, b=-2.5). A later commit of their repo
-(segmentation/configs at 70914ae) switched to softmax(30*cos), stride 56, per-dataset
-thresholds and a CLIP blend; we follow the paper-era setting that matches TCL's protocol.
+upsampling): TCL's Sim2Mask sigmoid(w*cos+b), whose w, b TCL learns, frozen at TCL's initial
+values. Another commit of their repo (70914ae:
+segmentation/configs, tagalign.py) uses softmax(30*cos) over classes, stride 56, per-dataset
+thresholds (0.45 for VOC) and a blend with raw CLIP; we follow the setting that matches TCL's
+protocol and DESIGN section 7. The model is used as given: put it in eval mode.
 mIoU is mmseg's (see IoU below). Optional PAMR (Araslanov & Roth, CVPR 2020) as in TCL.
 """
 import argparse
@@ -330,6 +332,8 @@ def slide_inference(x, crop_scores, C, window, stride, batch_size=16):
     are averaged."""
     B, _, H, W = x.shape
     boxes = window_grid(H, W, window, stride)
+    if len(boxes) == 1:  # one window covers the image (the world preset): nothing to stitch
+        return torch.cat([crop_scores(x[i:i + batch_size]) for i in range(0, B, batch_size)])
     out, count = x.new_zeros(B, C, H, W), x.new_zeros(1, 1, H, W)
     jobs = [(b, box) for b in range(B) for box in boxes]
     for i in range(0, len(jobs), batch_size):
@@ -475,8 +479,6 @@ def evaluate(model, bench, protocol, name="", batch_size=16, n_vis=0, vis_dir=No
 
     if vis:
         Path(vis_dir).mkdir(parents=True, exist_ok=True)
-    if hasattr(model, "eval"):
-        model.eval()
     with tqdm(total=n, desc=name, unit="img", leave=False) as bar:
         for i in range(n):
             image, label, image_id = bench[i]
@@ -657,7 +659,8 @@ def main(argv=None):
             raise SystemExit(f"eval_seg: --ckpt {args.ckpt}: no such file")
         import tagalign  # lazy: scoring saved predictions needs no model code
         model = tagalign.load_model(args.ckpt, device=args.device)
-        extra["config"] = getattr(model, "config", None)
+        # tagalign.SegmentationModel keeps the trained module (and its config) in .model
+        extra["config"] = getattr(model, "config", None) or getattr(getattr(model, "model", None), "cfg", None)
     elif not Path(args.preds).is_dir():
         raise SystemExit(f"eval_seg: --preds {args.preds}: no such folder")
     out = args.out or (str(Path(args.ckpt).parent) if args.ckpt else "out")
