@@ -1,0 +1,905 @@
+# ---------------------------------------------------------------- tag parser
+"""Rule-based caption tag parser, tag vocabulary and offline tagging (DESIGN.md section 6).
+
+TagAlign's authors never released their tagger. Ours is a regex tokenizer, word lists written
+for this project and a small noun-phrase grammar:
+
+    "A man in a red shirt riding a bike down a busy street."
+     a/D man/N in/P a/D red/A shirt/N riding/G a/D bike/N down/P a/D busy/J street/N
+     -> objects ['man', 'shirt', 'bike', 'street'], attributes ['red']
+
+Every word maps by one dict lookup to a precomputed entry (class, lemma, noun kind, attribute
+reading, flags); the parser walks the entries once. A noun phrase is a run of adjectives and
+nouns; its head, the last noun, is an object when it names a concrete thing, and the listed
+adjectives in it are attributes. The rules that make it hold up on real captions:
+- multi-word names are merged longest-first ("traffic light", "hot dog", "living room");
+- a material or colour noun before a head is an attribute ("stone wall" -> wall + stone,
+  "orange cat" -> cat + orange); as a head it is an object ("an orange", "broken glass");
+- quantity frames ("group of"), position words ("top of") and the medium ("photo of",
+  "vector illustration") are no objects; a medium noun after a noun yields that noun
+  ("cartoon cat illustration" -> cat);
+- "no", "not", "without" drop the next phrase, and phrases joined to it by "or";
+- a noun that is also a verb form is the verb after its subject ("a man skis down");
+- -ing and -ed words are never attributes unless listed as a visible state ("sliced").
+Unknown words get a class from their suffix (-ly adverb, -ous/-ful/... adjective, -ing/-ed
+participle) or else count as nouns, so rare concrete nouns still become objects.
+"""
+import json
+import os
+import re
+import tarfile
+import time
+from collections import Counter, deque
+
+import numpy as np
+
+# ---------------------------------------------------------------- tag parser: word lists
+# Written for this project. Words are separated by white space, lines starting with "#" are
+# comments, "_" joins the words of a multi-word name ("traffic_light"), "goose/geese" gives an
+# irregular plural and "sheep/=" an unchanged one; other plurals are made by rule (_plural).
+
+# People, animals and vehicles: objects, and likely subjects of a verb ("a man skis",
+# "dogs play", "a plane flies over").
+_ANIMATE_NOUNS = """
+man/men woman/women person/persons child/children kid boy girl guy lady gentleman/gentlemen
+toddler infant teenager teen youngster family/families couple friend crowd stranger mother
+father mom mum dad parent son daughter brother sister grandmother grandfather grandma grandpa
+grandparent husband wife/wives boyfriend girlfriend bride groom bridesmaid twin player athlete
+skier snowboarder surfer skateboarder skater cyclist biker rider runner jogger swimmer diver
+climber hiker tourist traveler traveller visitor passenger pedestrian driver pilot conductor
+chef cook baker waiter waitress bartender barista farmer fisherman/fishermen worker builder
+doctor nurse surgeon dentist patient teacher student pupil professor scientist soldier officer
+policeman/policemen policewoman/policewomen cop firefighter fireman/firemen guard sailor
+captain cowboy cowgirl clown artist painter musician singer guitarist drummer pianist
+violinist dancer ballerina actor actress model priest monk nun king queen prince princess
+knight warrior pirate wizard witch angel fairy/fairies ghost zombie robot alien monster
+superhero vendor seller customer shopper spectator fan referee umpire catcher batter pitcher
+goalkeeper goalie jockey shepherd businessman/businessmen businesswoman/businesswomen
+executive manager employee mechanic plumber electrician carpenter gardener janitor cashier
+clerk photographer cameraman/cameramen reporter journalist tailor hairdresser barber butcher
+lifeguard astronaut miner lumberjack bodybuilder boxer wrestler golfer gymnast kayaker paddler
+rower archer hunter camper backpacker protester performer magician juggler acrobat snowman/snowmen
+scarecrow mannequin doll mascot puppet passerby/passersby bystander neighbor neighbour owner
+human individual santa santa_claus cheerleader coach instructor trainer vet veterinarian
+graduate schoolgirl schoolboy preschooler newborn brunette redhead motorcyclist motorist
+commuter laborer labourer volunteer nanny maid tennis_player baseball_player soccer_player
+football_player basketball_player hockey_player golf_player volleyball_player ski_instructor
+police_officer security_guard construction_worker flight_attendant
+dog puppy pup cat kitten kitty horse pony foal cow calf/calves bull ox/oxen sheep/= lamb goat
+pig piglet chicken hen rooster chick duck duckling goose/geese swan turkey bird parrot pigeon
+dove seagull gull crow raven eagle hawk falcon owl sparrow robin finch hummingbird pelican
+flamingo penguin ostrich peacock heron crane stork kingfisher woodpecker elephant giraffe zebra
+lion lioness tiger leopard cheetah jaguar panther bear cub polar_bear panda koala kangaroo
+monkey ape gorilla chimpanzee orangutan deer/= moose/= elk reindeer/= antelope gazelle camel
+llama alpaca donkey mule rhino rhinoceros hippo hippopotamus buffalo bison/= wolf/wolves fox
+coyote rabbit bunny hare squirrel chipmunk mouse/mice rat hamster guinea_pig hedgehog raccoon
+skunk beaver otter badger bat frog toad turtle tortoise lizard snake crocodile alligator
+iguana gecko chameleon dinosaur dragon unicorn fish/= shark whale dolphin seal sea_lion walrus
+octopus squid jellyfish/= crab lobster shrimp/= starfish/= snail slug worm insect bug
+butterfly moth bee wasp ant spider fly/flies mosquito dragonfly ladybug beetle grasshopper
+caterpillar scorpion animal pet creature poodle terrier bulldog labrador retriever
+golden_retriever husky beagle dachshund chihuahua pug collie sheepdog german_shepherd corgi
+spaniel rottweiler doberman greyhound dalmatian stallion mare ewe ram boar fawn ferret
+parakeet canary cockatoo macaw toucan vulture seahorse goldfish/= trout/= tuna/= oyster clam
+mussel scallop mammal reptile bumblebee hornet firefly/fireflies cricket puffin mallard
+goldfinch bluebird blackbird magpie jay cardinal starling koi/= carp/= cod/= stingray manatee
+lynx bobcat cougar puma hyena warthog meerkat mongoose lemur sloth armadillo porcupine possum
+opossum weasel mink platypus yak piggy doggy
+car truck bus/buses van taxi cab suv jeep pickup pickup_truck limousine limo ambulance
+fire_truck fire_engine police_car motorcycle motorbike scooter moped bicycle bike tricycle
+unicycle train tram trolley streetcar subway metro locomotive engine carriage wagon cart
+stroller pram wheelchair boat ship yacht sailboat canoe kayak raft ferry/ferries submarine
+airplane aeroplane plane jet aircraft/= airliner helicopter glider balloon hot_air_balloon
+blimp rocket spaceship spacecraft/= tractor bulldozer excavator forklift trailer camper rv
+caravan sled sleigh snowmobile skateboard surfboard snowboard ski wakeboard paddleboard kite
+parachute go-kart kart atv segway chariot gondola cable_car vehicle automobile sedan
+convertible coupe minivan hatchback lorry/lorries rickshaw barge tugboat tanker cruise_ship
+speedboat jet_ski hovercraft race_car sports_car school_bus dump_truck tow_truck garbage_truck
+rowboat motorboat houseboat warship battleship
+"""
+
+# Other concrete nouns: things, places, stuff. Objects when they head a phrase.
+_OBJECT_NOUNS = """
+# body
+head face hair eye ear nose mouth lip tooth/teeth tongue chin cheek forehead eyebrow eyelash
+beard mustache moustache neck shoulder arm elbow hand wrist finger thumb fingernail nail palm
+fist chest belly stomach waist hip leg knee thigh ankle foot/feet toe heel skin body torso
+skeleton skull bone muscle tattoo wing tail paw claw hoof/hooves horn antler beak feather mane
+whisker fin trunk tusk snout muzzle hump braid ponytail bun curl lap freckle eyelid
+# clothing and accessories
+shirt t-shirt tshirt tee blouse sweater jumper hoodie sweatshirt cardigan jacket coat blazer
+vest waistcoat suit tuxedo uniform dress gown robe skirt sock shoe boot sneaker trainer sandal
+slipper flip-flop clog loafer stiletto hat cap helmet beanie hood scarf/scarves glove mitten
+tie bow_tie necktie belt bag handbag purse backpack wallet watch wristwatch bracelet necklace
+earring ring jewelry jewellery pendant brooch crown tiara veil mask apron bikini swimsuit
+wetsuit raincoat poncho underwear bra lingerie costume outfit garment kimono sari turban
+headscarf hijab bandana headband collar sleeve pocket button zipper ribbon jersey kilt cape
+cloak shawl tunic tank_top polo_shirt dress_shirt bathing_suit leotard tutu sombrero fedora
+bonnet visor earmuff suitcase luggage umbrella parasol rucksack briefcase tote clutch hairband
+hairpin headdress overcoat parka trench_coat windbreaker life_jacket baseball_cap cowboy_hat
+top_hat hard_hat high_heel wedding_dress evening_dress sundress nightgown bathrobe sweatband
+# vehicle parts
+wheel tire tyre windshield windscreen headlight
+taillight bumper steering_wheel dashboard license_plate number_plate handlebar pedal chain
+saddle propeller cockpit mast sail anchor oar paddle rudder hull cabin cargo container rail
+railway railroad track train_track platform antenna side_mirror rearview_mirror seatbelt
+seat_belt car_seat seat
+# street, city and buildings
+street road highway freeway motorway lane alley avenue boulevard path pathway trail sidewalk
+pavement crosswalk intersection roundabout bridge tunnel overpass parking_lot parking_space
+parking_garage garage driveway curb kerb gutter manhole traffic_light traffic_signal stop_light
+stop_sign street_sign road_sign sign signpost billboard banner flag pole lamppost lamp_post
+street_light streetlight street_lamp light_pole utility_pole telephone_pole power_line wire
+cable fence gate wall railing barrier cone traffic_cone bollard hydrant fire_hydrant
+parking_meter bench park_bench trash_can garbage_can bin dumpster mailbox phone_booth bus_stop
+shelter fountain monument sculpture statue figurine tower clock_tower clock building skyscraper
+house apartment condo cottage hut shed barn stable farmhouse mansion palace castle fort
+fortress church cathedral chapel temple mosque pagoda shrine synagogue school
+university/universities college hospital library/libraries museum gallery/galleries theater
+theatre cinema stadium arena gym restaurant cafe coffee_shop bar pub bakery/bakeries shop store
+market supermarket mall office bank hotel motel station train_station bus_station gas_station
+fire_station police_station railway_station subway_station airport terminal runway tarmac
+hangar port harbor harbour dock pier marina wharf boardwalk lighthouse windmill
+factory/factories warehouse plant farm ranch vineyard orchard garden yard backyard courtyard
+patio porch balcony/balconies terrace deck rooftop roof chimney steeple dome spire arch column
+pillar facade entrance exit doorway door window staircase stairway stair step escalator
+elevator lift ramp ladder hallway corridor lobby room kitchen bedroom bathroom classroom studio
+basement attic closet living_room dining_room laundry_room meeting_room waiting_room
+conference_room locker_room dressing_room changing_room fitting_room throne_room control_room
+family_room guest_room sitting_room emergency_room playground park plaza town_square city town
+village downtown neighborhood neighbourhood suburb street_corner campus cemetery graveyard tomb
+grave gravestone tombstone ruin zoo aquarium circus carnival fair amusement_park ferris_wheel
+roller_coaster carousel merry-go-round tent campsite campfire bonfire court tennis_court
+basketball_court field baseball_field soccer_field football_field golf_course race_track
+racetrack pool swimming_pool stage podium booth stall kiosk counter checkout skyline
+construction_site skate_park ski_slope ski_lift slope water_park theme_park shopping_mall
+shopping_center picnic_table picnic_area storefront shop_window greenhouse gazebo pergola
+trellis canopy awning scaffolding silo kennel doghouse birdhouse nest hive beehive coop corral
+trough water_tower dam canal post bleachers dugout home_plate scoreboard hot_tub jacuzzi sauna
+floor ceiling tile shingle beam plank board floorboard banister handrail steps pew altar
+mosaic mural graffiti
+# nature and landscape
+sky cloud sun moon star sunset sunrise lightning rain snow snowflake fog mist smoke steam fire
+flame water sea ocean lake pond river stream creek waterfall wave beach shore coast coastline
+seashore seaside dune desert island cliff rock pebble boulder mountain hill hillside
+mountainside valley/valleys canyon cave volcano/volcanoes glacier iceberg meadow prairie
+grassland pasture farmland forest woods jungle rainforest tree palm_tree pine_tree
+christmas_tree oak_tree apple_tree bush shrub hedge grass lawn weed flower rose tulip
+daisy/daisies sunflower lily/lilies orchid lotus lavender dandelion poppy/poppies blossom bloom
+petal leaf/leaves branch twig root log stump moss vine ivy fern cactus/cacti mushroom seaweed
+algae/= coral_reef reef soil mud puddle swamp marsh wetland bay lagoon horizon shadow
+reflection moonlight planet earth galaxy/galaxies nebula comet meteor icicle snowdrift hay
+haystack pine palm oak maple birch willow cherry_blossom bouquet wreath garland flowerbed
+flower_bed potted_plant houseplant succulent bonsai vegetation foliage/= greenery/= treetop
+hilltop mountaintop peak ridge shoreline riverbank bank waterfront surf rapids/= pine_cone
+acorn seed thorn stem bud clover grain wheat barley tide geyser hot_spring oasis/oases
+savanna savannah tundra crater lava ember seashell shell
+# food and drink
+food meal dish plate bowl pizza sandwich burger hamburger cheeseburger hot_dog hotdog salad
+soup pasta spaghetti noodle rice bread toast bagel croissant muffin cupcake cake pie cookie
+biscuit cracker donut doughnut pastry/pastries dessert ice_cream candy/candies popcorn pretzel
+waffle pancake crepe taco burrito sushi/= dumpling steak meat beef pork bacon ham sausage egg
+omelet omelette cheese butter yogurt yoghurt cereal oatmeal granola wrap kebab fruit apple
+banana grape strawberry/strawberries blueberry/blueberries raspberry/raspberries
+blackberry/blackberries cherry/cherries peach plum pear pineapple mango/mangoes watermelon
+melon kiwi coconut avocado papaya fig pomegranate apricot berry/berries vegetable broccoli/=
+carrot tomato/tomatoes potato/potatoes onion garlic pepper cucumber lettuce cabbage spinach
+corn pea bean zucchini eggplant pumpkin squash celery asparagus cauliflower radish beet olive
+herb basil parsley cilantro nut peanut almond walnut cashew pistachio drink beverage coffee tea
+juice orange_juice milk wine beer cocktail soda smoothie latte cappuccino espresso lemonade
+champagne whiskey vodka liquor bottle can cup mug jar sauce soy_sauce ketchup mustard
+mayonnaise honey jam syrup sugar salt spice flour dough frosting icing whipped_cream topping
+gravy dip hummus tofu curry stew casserole lasagna quesadilla nacho chip crisp snack breakfast
+lunch dinner brunch pepperoni salami meatball ramen dim_sum spring_roll sashimi/= seafood
+chicken_wing chicken_breast drumstick fillet wedding_cake birthday_cake cheesecake brownie
+macaron tart pudding jelly custard marshmallow lollipop candy_bar chocolate_bar cotton_candy
+gingerbread gingerbread_man baguette roll loaf/loaves scone pita tortilla hot_chocolate
+coffee_cup coffee_mug teacup tea_cup wine_glass teapot kettle coffee_pot coffee_maker
+espresso_machine ice_cube ice_cream_cone popsicle sundae milkshake cocoa broth chili salsa
+guacamole pesto vinegar oil olive_oil mayo cream_cheese cottage_cheese feta mozzarella
+parmesan cheddar porridge muesli peanut_butter maple_syrup kale leek ginger turnip artichoke
+okra yam sweet_potato bell_pepper chili_pepper jalapeno scallion shallot pickle lentil
+chickpea grapefruit tangerine clementine nectarine cantaloupe lychee dragon_fruit passion_fruit
+persimmon guava raisin prune cranberry/cranberries currant
+# household, furniture and everyday things
+table dining_table coffee_table side_table end_table desk chair armchair stool highchair
+high_chair sofa couch recliner ottoman bed bunk_bed crib cradle mattress pillow cushion blanket
+quilt duvet comforter bedspread rug carpet mat doormat curtain drape blind lamp chandelier
+lantern candle candlestick vase pot flowerpot planter basket box crate barrel bucket
+shelf/shelves bookshelf/bookshelves bookcase cabinet cupboard drawer dresser wardrobe
+nightstand mirror frame picture_frame photo_frame calendar fireplace mantel mantelpiece
+radiator heater fan air_conditioner windowsill window_sill sill doorknob handle knob lock
+padlock key switch light_switch outlet socket plug cord remote remote_control television tv
+monitor screen computer laptop laptop_computer desktop keyboard mousepad mouse_pad printer
+speaker microphone phone cell_phone cellphone mobile_phone smartphone telephone tablet camera
+tripod headset charger battery radio stereo record_player console controller joystick book
+notebook magazine newspaper envelope letter card map pen pencil marker crayon eraser ruler
+stapler tape glue brush paintbrush easel palette toy teddy_bear stuffed_animal stuffed_toy
+ball puzzle die/dice chess chessboard board_game lego gift present package parcel
+wrapping_paper refrigerator fridge freezer oven stove stovetop microwave toaster dishwasher
+sink faucet tap countertop cutting_board chopping_board knife/knives fork spoon chopstick
+spatula ladle whisk pan frying_pan skillet wok saucepan grater peeler colander tray platter
+saucer lid napkin tissue towel dishcloth sponge soap toilet toilet_paper bathtub tub shower
+showerhead toothbrush toothpaste comb hairbrush razor hair_dryer hair_drier hairdryer perfume
+lipstick makeup lotion shampoo scale laundry washing_machine washer dryer ironing_board hanger
+clothesline clothespin broom mop vacuum vacuum_cleaner dustpan hose rake shovel spade hoe
+wheelbarrow lawn_mower lawnmower hammer screw screwdriver wrench drill saw axe ax tool toolbox
+rope hook bolt gear pipe tube valve tank cylinder cube sphere pyramid rectangle oval hexagon
+octagon pentagon triangle circle disk disc dot heart diamond cross plus/pluses spiral arrow
+stripe crescent donut block ring star rack jug pitcher carafe flask thermos canteen lunchbox
+lunch_box cooler shoebox postbox piggy_bank coin money cash banknote bill ticket receipt
+credit_card business_card keychain key_chain badge medal trophy/trophies poster sticker label
+tag chalkboard blackboard whiteboard bulletin_board clipboard folder binder file document
+paper notepad sticky_note post-it calculator globe locker projector drone satellite_dish
+solar_panel wind_turbine turbine generator bulb light_bulb thermostat alarm_clock hourglass
+sundial compass telescope microscope magnifying_glass hearing_aid walking_stick cane crutch
+walker stretcher syringe pill bandage thermometer stethoscope cigarette cigar ashtray lighter
+match matchbox torch flashlight lampshade lamp_shade light_fixture ornament firework confetti
+bow cage birdcage fish_tank terrarium leash litter_box scratching_post feeder rubber_duck
+yo-yo frisbee hula_hoop jump_rope skipping_rope rattle pacifier bib diaper baby_bottle
+baby_carriage playpen rocking_chair rocking_horse swing slide seesaw sandbox sandpit trampoline
+monkey_bars jungle_gym painting picture portrait drawing print photograph sketch
+# sports and music
+soccer_ball football basketball tennis_ball golf_ball volleyball beach_ball bowling_ball
+bowling_pin racket racquet tennis_racket tennis_racquet bat baseball_bat baseball_glove
+baseball_mitt mitt net goal hoop puck stick hockey_stick club golf_club golf_cart dumbbell
+barbell kettlebell treadmill cleat whistle base fishing_rod fishing_pole rod reel target dart
+dartboard sword shield spear gun rifle pistol cannon bullet ski_pole boxing_glove punching_bag
+life_vest life_ring buoy guitar piano violin cello double_bass drum drum_kit drumstick trumpet
+saxophone flute clarinet harp accordion banjo ukulele harmonica trombone tuba xylophone
+tambourine bell cymbal gong organ music_stand amplifier amp turntable record vinyl cd dvd
+cassette
+"""
+
+# Nouns that only exist in the plural keep that form as their lemma.
+_PLURALIA = """
+people glasses sunglasses eyeglasses goggles scissors pants trousers jeans shorts leggings
+tights pajamas pyjamas overalls binoculars tongs pliers tweezers clippers clothes headphones
+earphones earbuds stairs cattle police livestock french_fries fries sweatpants sprinkles
+groceries high_heels woods
+"""
+
+# Materials: an attribute before a head ("stone wall"), an object as a head ("a pile of stones").
+_MATERIAL_NOUNS = """
+wood metal plastic glass stone brick concrete marble granite leather paper cardboard ceramic
+porcelain steel iron rubber cotton wool silk denim velvet lace linen fur wicker bamboo straw
+clay tin aluminum aluminium copper bronze brass chrome crystal gold silver canvas fabric cloth
+suede satin nylon polyester foam cork cobblestone gravel ivory pearl jade ice dirt sand wax
+rattan burlap tweed fleece corduroy plywood terracotta stucco slate sandstone limestone cement
+asphalt mesh chalk charcoal neon
+"""
+
+# Nouns that are also a colour, shape, age or pattern: same split as materials
+# ("orange cat" vs "an orange", "baby elephant" vs "a baby", "square table" vs "a red square").
+_DUAL_NOUNS = "orange coral cream rainbow emerald ruby sapphire square light baby adult tabby"
+
+# Nouns that are never objects: abstract, time and event words.
+_ABSTRACT_NOUNS = """
+time day night dawn dusk twilight daybreak nightfall morning afternoon evening noon midnight today tonight yesterday tomorrow week
+weekend month year decade century hour minute moment season summer winter spring autumn fall
+christmas halloween easter thanksgiving holiday vacation birthday anniversary wedding
+party/parties event ceremony celebration festival concert show performance game match race
+competition tournament championship practice training lesson class meeting conference protest
+parade trip journey tour travel adventure life/lives lifestyle love fun joy happiness beauty
+nature world environment concept idea business success teamwork health fitness exercise sport
+sports tennis baseball soccer golf hockey rugby yoga art music dance fashion style design
+color colour size pattern texture
+sight area region space place spot location position direction distance
+surface way thing something nothing anything everything someone somebody anyone anybody
+everyone everybody air wind weather heat sound noise text word name title message quote trick
+stunt jump turn ride walk run swim look pose smile kiss hug laugh display order use work job
+activity action motion speed attention traffic daylight sunlight sunshine shade darkness
+silhouette picnic barbecue bbq safari hike climb dive flight landing takeoff wilderness
+outdoors indoors home decoration decor copy copyspace copy_space quality
+fantasy dream memory story/stories history culture religion science technology education
+industry economy finance marketing communication network internet website app software data
+information service medicine treatment therapy diet nutrition skincare detail version mid_air
+midair chance luck peace war freedom hope faith power energy force reason fact part_of
+mood atmosphere vibe theme opportunity occasion visit sunset_time stroll
+"""
+
+_POSITION_NOUNS = """
+top bottom front back rear side middle center centre edge end left right inside outside tip
+corner base underside backside
+"""
+
+_MEDIUM_NOUNS = """
+photo photograph photography picture image illustration vector drawing painting portrait sketch
+print artwork render rendering graphic graphics icon logo clipart clip_art animation screenshot
+snapshot shot closeup close-up close_up selfie stock stock_photo stock_image stock_vector
+footage video film still collage infographic diagram chart template mockup mock-up wallpaper
+engraving etching lithograph caricature doodle emblem symbol pic photoshoot depiction
+representation rendition view aerial_view top_view side_view front_view panorama
+panoramic_view birds_eye_view background foreground backdrop scene scenery landscape seascape
+cityscape interior exterior
+"""
+# These are things in a scene unless followed by "of"
+# ("a painting hanging on the wall" vs "a painting of a ship").
+_MEDIUM_OR_OBJECT = "picture painting drawing portrait poster sketch print"
+
+# Quantity frames: dropped with their adjectives before "of" ("a large group of people");
+# alone, the first list are objects ("a young couple") and the second nothing.
+_QUANTITY_OR_OBJECT = "couple crowd family/families pack slice sheet team stack pile heap row"
+_QUANTITY_NOUNS = """
+group bunch pair lot lots number amount kind type sort variety assortment collection selection
+set series array range herd flock swarm bundle cluster dozen plenty handful mix mixture batch
+load piece bit part portion chunk line queue strip drop spoonful scoop cupful mouthful armful
+majority
+"""
+# Weak heads: "a heart shape" -> heart; alone ("a red shape") they are the object.
+_WEAK_NOUNS = "shape object item figure form"
+
+# Attribute adjectives, by the visual class they describe.
+_ATTRIBUTES = """
+# colour
+red green blue yellow purple violet white black pink gray grey brown cyan magenta beige tan
+maroon navy teal indigo crimson scarlet burgundy khaki lilac aqua azure golden silvery blond
+blonde auburn ginger turquoise colorful colourful multicolored multicoloured multicolor
+multi-colored multi-coloured multi-color pastel dark pale bright vivid monochrome monochromatic
+transparent translucent opaque shiny glossy matte metallic sparkly sparkling glittery
+iridescent fluorescent reddish bluish greenish yellowish brownish pinkish grayish greyish
+whitish blackish purplish orangish
+# size
+small little tiny big large huge giant enormous massive gigantic miniature mini tall short long
+wide narrow thick thin fat skinny slim slender petite oversized jumbo deep shallow chubby plump
+high low
+# shape
+round rectangular circular triangular oval spherical cylindrical curved curly straight wavy
+flat pointed pointy spiky jagged crooked bent twisted hexagonal octagonal heart-shaped
+star-shaped angular conical cubic geometric
+# material
+wooden metal plastic glass stone brick concrete marble leather paper cardboard ceramic
+porcelain steel iron rubber cotton woolen woollen silk denim velvet lace linen fur wicker
+bamboo straw clay copper bronze brass chrome crystal silver gold canvas knit knitted woven
+crocheted stainless rattan suede satin tweed
+# pattern
+striped stripy plaid checkered checked chequered spotted dotted polka-dot polka_dot
+polka-dotted floral flowered patterned camouflage camo paisley tartan speckled mottled dappled
+textured embroidered sequined tie-dye tie-dyed leopard-print leopard_print animal_print
+herringbone houndstooth gingham argyle
+# age
+old young new elderly ancient antique vintage retro modern older younger aged middle-aged
+teenage newborn contemporary futuristic medieval victorian
+# physical state
+wet dry empty full open closed broken clean dirty messy cluttered torn ripped rusty rusted
+frozen melted sliced chopped diced minced cooked raw fried deep-fried grilled baked roasted
+burnt burned boiled steamed toasted poached scrambled mashed peeled ripe unripe rotten dead
+withered wilted dried folded wrinkled crumpled lit unlit illuminated glowing blurry blurred
+hazy foggy misty snowy sunny cloudy overcast rainy stormy dusty muddy sandy grassy rocky leafy
+bare naked nude shirtless barefoot bald bearded shaved shaven tattooed masked uniformed hooded
+sleeveless tanned sunlit shady shaded dim frosty icy smoky steamy flooded overgrown fluffy
+furry hairy feathered scaly cracked dented chipped shattered bloody half-empty half-full blank
+upturned inflated deflated puffy mossy wooded forested cloudless starry moonlit snowcapped
+snow-capped
+# visual style
+cartoon animated abstract realistic photorealistic 3d 2d hand-drawn handdrawn sepia grayscale
+greyscale black-and-white pixelated minimalist isometric watercolor watercolour psychedelic
+low-poly pixel
+"""
+
+# Adjectives that are not attributes: judgements, feelings, non-visual properties.
+_OTHER_ADJECTIVES = """
+beautiful pretty cute lovely nice good great best better amazing awesome adorable gorgeous
+stunning happy sad funny fun cool hot cold warm busy crowded favorite favourite perfect
+delicious tasty yummy healthy fancy elegant stylish fashionable trendy famous popular typical
+traditional local professional simple different various same other own certain main whole
+entire real actual natural special unique strange weird interesting boring scary creepy angry
+excited serious confident attractive handsome sexy hungry tired lonely alone peaceful quiet
+calm romantic cozy cosy luxury luxurious expensive cheap rich poor important free public
+private personal social national international urban rural tropical exotic wild domestic
+industrial residential commercial outdoor indoor early late next last first second third
+fourth fifth final recent daily annual digital electric human male female fresh organic
+homemade festive seasonal spicy sweet sour salty bitter crispy crunchy juicy creamy soft hard
+smooth rough heavy lightweight strong weak fast slow quick easy difficult serene tranquil
+idyllic picturesque scenic majestic magnificent spectacular impressive incredible wonderful
+fantastic fabulous glorious magical mysterious dramatic charming lively vibrant cheerful
+playful friendly curious shy proud brave sleepy asleep awake alive ready able unable likely
+possible impossible full-size life-size sized medium medium-sized vertical horizontal diagonal
+upright upside-down upside sideways parallel central western eastern northern southern
+american european asian african british english french italian spanish german chinese
+japanese indian mexican russian greek thai korean canadian australian irish scottish dutch
+swiss turkish arabic brazilian christian jewish muslim catholic royal military official
+classic classical iconic historic historical religious spiritual cultural creative artistic
+decorative ornamental ornate plain basic ordinary normal common rare unusual similar identical
+matching single double triple extra additional assorted mixed live living dying pregnant
+nervous worried scared frightened surprised shocked bored relaxed joyful fit sick ill injured
+hurt safe dangerous lucky brand-new latest current former future past present everyday casual
+formal sporty athletic muscular successful wealthy homeless welcome open-air comfortable
+uncomfortable neat tidy organized well-dressed dressed seamless isolated free-standing handmade
+hand-made high-quality premium deluxe vast endless holy sacred secret hidden visible invisible
+exposed deserted abandoned remote distant nearby close far faraway underwater aerial panoramic
+wide-angle top-down macro daytime nighttime springtime summertime wintertime autumnal wintry
+electronic mechanical automatic manual wireless portable mobile virtual kawaii silly crazy
+goofy quirky odd bizarre surreal epic legendary royalty-free various own adult-only
+"""
+
+# Closed classes. Determiners and numbers start a phrase; prepositions and the other words end
+# one; negators drop the next phrase.
+_DETERMINERS = """
+a an the this these those some any each every all both either another other others such
+whatever whichever my your his her its our their one two three four five six seven eight nine
+ten eleven twelve thirteen fourteen fifteen twenty thirty forty fifty hundred thousand million
+several many few much more most plenty various numerous multiple half dozens hundreds thousands
+"""
+_PREPOSITIONS = """
+in on at of with by for from into onto over under above below beneath beside besides between
+among amongst through across along around behind near next inside outside against toward
+towards upon within off down up past via like as than during atop underneath amid amidst
+throughout before after about beyond opposite alongside thru aboard despite except including
+per versus vs unlike
+"""
+# Words after which a noun-or-verb word is the verb ("he skis", "to ski", "can ski").
+_SUBJECT_WORDS = """
+i you he she it we they who which that to can could will would shall should may might must
+"""
+_OTHER_WORDS = """
+me him us them myself yourself himself herself itself ourselves themselves whom whose what
+where when why how whether while whilst if because since though although unless until till so
+then there here now also too very really quite rather just only even still almost nearly
+already yet again ever always often sometimes usually once twice together away apart ahead
+forward forwards backward backwards aside out upstairs downstairs somewhere everywhere anywhere
+elsewhere overhead is are was were be been being am do does did done doing have has had having
+let lets please yes ok okay oh hey wow seemingly apparently perhaps maybe probably possibly
+definitely certainly clearly simply mostly mainly partly fully completely totally entirely
+slightly highly extremely incredibly somewhat kinda sorta alot well
+"""
+_NEGATORS = "no not without never nor neither none nobody n't isnt arent dont doesnt cannot"
+
+# Verbs (base forms); -s, -ed and -ing forms are made by rule (_verb_forms).
+_VERBS = """
+be have do go get make take give put set see look watch stare gaze view show display sit stand
+lie lay rest lean kneel squat crouch sleep nap wake walk run jog sprint race hurry rush stroll
+wander hike climb jump hop leap skip dance spin twirl swim dive float sink splash surf ski
+skate snowboard skateboard sled sail row paddle fly soar glide hover land drive ride steer park
+stop wait cross pass turn head come arrive leave enter exit approach follow chase lead guide
+pull push drag carry hold grab grip catch throw toss pitch hit swing kick strike punch bat
+serve shoot aim score block tackle bounce roll slide fall drop lift raise pick place hang mount
+attach tie wrap cover fill empty pour spill mix stir cook bake fry grill roast boil chop slice
+cut peel eat bite chew drink sip lick taste feed share offer sell buy shop pay order prepare
+arrange decorate paint draw write read study learn teach talk speak say tell ask answer call
+shout yell sing play perform practice train exercise stretch pose smile laugh grin cry frown
+wink wave point gesture clap cheer celebrate hug kiss cuddle pet stroke brush comb wash clean
+scrub wipe dry fold iron sew knit build construct repair fix work operate use type text browse
+photograph film record capture frame focus blur reflect shine glow burn melt freeze grow bloom
+sprout blossom graze herd fish hunt nest perch roost crawl creep slither bark meow growl roar
+chirp sniff scratch groom shake wag tug fetch gnaw surround line border face overlook touch
+contain include feature depict illustrate represent combine match wear dress undress try fit
+model search find discover explore visit travel tour camp relax enjoy love like want need hate
+seem appear become remain stay keep let help assist protect guard save rescue fight battle
+compete win lose beat gather meet greet crowd queue rally march protest vote load unload
+deliver pack unpack ship post mail open close shut lock unlock ring knock sign check count
+measure weigh balance juggle flip sweep mop vacuum plant water dig rake mow harvest milk shear
+tow haul transport connect stack pile sort reach bend tilt drift flow rain snow rise sunbathe
+tan bathe shower shave style trim braid curl blow pop burst inflate smoke dine feast toast gulp
+slurp devour nibble munch scream whisper listen hear observe spot notice examine inspect marry
+wed propose graduate age wilt die kill attack sting pour serve hand pose doze snuggle nuzzle
+kneel bow peek peer glance grimace yawn stretch wade skid drip soak dangle hang tower loom sag
+sprawl lounge rest recline huddle cluster crowd swarm flock fill occupy await cook clean
+"""
+# Irregular verb forms that the rules do not make; all end a phrase.
+_IRREGULAR_VERB_FORMS = """
+went gone got gotten made took taken gave given saw seen showed shown sat stood lain laid slept
+woke woken ran swam swum dove flew flown drove driven rode ridden came left led held caught
+threw thrown swung struck shot fell fallen hung fed sold bought paid spoke spoken said told
+taught sang sung wore worn built brought thought kept found grew grown froze shone bit bitten
+won lost beaten met sought knelt leapt leant dreamt spread split spun slid stuck wove woven
+sewn shook shaken tore broke sank sunk blew blown drew drawn wrote written began begun
+"""
+
+# ---------------------------------------------------------------- tag parser: word table
+# Word classes: noun, attribute adjective, other adjective, participle (-ing/-ed), determiner,
+# preposition, conjunction, other phrase-ending word, negator, skipped symbol, hard break.
+_N, _A, _J, _G, _C, _SKIP, _D, _P, _X, _NEG, _END = range(11)
+# Noun kinds: object, abstract, position, medium, quantity frame, weak head, and the two that
+# depend on a following "of" (medium or object, quantity or object).
+_OBJ, _ABS, _POS, _MED, _QTY, _WEAK, _MED_OBJ, _QTY_OBJ = range(8)
+# Flags.
+_PL = 1  # plural noun form
+_ANIM = 2  # person, animal or vehicle: a likely subject of a verb
+_VB_S = 4  # the word is also a verb's -s form ("skis")
+_VB_BASE = 8  # ... a verb's base form ("ski")
+_VB_PART = 16  # ... an -ing/-ed/irregular verb form ("building")
+_POSS = 32  # possessive noun ("man's"): the phrase ends after it
+_SUBJ = 64  # he/she/to/can...: a noun-or-verb word after it is the verb
+_OR = 128  # "or", "nor", ",": extends a negation to the next phrase
+_VERB = 256  # a finite verb: "and" after it joins verbs ("stands and watches")
+_NOUN = 512  # parser state only: the previous word was a person, animal or vehicle
+_VB_ANY = _VB_S | _VB_BASE | _VB_PART
+
+_IRREGULAR_F = {"knife": "knives", "wife": "wives", "leaf": "leaves", "loaf": "loaves",
+                "shelf": "shelves", "wolf": "wolves", "calf": "calves", "half": "halves",
+                "scarf": "scarves", "life": "lives", "hoof": "hooves", "elf": "elves",
+                "thief": "thieves"}
+_NOT_MEN = {"human", "german", "shaman", "caiman", "ottoman", "talisman", "walkman", "doberman"}
+
+
+def _plural(w):
+    """Regular English plural of a (possibly multi-word) noun: the last word is inflected."""
+    head, _, last = w.rpartition(" ")
+    if last in _IRREGULAR_F:
+        p = _IRREGULAR_F[last]
+    elif last.endswith("man") and last not in _NOT_MEN:
+        p = last[:-3] + "men"
+    elif last.endswith(("s", "x", "z", "ch", "sh")):
+        p = last + "es"
+    elif last.endswith("y") and last[-2:-1] not in ("a", "e", "i", "o", "u"):
+        p = last[:-1] + "ies"
+    else:
+        p = last + "s"
+    return head + " " + p if head else p
+
+
+def _singular(w):
+    """Best-guess singular of an unknown word ending in s (used only for unknown words)."""
+    if w.endswith("ies") and len(w) > 4:
+        return w[:-3] + "y"
+    if w.endswith(("ches", "shes", "sses", "xes", "zes", "oes")):
+        return w[:-2]
+    if w.endswith(("ss", "us", "is")) or len(w) < 4:
+        return w
+    return w[:-1]
+
+
+def _verb_forms(v):
+    """(-s form, [-ed forms], [-ing forms]) of a verb. A consonant-vowel-consonant ending gets
+    both the doubled and the plain form ("sitting", "visiting"); the unused one is harmless."""
+    if v.endswith(("s", "x", "z", "ch", "sh", "o")):
+        s = v + "es"
+    elif v.endswith("y") and v[-2] not in "aeiou":
+        s = v[:-1] + "ies"
+    else:
+        s = v + "s"
+    cvc = len(v) > 2 and v[-1] not in "aeiouwxy" and v[-2] in "aeiou" and v[-3] not in "aeiou"
+    if v.endswith("ie"):
+        ing = [v[:-2] + "ying"]
+    elif v.endswith("e") and not v.endswith(("ee", "oe", "ye")):
+        ing = [v[:-1] + "ing"]
+    else:
+        ing = [v + "ing"] + ([v + v[-1] + "ing"] if cvc else [])
+    if v.endswith("e"):
+        ed = [v + "d"]
+    elif v.endswith("y") and v[-2] not in "aeiou":
+        ed = [v[:-1] + "ied"]
+    else:
+        ed = [v + "ed"] + ([v + v[-1] + "ed"] if cvc else [])
+    return s, ed, ing
+
+
+def _items(text):
+    """Words of a word list: comment lines dropped, "_" turned into spaces."""
+    for line in text.splitlines():
+        if not line.lstrip().startswith("#"):
+            for w in line.split():
+                yield w.replace("_", " ")
+
+
+def _build_table():
+    """Map every known surface form (and multi-word name) to its entry
+    (class, lemma, noun kind, attribute reading or None, flags)."""
+    table = {}
+    verb = {}  # surface -> verb flag
+    for v in _items(_VERBS):
+        s, ed, ing = _verb_forms(v)
+        verb[v] = verb.get(v, 0) | _VB_BASE
+        verb[s] = verb.get(s, 0) | _VB_S
+        for f in ed + ing:
+            verb[f] = verb.get(f, 0) | _VB_PART
+    for f in _items(_IRREGULAR_VERB_FORMS):
+        verb[f] = verb.get(f, 0) | _VB_PART
+    for f, fl in verb.items():  # finite forms end a phrase, participles may sit inside one
+        table[f] = (_X, f, 0, None, _VERB) if fl & (_VB_BASE | _VB_S) else (_G, f, 0, None, 0)
+    for w in _items(_OTHER_ADJECTIVES):
+        table[w] = (_J, w, 0, None, 0)
+
+    # Nouns, in rising precedence. Plurals are written first and singulars after, so a listed
+    # word ("woods", "glasses") wins over another word's plural.
+    nouns = []  # (word, plural or None, kind, attribute reading, flags)
+
+    def add(text, kind, attr=False, flags=0, plural=True):
+        for item in _items(text):
+            w, _, p = item.partition("/")
+            p = w if p == "=" else (p or (_plural(w) if plural else None))
+            nouns.append((w, p, kind, w if attr else None, flags))
+
+    add(_ANIMATE_NOUNS, _OBJ, flags=_ANIM)
+    add(_OBJECT_NOUNS, _OBJ)
+    add(_PLURALIA, _OBJ, flags=_PL, plural=False)
+    add(_ABSTRACT_NOUNS, _ABS)
+    add(_POSITION_NOUNS, _POS)
+    add(_MEDIUM_NOUNS, _MED)
+    add(_MEDIUM_OR_OBJECT, _MED_OBJ)
+    add(_QUANTITY_NOUNS, _QTY)
+    add(_QUANTITY_OR_OBJECT, _QTY_OBJ, flags=_ANIM)
+    add(_WEAK_NOUNS, _WEAK)
+    for w, p, kind, attr, fl in nouns:
+        if p is not None and p != w:
+            table[p] = (_N, w, kind, None, fl | _PL)
+    for w, p, kind, attr, fl in nouns:
+        table[w] = (_N, w, kind, attr, fl | (_PL if p == w and p is not None else 0))
+    for w in _items(_ATTRIBUTES):
+        table[w] = (_A, w, 0, w, 0)
+    # Materials and colour nouns: an attribute as a modifier, an object as a head.
+    for w in _items(_MATERIAL_NOUNS + " " + _DUAL_NOUNS):
+        fl = table[w][4] if w in table and table[w][0] == _N else 0
+        table[w] = (_N, w, _OBJ, w, fl & _ANIM)
+        p = _plural(w)
+        if table.get(p, (None,))[0] != _N:
+            table[p] = (_N, w, _OBJ, None, _PL)
+    # A noun that is also a verb form remembers it; the parser decides by context.
+    for f, fl in verb.items():
+        e = table[f]
+        if e[0] == _N:
+            table[f] = e[:4] + (e[4] | fl,)
+
+    # Closed classes last: they win over everything.
+    for w in _items(_DETERMINERS):
+        table[w] = (_D, w, 0, None, 0)
+    for w in _items(_PREPOSITIONS):
+        table[w] = (_P, w, 0, None, 0)
+    for w in _items(_OTHER_WORDS):
+        table[w] = (_X, w, 0, None, 0)
+    for w in _items(_SUBJECT_WORDS):
+        table[w] = (_P if w == "to" else _X, w, 0, None, _SUBJ)
+    for w in _items(_NEGATORS):
+        table[w] = (_NEG, w, 0, None, 0)
+    for w in ("and", "but", "&", "/", "+"):
+        table[w] = (_C, w, 0, None, 0)
+    for w in ("or", "nor", ","):
+        table[w] = (_C, w, 0, None, _OR)
+    for w in ". ; : ! ? ( ) [ ] { } | \" \u201c \u201d".split():
+        table[w] = (_END, w, 0, None, 0)
+    table["no one"] = (_X, "no one", 0, None, 0)
+    table["each other"] = (_X, "each other", 0, None, 0)
+    return table
+
+
+_TABLE = _build_table()
+# Multi-word names by first word: the longest name's length, and the words that can follow.
+_FIRSTS, _SECONDS = {}, {}
+for _name in _TABLE:
+    if " " in _name:
+        _ws = _name.split(" ")
+        _FIRSTS[_ws[0]] = max(_FIRSTS.get(_ws[0], 0), len(_ws))
+        _SECONDS.setdefault(_ws[0], set()).add(_ws[1])
+_FIRST_WORDS = frozenset(_FIRSTS)
+del _name, _ws
+_OF = _TABLE["of"]
+_END_ENTRY = _TABLE["."]
+_SKIP_ENTRY = (_SKIP, "", 0, None, 0)
+_NUMBER_ENTRY = (_D, "#", 0, None, 0)
+_ADVERB_ENTRY = (_X, "", 0, None, 0)
+_ADJECTIVE_ENTRY = (_J, "", 0, None, 0)
+_PARTICIPLE_ENTRY = (_G, "", 0, None, 0)
+_NEG_ENTRY = _TABLE["not"]
+_ADJECTIVE_SUFFIXES = ("ous", "ful", "ive", "able", "ible", "ical", "less", "ish", "esque")
+_CACHE_LIMIT = 200_000  # unknown words remembered per process (bounds memory on web corpora)
+_CACHED = [0]
+
+# Tokens: words with inner apostrophes or hyphens ("t-shirt", "man's"), or one symbol. Plain
+# lower-case ASCII captions (most of them) take a faster path: split on spaces after
+# separating commas and periods, which gives the same tokens.
+_TOKEN_RE = re.compile(r"[^\W_]+(?:['\-][^\W_]+)*|[^\w\s]")
+_NOT_PLAIN = re.compile(r"[^a-z0-9 ,.'\-]")
+
+
+def _classify(w):
+    """Entry for a word missing from the table, from its form; remembered up to a limit."""
+    core = w.strip("'-")
+    if not core or not core[0].isalnum():
+        e = _SKIP_ENTRY
+    elif core != w:  # "'hello'", "x-" from the fast tokenizer
+        e = _TABLE.get(core) or _classify(core)
+    elif "'" in w:
+        base, _, suffix = w.partition("'")
+        if w.endswith("n't"):
+            e = _NEG_ENTRY
+        else:
+            b = _TABLE.get(base) or _classify(base)
+            # "man's" is a possessor that ends its phrase; "it's", "we're" are what they start.
+            e = b[:4] + (b[4] | _POSS,) if b[0] == _N and suffix == "s" else b
+    elif any(ch.isdigit() for ch in w):
+        e = _NUMBER_ENTRY
+    elif "-" in w:
+        parts = w.split("-")
+        e = _TABLE.get(" ".join(parts))  # "hot-dog" -> "hot dog"
+        if e is None:
+            last = parts[-1]
+            if last == "shaped":
+                e = (_A, w, 0, w, 0)
+            elif last in ("colored", "coloured", "color", "colour"):
+                e = _TABLE.get(parts[0]) or _ADJECTIVE_ENTRY
+                if e[0] != _A:
+                    e = _ADJECTIVE_ENTRY
+            else:  # "snow-covered" -> participle, "e-bike" -> bike
+                e = _TABLE.get(last) or _classify(last)
+    elif len(w) > 4 and w.endswith("ly"):
+        e = _ADVERB_ENTRY
+    elif len(w) > 5 and w.endswith("ing") or len(w) > 4 and w.endswith("ed"):
+        e = _PARTICIPLE_ENTRY
+    elif len(w) > 5 and w.endswith(_ADJECTIVE_SUFFIXES):
+        e = _ADJECTIVE_ENTRY
+    elif w.endswith("s") and not w.endswith("ss") and len(w) > 3:
+        s = _singular(w)
+        b = _TABLE.get(s)
+        if b is not None and b[0] == _N:
+            e = (_N, b[1], b[2], None, b[4] | _PL)
+        else:  # an unknown plural noun, or the -s form of an unknown verb after its subject
+            e = (_N, s, _OBJ, None, _PL | _VB_S)
+    else:
+        e = (_N, w, _OBJ, None, _VB_BASE)  # an unknown noun (or base verb after a plural)
+    if _CACHED[0] < _CACHE_LIMIT:
+        _TABLE[w] = e
+        _CACHED[0] += 1
+    return e
+
+
+def _merge_names(toks):
+    """Join the words of multi-word names, longest first: ["hot", "dog"] -> ["hot dog"]."""
+    out, i, n = None, 0, len(toks)
+    for j in [j for j, w in enumerate(toks) if w in _FIRST_WORDS]:
+        if j < i or j + 1 == n or toks[j + 1] not in _SECONDS[toks[j]]:
+            continue
+        for L in range(min(_FIRSTS[toks[j]], n - j), 1, -1):
+            name = " ".join(toks[j:j + L])
+            if name in _TABLE:
+                if out is None:
+                    out = []
+                out += toks[i:j]
+                out.append(name)
+                i = j + L
+                break
+    if out is None:
+        return toks
+    out += toks[i:]
+    return out
+
+
+# ---------------------------------------------------------------- tag parser: the parser
+def _emit(phrase, of_next, objects, attributes):
+    """Add the head of a closed noun phrase to objects and its attributes to attributes.
+    phrase: entries, the head last (a phrase without a noun has only attributes);
+    of_next: the phrase is followed by "of" ("group of", "photo of")."""
+    head = phrase[-1]
+    mods = phrase
+    if head[0] == _N:
+        mods = phrase[:-1]
+        kind = head[2]
+        if kind == _MED_OBJ:
+            kind = _MED if of_next else _OBJ
+        elif kind == _QTY_OBJ:
+            kind = _QTY if of_next else _OBJ
+        obj = None
+        if kind == _OBJ:
+            # "glasses of wine" are drinking glasses, not spectacles
+            obj = "glass" if of_next and head[1] == "glasses" else head[1]
+        elif kind == _MED or kind == _WEAK:
+            # "cartoon cat illustration" -> cat; "a heart shape" -> heart
+            if mods and mods[-1][0] == _N and mods[-1][2] == _OBJ:
+                obj = mods[-1][1]
+                mods = mods[:-1]
+            elif kind == _WEAK:
+                obj = head[1]
+        elif kind == _QTY or kind == _POS:
+            return  # "a large group of", "the left side of": no object, no attributes
+        if obj is not None and obj not in objects:
+            objects.append(obj)
+    for m in mods:
+        a = m[3]
+        if a is not None and a not in attributes:
+            attributes.append(a)
+
+
+def parse_caption(text):
+    """Objects and attributes of a caption, before any vocabulary filtering.
+
+    Returns two lists of lower-case strings, de-duplicated, in order of appearance:
+    objects as singular lemmas (multi-word names kept whole), attributes as written.
+
+    >>> parse_caption("A man in a red shirt riding a bike down a busy street.")
+    (['man', 'shirt', 'bike', 'street'], ['red'])
+    >>> parse_caption("wooden chairs and a round table in a sunny garden")
+    (['chair', 'table', 'garden'], ['wooden', 'round', 'sunny'])
+    >>> parse_caption("a room with no people, a man skis down a stone wall")
+    (['room', 'man', 'wall'], ['stone'])
+    """
+    low = text.lower().replace("-and-", " and ")  # "black-and-white" -> black, white
+    if _NOT_PLAIN.search(low) is None:
+        toks = low.replace(",", " , ").replace(".", " . ").split()
+    else:
+        toks = _TOKEN_RE.findall(low.replace("\u2019", "'"))
+    if not _FIRST_WORDS.isdisjoint(toks):
+        toks = _merge_names(toks)
+    get = _TABLE.get
+    ents = [get(w) or _classify(w) for w in toks]
+    ents.append(_END_ENTRY)
+    objects, attributes = [], []
+    phrase = []  # entries of the open noun phrase: adjectives, modifier nouns, the head last
+    neg = False  # a negator waits for its phrase
+    neg_or = False  # the last phrase was negated: "or" negates the next one too
+    subj = 0  # _NOUN (+_PL) after a person/animal/vehicle, _SUBJ after "he", "to", verb+"and"
+    vchain = False  # a verb came last, through adjectives and prepositions
+    for i, e in enumerate(ents):
+        cls = e[0]
+        # 1. Does this word end the open phrase?
+        if cls == _N:
+            fl = e[4]
+            # A noun that is also a verb form, right after a subject, is the verb: "a man skis
+            # down", "he skis", "to ski", "stands and watches". After a noun, agreement
+            # decides; after a thing ("tea leaves", "city lights") it stays a noun.
+            brk = fl & _VB_ANY and subj and (
+                subj & _SUBJ or fl & _VB_S and not subj & _PL or fl & _VB_BASE and subj & _PL
+                or fl & _VB_PART)
+            if brk:
+                cls = _G
+        elif cls >= _D:  # determiners, prepositions, other words, negators, the end
+            brk = True
+        elif cls == _A or cls == _J:
+            # An adjective after a plain noun starts a new phrase ("a cat, black and ...").
+            brk = phrase and phrase[-1][3] is None and phrase[-1][0] == _N
+        elif cls == _G:  # a participle ends a phrase that has its head, else it is skipped
+            brk = phrase and phrase[-1][0] == _N
+        elif cls == _C:
+            # "black and white cat", "stone and brick wall": adjectives joined inside a phrase.
+            nxt = ents[i + 1]
+            brk = not (phrase and phrase[-1][3] is not None and nxt[3] is not None
+                       and (nxt[0] == _A or nxt[0] == _N and not nxt[4] & _PL))
+        else:  # _SKIP
+            continue
+        # 2. Close the phrase: a negated one is dropped, else its tags are emitted.
+        if brk and phrase:
+            if neg:
+                neg, neg_or = False, True
+            else:
+                neg_or = False
+                _emit(phrase, e is _OF, objects, attributes)
+            phrase = []
+        # 3. The word's own effect.
+        if cls == _N:
+            phrase.append(e)
+            fl = e[4]
+            subj = fl & _PL | _NOUN if fl & _ANIM else 0
+            vchain = False
+            if fl & _POSS:  # "the boy's bicycle": the possessor is a phrase of its own
+                if neg:
+                    neg, neg_or = False, True
+                else:
+                    neg_or = False
+                    _emit(phrase, False, objects, attributes)
+                phrase, subj = [], 0
+        elif cls == _A:
+            phrase.append(e)
+            subj = 0
+        elif cls == _C:
+            # "no cars or people", "no cats, dogs or birds"; not "no people, a man ..."
+            if e[4] & _OR and neg_or and (e[1] != "," or ents[i + 1][0] != _D):
+                neg = True
+            subj = _SUBJ if vchain else 0
+        elif cls == _NEG:
+            neg, subj = True, 0
+        elif cls == _END:
+            neg = neg_or = vchain = False
+            subj = 0
+        else:  # _J, _G, _D, _P, _X
+            subj = e[4] & _SUBJ
+            if cls == _G or e[4] & _VERB:
+                vchain = True
+            elif cls == _D:
+                vchain = False
+    return objects, attributes
+
+
+def score_tags(gold, pred):
+    """Micro precision, recall and F1 of predicted tags against gold, for objects and
+    attributes separately. gold, pred: sequences of (objects, attributes) pairs, one per caption.
+    Returns {"objects": {"precision", "recall", "f1", "tp", "fp", "fn"}, "attributes": {...}}."""
+    out = {}
+    for k, name in enumerate(("objects", "attributes")):
+        tp = fp = fn = 0
+        for g, p in zip(gold, pred, strict=True):
+            g, p = set(g[k]), set(p[k])
+            tp, fp, fn = tp + len(g & p), fp + len(p - g), fn + len(g - p)
+        prec = tp / (tp + fp) if tp + fp else 1.0
+        rec = tp / (tp + fn) if tp + fn else 1.0
+        f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+        out[name] = {"precision": prec, "recall": rec, "f1": f1, "tp": tp, "fp": fp, "fn": fn}
+    return out
