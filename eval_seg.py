@@ -442,6 +442,11 @@ def _vis_indices(n, n_vis):
     return set(np.linspace(0, n - 1, n_vis).round().astype(int).tolist()) if n and n_vis else set()
 
 
+def _vis_path(vis_dir, name, image_id):
+    stem = str(image_id).replace("/", "_")
+    return Path(vis_dir) / f"{stem if stem.startswith(name) else f'{name}_{stem}'}.png"
+
+
 def _vis_label(label, bench):
     label = reduce_zero(label) if getattr(bench, "reduce_zero_label", False) else label
     return np.asarray(label).astype(np.int64)
@@ -471,8 +476,7 @@ def evaluate(model, bench, protocol, name="", batch_size=16, n_vis=0, vis_dir=No
             pred = resize_bilinear(s[None], label.shape)[0].argmax(0).cpu().numpy()  # original size
             metric.update(pred, label)
             if i in vis:
-                safe = str(image_id).replace("/", "_")
-                save_overlay(Path(vis_dir) / f"{name}_{safe}.png", image, _vis_label(label, bench), pred)
+                save_overlay(_vis_path(vis_dir, name, image_id), image, _vis_label(label, bench), pred)
         bar.update(len(group))
         bar.set_postfix(crops_s=f"{n_crops / (time.time() - t0):.1f}")
         group.clear()
@@ -521,7 +525,7 @@ def evaluate_preds(bench, preds_dir, name="", n_vis=0, vis_dir=None, limit=None)
                              f"{np.asarray(label).shape}")
         metric.update(pred, label)
         if i in vis:
-            save_overlay(Path(vis_dir) / f"{name}_{image_id}.png", image, _vis_label(label, bench), pred)
+            save_overlay(_vis_path(vis_dir, name, image_id), image, _vis_label(label, bench), pred)
     return {**metric.compute(), "images": n}
 
 # ----------------------------------------------------------------------------- output
