@@ -25,13 +25,16 @@ Unknown words get a class from their suffix (-ly adverb, -ous/-ful/... adjective
 participle) or else count as nouns, so rare concrete nouns still become objects.
 """
 import json
+import multiprocessing
 import os
 import re
 import tarfile
 import time
+from array import array
 from collections import Counter, deque
 
 import numpy as np
+from tqdm import tqdm
 
 # ---------------------------------------------------------------- tag parser: word lists
 # Written for this project. Words are separated by white space, lines starting with "#" are
@@ -503,7 +506,7 @@ _POSS = 32  # possessive noun ("man's"): the phrase ends after it
 _SUBJ = 64  # he/she/to/can...: a noun-or-verb word after it is the verb
 _OR = 128  # "or", "nor", ",": extends a negation to the next phrase
 _VERB = 256  # a finite verb: "and" after it joins verbs ("stands and watches")
-_NOUN = 512  # parser state only: the previous word was a person, animal or vehicle
+_NOUN = 512  # parser state only: the previous word was a noun
 _VB_ANY = _VB_S | _VB_BASE | _VB_PART
 
 _IRREGULAR_F = {"knife": "knives", "wife": "wives", "leaf": "leaves", "loaf": "loaves",
@@ -816,7 +819,7 @@ def parse_caption(text):
     phrase = []  # entries of the open noun phrase: adjectives, modifier nouns, the head last
     neg = False  # a negator waits for its phrase
     neg_or = False  # the last phrase was negated: "or" negates the next one too
-    subj = 0  # _NOUN (+_PL) after a person/animal/vehicle, _SUBJ after "he", "to", verb+"and"
+    subj = 0  # after a noun: _NOUN (+_PL, +_ANIM); after "he", "to", a verb and "and": _SUBJ
     vchain = False  # a verb came last, through adjectives and prepositions
     for i, e in enumerate(ents):
         cls = e[0]
@@ -824,11 +827,12 @@ def parse_caption(text):
         if cls == _N:
             fl = e[4]
             # A noun that is also a verb form, right after a subject, is the verb: "a man skis
-            # down", "he skis", "to ski", "stands and watches". After a noun, agreement
-            # decides; after a thing ("tea leaves", "city lights") it stays a noun.
+            # down", "he skis", "to ski", "stands and watches", "the food looks good". After a
+            # noun, agreement decides; after a thing, a concrete noun stays a noun ("tea
+            # leaves", "city lights").
             brk = fl & _VB_ANY and subj and (
-                subj & _SUBJ or fl & _VB_S and not subj & _PL or fl & _VB_BASE and subj & _PL
-                or fl & _VB_PART)
+                subj & _SUBJ or (subj & _ANIM or e[2] != _OBJ) and (
+                    fl & _VB_S and not subj & _PL or fl & _VB_BASE and subj & _PL or fl & _VB_PART))
             if brk:
                 cls = _G
         elif cls >= _D:  # determiners, prepositions, other words, negators, the end
@@ -857,7 +861,7 @@ def parse_caption(text):
         if cls == _N:
             phrase.append(e)
             fl = e[4]
-            subj = fl & _PL | _NOUN if fl & _ANIM else 0
+            subj = fl & (_PL | _ANIM) | _NOUN
             vchain = False
             if fl & _POSS:  # "the boy's bicycle": the possessor is a phrase of its own
                 if neg:
@@ -903,3 +907,440 @@ def score_tags(gold, pred):
         f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
         out[name] = {"precision": prec, "recall": rec, "f1": f1, "tp": tp, "fp": fp, "fn": fn}
     return out
+
+
+# ---------------------------------------------------------------- tag vocabulary
+def _caption_tags(text):
+    """Tags of one caption as counted and encoded: its objects, then its attributes that are
+    not also objects ("an orange cat next to an orange" counts "orange" once)."""
+    objects, attributes = parse_caption(text)
+    return objects, [a for a in attributes if a not in objects]
+
+
+class TagVocab:
+    """The K tags of TagAlign's classification loss: objects first, then attributes, one index
+    space. A name is one tag even if captions use it both ways ("orange").
+
+    tags: list[str]; kinds: "object" or "attribute" per tag; counts: number of captions of the
+    building corpus that mention the tag; index: name -> position; meta: what built it."""
+
+    def __init__(self, tags, kinds, counts, meta=None):
+        if not len(tags) == len(kinds) == len(counts):
+            raise ValueError(f"TagVocab: {len(tags)} tags, {len(kinds)} kinds, {len(counts)} counts")
+        if any(k not in ("object", "attribute") for k in kinds):
+            raise ValueError("TagVocab: kinds must be 'object' or 'attribute'")
+        self.tags, self.kinds, self.counts = list(tags), list(kinds), [int(c) for c in counts]
+        self.index = {t: i for i, t in enumerate(self.tags)}
+        if len(self.index) != len(self.tags):
+            raise ValueError("TagVocab: duplicate tag names")
+        self.meta = dict(meta or {})
+
+    @classmethod
+    def from_tags(cls, tags):
+        """A vocabulary from tag names alone (e.g. a checkpoint's): a name the parser reads
+        as an attribute adjective is an attribute, anything else an object; counts are 0."""
+        kinds = ["attribute" if _TABLE.get(t, (None,))[0] == _A else "object" for t in tags]
+        return cls(tags, kinds, [0] * len(tags))
+
+    def __len__(self):
+        return len(self.tags)
+
+    def __repr__(self):
+        n_obj = self.kinds.count("object")
+        return f"TagVocab({n_obj} objects + {len(self) - n_obj} attributes)"
+
+    def encode(self, caption):
+        """Indices of the caption's tags that are in the vocabulary, objects first.
+        >>> TagVocab(["cat", "black"], ["object", "attribute"], [1, 1]).encode("A black cat.")
+        [0, 1]
+        """
+        objects, attributes = parse_caption(caption)
+        index, out = self.index, []
+        for t in objects:
+            j = index.get(t)
+            if j is not None:
+                out.append(j)
+        for t in attributes:
+            j = index.get(t)
+            if j is not None and j not in out:
+                out.append(j)
+        return out
+
+    def save(self, path):
+        """Write vocab.json atomically (a temporary file, then a rename)."""
+        data = {"format": "tagalign-tags/1", "tags": self.tags, "kinds": self.kinds,
+                "counts": self.counts, **self.meta}
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, ensure_ascii=False, indent=0)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"tag vocabulary not found: {path}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not a tag vocabulary (bad JSON: {e})") from None
+        if not isinstance(data, dict) or data.get("format") != "tagalign-tags/1":
+            raise ValueError(f"{path}: not a tag vocabulary written by `tagalign.py tags`")
+        meta = {k: v for k, v in data.items() if k not in ("format", "tags", "kinds", "counts")}
+        try:
+            return cls(data["tags"], data["kinds"], data["counts"], meta)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: broken tag vocabulary ({e})") from None
+
+
+def _check_vocab_args(top_objects, top_attributes, min_count):
+    for flag, v, low in (("--top-objects", top_objects, 0), ("--top-attributes", top_attributes, 0),
+                         ("--min-count", min_count, 1)):
+        if not isinstance(v, int) or v < low:
+            raise ValueError(f"{flag} must be an integer >= {low}, got {v!r}")
+
+
+def _select_tags(object_counts, attribute_counts, top_objects, top_attributes, min_count, meta=None):
+    """The most frequent objects and attributes (ties by name, so the result is deterministic);
+    an attribute whose name is already an object tag is not added twice."""
+    def top(counts, k, taken):
+        ranked = sorted((-c, t) for t, c in counts.items() if c >= min_count and t not in taken)
+        return [t for _, t in ranked[:k]]
+
+    objects = top(object_counts, top_objects, ())
+    attributes = top(attribute_counts, top_attributes, set(objects))
+    tags = objects + attributes
+    counts = [object_counts.get(t, 0) + attribute_counts.get(t, 0) for t in tags]
+    kinds = ["object"] * len(objects) + ["attribute"] * len(attributes)
+    params = {"top_objects": top_objects, "top_attributes": top_attributes, "min_count": min_count}
+    return TagVocab(tags, kinds, counts, {"params": params, **(meta or {})})
+
+
+def build_vocab(captions, top_objects=9000, top_attributes=1000, min_count=5):
+    """Count the tags of an iterable of captions and keep the most frequent ones.
+
+    The paper keeps the top 10,000 tags. Attributes are a closed class (the parser knows a few
+    hundred), so 1,000 slots hold all that occur and the other 9,000 go to objects; a tag seen
+    in fewer than min_count captions is too rare to learn and is often a typo."""
+    _check_vocab_args(top_objects, top_attributes, min_count)
+    object_counts, attribute_counts = Counter(), Counter()
+    for c in captions:
+        objects, attributes = _caption_tags(c)
+        object_counts.update(objects)
+        attribute_counts.update(attributes)
+    return _select_tags(object_counts, attribute_counts, top_objects, top_attributes, min_count)
+
+
+# ---------------------------------------------------------------- offline tagging
+_CAPTION_FORMATS = {".txt": "text", ".tsv": "tsv", ".jsonl": "jsonl", ".tar": "tar",
+                    ".tar.gz": "tar", ".tgz": "tar"}
+
+
+def _caption_format(path):
+    name = path.lower()
+    for ext in (".tar.gz", ".tgz", ".tar", ".jsonl", ".tsv", ".txt"):
+        if name.endswith(ext):
+            return _CAPTION_FORMATS[ext]
+    raise ValueError(f"{path}: unsupported caption file (expected .txt, .tsv, .jsonl or .tar)")
+
+
+def _json_caption(raw):
+    """The "caption" string of a JSON object given as bytes, or raise ValueError."""
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"bad JSON ({e.__class__.__name__})") from None
+    cap = obj.get("caption") if isinstance(obj, dict) else None
+    if not isinstance(cap, str):
+        raise ValueError("no 'caption' string")
+    return cap
+
+
+def _tsv_caption_column(path, header_line):
+    header = header_line.decode("utf-8", "replace").rstrip("\r\n").split("\t")
+    names = [h.strip().lower() for h in header]
+    if "caption" not in names:
+        raise ValueError(f"{path}: TSV header has no 'caption' column (header: {header[:8]})")
+    return names.index("caption")
+
+
+def iter_captions(path):
+    """The samples of one caption file, in order: (caption, None), or (None, reason) for a
+    malformed one, so that row i of the tag file is sample i of the input.
+
+    .txt: one caption a line. .tsv: a header line naming a "caption" column, then one row a
+    sample. .jsonl: one {"caption": ...} object a line. .tar (webdataset): one sample per key,
+    its caption in KEY.txt, else in the "caption" field of KEY.json; a key with neither (an
+    image alone) is a malformed sample. Non-UTF-8 text and empty captions are malformed."""
+    fmt = _caption_format(path)
+    if fmt == "tar":
+        yield from _iter_tar_captions(path)
+        return
+    with open(path, "rb") as f:
+        col = _tsv_caption_column(path, f.readline()) if fmt == "tsv" else None
+        for n, raw in enumerate(f, 2 if fmt == "tsv" else 1):
+            where = f"{path}:{n}"
+            raw = raw.rstrip(b"\r\n")
+            if not raw.strip():
+                yield None, f"{where}: empty line"
+                continue
+            try:
+                if fmt == "jsonl":
+                    cap = _json_caption(raw)
+                else:
+                    line = raw.decode("utf-8")
+                    if fmt == "tsv":
+                        fields = line.split("\t")
+                        if len(fields) <= col:
+                            raise ValueError("missing caption column")
+                        line = fields[col]
+                    cap = line
+            except UnicodeDecodeError:
+                yield None, f"{where}: not UTF-8"
+                continue
+            except ValueError as e:
+                yield None, f"{where}: {e}"
+                continue
+            cap = cap.strip()
+            yield (cap, None) if cap else (None, f"{where}: empty caption")
+
+
+def _iter_tar_captions(path):
+    def sample(key, txt, js):
+        where = f"{path}:{key}"
+        try:
+            if txt is not None:
+                cap = txt.decode("utf-8").strip()
+            elif js is not None:
+                cap = _json_caption(js).strip()
+            else:
+                return None, f"{where}: no .txt or .json caption"
+        except UnicodeDecodeError:
+            return None, f"{where}: not UTF-8"
+        except ValueError as e:
+            return None, f"{where}: {e}"
+        return (cap, None) if cap else (None, f"{where}: empty caption")
+
+    try:
+        tf = tarfile.open(path, "r:*")
+    except tarfile.TarError as e:
+        raise ValueError(f"{path}: not a readable tar file ({e})") from None
+    key = txt = js = None
+    with tf:
+        try:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                # webdataset: the key is the path up to the first dot of the file name
+                d, base = os.path.split(m.name)
+                stem, _, ext = base.partition(".")
+                k = f"{d}/{stem}" if d else stem
+                if k != key:
+                    if key is not None:
+                        yield sample(key, txt, js)
+                    key, txt, js = k, None, None
+                ext = ext.lower()
+                if ext == "txt" or ext == "json":
+                    data = tf.extractfile(m).read()
+                    if ext == "txt":
+                        txt = data
+                    else:
+                        js = data
+        except (tarfile.TarError, EOFError, OSError) as e:
+            yield None, f"{path}: truncated or corrupt tar after key {key!r} ({e.__class__.__name__})"
+            return
+        if key is not None:
+            yield sample(key, txt, js)
+
+
+def _tag_chunk(captions):
+    """Worker: tags of a chunk of captions (None = malformed). Returns the chunk's distinct
+    (kind, name) keys, kind 0 object / 1 attribute, and per caption the key numbers
+    (int32 bytes) and their count (int32 bytes): small to send back to the main process."""
+    local, ids, lens = {}, array("i"), array("i")
+    for c in captions:
+        if c is None:
+            lens.append(0)
+            continue
+        objects, attributes = _caption_tags(c)
+        for t in objects:
+            ids.append(local.setdefault((0, t), len(local)))
+        for t in attributes:
+            ids.append(local.setdefault((1, t), len(local)))
+        lens.append(len(objects) + len(attributes))
+    return list(local), ids.tobytes(), lens.tobytes()
+
+
+def _map_ordered(fn, items, workers):
+    """fn over items in order, on `workers` processes, with at most 2 x workers items in
+    flight (Pool.imap would read the whole input ahead into memory)."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    with multiprocessing.Pool(workers) as pool:
+        pending = deque()
+        for item in items:
+            pending.append(pool.apply_async(fn, (item,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _chunks(it, size):
+    chunk = []
+    for x in it:
+        chunk.append(x)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def tag_files(paths, out_dir, top_objects=9000, top_attributes=1000, min_count=5, workers=None,
+              chunk_size=2048, progress=True):
+    """The `tags` command: parse every caption of the files, build the vocabulary, and write
+
+        out_dir/vocab.json        TagVocab.save: tags, kinds, counts, params, the input files
+        out_dir/tag_offsets.npy   int64 (N+1,): sample i has tags ids[offsets[i]:offsets[i+1]]
+        out_dir/tag_ids.npy       uint16 (int32 if K > 65535) tag indices, objects first
+
+    with one row per input sample in input order (files in the given order; a malformed
+    sample gets an empty row and is counted). Streams: the captions are read once, parsed on
+    `workers` processes (None: all cores) in chunks, and their provisional tag numbers spill
+    to a temporary file; memory holds one number per distinct tag, not the parses.
+    Returns a dict of stats (see format_tag_stats)."""
+    _check_vocab_args(top_objects, top_attributes, min_count)
+    if workers is None:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"--workers must be an integer >= 1, got {workers!r}")
+    if not paths:
+        raise ValueError("--captions: no caption files given")
+    for p in paths:
+        fmt = _caption_format(p)
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"caption file not found: {p}")
+        if fmt == "tsv":
+            with open(p, "rb") as f:
+                _tsv_caption_column(p, f.readline())
+    os.makedirs(out_dir, exist_ok=True)
+    t0 = time.perf_counter()
+    files = [{"path": p, "samples": 0, "malformed": 0} for p in paths]
+    examples = []  # the first few malformed samples, "file:line: reason"
+
+    def captions():
+        for rec in files:
+            for cap, why in iter_captions(rec["path"]):
+                rec["samples"] += 1
+                if cap is None:
+                    rec["malformed"] += 1
+                    if len(examples) < 5:
+                        examples.append(why)
+                yield cap
+
+    # Pass 1: parse, number each distinct (kind, name) key in order of first appearance, spill
+    # the numbers and the per-sample counts to temporary files, and count captions per key.
+    keys = {}  # (kind, name) -> provisional number
+    counts = np.zeros(1024, np.int64)
+    tmp_ids, tmp_lens = os.path.join(out_dir, "tag_ids.tmp"), os.path.join(out_dir, "tag_lens.tmp")
+    bar = tqdm(desc="tagging", unit=" captions", unit_scale=True, disable=not progress)
+    try:
+        with open(tmp_ids, "wb") as f_ids, open(tmp_lens, "wb") as f_lens:
+            for chunk_keys, ids, lens in _map_ordered(_tag_chunk, _chunks(captions(), chunk_size), workers):
+                remap = np.array([keys.setdefault(k, len(keys)) for k in chunk_keys], np.int32)
+                g = remap[np.frombuffer(ids, np.int32)] if ids else np.zeros(0, np.int32)
+                if len(keys) > len(counts):
+                    grow = max(len(keys), 2 * len(counts)) - len(counts)
+                    counts = np.concatenate([counts, np.zeros(grow, np.int64)])
+                counts[:len(keys)] += np.bincount(g, minlength=len(keys))
+                f_ids.write(g.tobytes())
+                f_lens.write(lens)
+                bar.update(len(lens) // 4)
+    except BaseException:
+        for p in (tmp_ids, tmp_lens):
+            if os.path.exists(p):
+                os.remove(p)
+        raise
+    bar.close()
+    n = sum(rec["samples"] for rec in files)
+
+    # The vocabulary, and each provisional number's tag index (-1: not kept).
+    object_counts = {name: int(counts[i]) for (kind, name), i in keys.items() if kind == 0}
+    attribute_counts = {name: int(counts[i]) for (kind, name), i in keys.items() if kind == 1}
+    corpus = {"samples": n, "malformed": sum(rec["malformed"] for rec in files), "files": files}
+    vocab = _select_tags(object_counts, attribute_counts, top_objects, top_attributes, min_count,
+                         {"corpus": corpus})
+    final = np.full(max(len(keys), 1), -1, np.int64)
+    for (kind, name), i in keys.items():
+        final[i] = vocab.index.get(name, -1)
+    nnz = int(counts[:len(keys)][final[:len(keys)] >= 0].sum())
+
+    # Pass 2 (over the temporary files only): keep the vocabulary's tags, write the CSR arrays.
+    id_dtype = np.uint16 if len(vocab) <= 65535 else np.int32
+    offsets = np.lib.format.open_memmap(os.path.join(out_dir, "tag_offsets.npy.tmp"), "w+", np.int64, (n + 1,))
+    tag_ids = np.lib.format.open_memmap(os.path.join(out_dir, "tag_ids.npy.tmp"), "w+", id_dtype, (nnz,))
+    offsets[0] = 0
+    done = written = tagged = 0
+    with open(tmp_ids, "rb") as f_ids, open(tmp_lens, "rb") as f_lens:
+        while done < n:
+            lens = np.fromfile(f_lens, np.int32, count=1 << 20).astype(np.int64)
+            g = np.fromfile(f_ids, np.int32, count=int(lens.sum()))
+            t = final[g]
+            keep = t >= 0
+            kept = np.concatenate([[0], np.cumsum(keep)])
+            ends = np.cumsum(lens)
+            new_lens = kept[ends] - kept[ends - lens]
+            offsets[done + 1:done + 1 + len(lens)] = written + np.cumsum(new_lens)
+            tag_ids[written:written + int(kept[-1])] = t[keep]
+            done, written = done + len(lens), written + int(kept[-1])
+            tagged += int(np.count_nonzero(new_lens))
+    offsets.flush()
+    tag_ids.flush()
+    del offsets, tag_ids
+    for name in ("tag_offsets.npy", "tag_ids.npy"):
+        os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
+    os.remove(tmp_ids)
+    os.remove(tmp_lens)
+    vocab_path = os.path.join(out_dir, "vocab.json")
+    vocab.save(vocab_path)
+    seconds = time.perf_counter() - t0
+    return {
+        "samples": n, "malformed": corpus["malformed"], "malformed_examples": examples,
+        "tagged": tagged, "tags": len(vocab), "objects": vocab.kinds.count("object"),
+        "attributes": vocab.kinds.count("attribute"), "distinct_objects": len(object_counts),
+        "distinct_attributes": len(attribute_counts), "tag_occurrences": written,
+        "seconds": seconds, "captions_per_s": n / seconds if seconds > 0 else 0.0,
+        "workers": workers, "files": files, "vocab": vocab_path,
+        "offsets": os.path.join(out_dir, "tag_offsets.npy"), "ids": os.path.join(out_dir, "tag_ids.npy"),
+    }
+
+
+def format_tag_stats(stats):
+    """The `tags` command's report, a few lines."""
+    lines = [
+        f"tagged {stats['samples']:,} samples in {stats['seconds']:.1f}s "
+        f"({stats['captions_per_s']:,.0f} captions/s, {stats['workers']} workers); "
+        f"{stats['tagged']:,} have at least one tag",
+        f"vocabulary: {stats['tags']:,} tags = {stats['objects']:,} objects + "
+        f"{stats['attributes']:,} attributes (of {stats['distinct_objects']:,} distinct objects, "
+        f"{stats['distinct_attributes']:,} distinct attributes seen)",
+        f"malformed samples: {stats['malformed']:,} (empty rows in the tag file)",
+    ]
+    lines += [f"  {w}" for w in stats["malformed_examples"]]
+    lines.append(f"wrote {stats['vocab']}, {stats['offsets']}, {stats['ids']}")
+    return "\n".join(lines)
+
+
+def read_tags(out_dir):
+    """The per-sample tags written by tag_files: (offsets int64 (N+1,), ids (nnz,)), memory-
+    mapped. Sample i's tag indices into vocab.json's tags are ids[offsets[i]:offsets[i+1]]."""
+    paths = [os.path.join(out_dir, f) for f in ("tag_offsets.npy", "tag_ids.npy")]
+    for p in paths:
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"tag file not found: {p} (run `python tagalign.py tags`)")
+    offsets, ids = (np.load(p, mmap_mode="r") for p in paths)
+    if offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != len(ids):
+        raise ValueError(f"{paths[0]}: offsets do not match {paths[1]} ({len(ids)} ids)")
+    return offsets, ids

@@ -1,0 +1,224 @@
+"""Tag parser (data.parse_caption), vocabulary (data.build_vocab, data.TagVocab) and scoring.
+
+The gold set tests/parser_gold.jsonl was written from tests/parser_gold.md before the parser
+was tuned; its score is printed (run with -s) and held to the issue's bar. The other tests
+pin one rule each, on captions that are not in the gold set.
+"""
+import json
+import os
+
+import pytest
+
+import data
+
+GOLD = os.path.join(os.path.dirname(__file__), "parser_gold.jsonl")
+
+
+def check(caption, objects, attributes):
+    got = data.parse_caption(caption)
+    assert got == (objects, attributes), f"{caption!r}: got {got}, want {(objects, attributes)}"
+
+
+# ---------------------------------------------------------------- gold set
+def test_gold_set_precision_recall_f1():
+    rows = [json.loads(line) for line in open(GOLD, encoding="utf-8")]
+    assert len(rows) >= 150 and {r["style"] for r in rows} == {"coco", "web", "hard", "world"}
+    gold = [(r["objects"], r["attributes"]) for r in rows]
+    pred = [data.parse_caption(r["caption"]) for r in rows]
+    print(f"\n{'subset':8s} {'n':>4s}  objects P / R / F1      attributes P / R / F1")
+    for style in ("coco", "web", "hard", "world", "all"):
+        idx = [i for i, r in enumerate(rows) if style in ("all", r["style"])]
+        s = data.score_tags([gold[i] for i in idx], [pred[i] for i in idx])
+        o, a = s["objects"], s["attributes"]
+        print(f"{style:8s} {len(idx):4d}  {o['precision']:.3f} {o['recall']:.3f} {o['f1']:.3f}"
+              f"      {a['precision']:.3f} {a['recall']:.3f} {a['f1']:.3f}")
+    misses = [(r["caption"], p) for r, g, p in zip(rows, gold, pred) if (set(g[0]), set(g[1])) != (set(p[0]), set(p[1]))]
+    for caption, p in misses[:20]:
+        print("  differs:", caption, "->", p)
+    assert s["objects"]["f1"] >= 0.90 and s["attributes"]["f1"] >= 0.85
+
+
+def test_score_tags_counts_pairs():
+    gold = [(["cat", "dog"], ["black"]), (["car"], [])]
+    pred = [(["cat", "mat"], ["black", "big"]), ([], [])]
+    s = data.score_tags(gold, pred)
+    assert (s["objects"]["tp"], s["objects"]["fp"], s["objects"]["fn"]) == (1, 1, 2)
+    assert s["objects"]["precision"] == pytest.approx(0.5) and s["objects"]["recall"] == pytest.approx(1 / 3)
+    assert s["objects"]["f1"] == pytest.approx(0.4)
+    assert (s["attributes"]["precision"], s["attributes"]["recall"]) == (0.5, 1.0)
+
+
+# ---------------------------------------------------------------- the synthetic world
+@pytest.mark.parametrize("caption, objects, attributes", [
+    ("a red circle and a big blue star on grass", ["circle", "star", "grass"], ["red", "big", "blue"]),
+    ("two small yellow triangles next to a green heart in the snow",
+     ["triangle", "heart", "snow"], ["small", "yellow", "green"]),
+    ("there is a purple ring on the sand", ["ring", "sand"], ["purple"]),
+    ("an image of a black cross above a white square, on a road", ["cross", "square", "road"], ["black", "white"]),
+    ("orange diamonds on water", ["diamond", "water"], ["orange"]),
+    ("a tiny pink heart to the left of a large gray square against the sky",
+     ["heart", "square", "sky"], ["tiny", "pink", "large", "gray"]),
+    ("three blue stars and a red disk lying on the beach", ["star", "disk", "beach"], ["blue", "red"]),
+    ("a picture of two huge brown hexagons below a little cyan dot on the lawn",
+     ["hexagon", "dot", "lawn"], ["huge", "brown", "little", "cyan"]),
+    ("we can see a couple of violet discs beside a grey box in the desert", ["disc", "box", "desert"], ["violet", "grey"]),
+    ("an image showing a white donut together with a black block near the lake",
+     ["donut", "block", "lake"], ["white", "black"]),
+    ("in this scene a green plus is under an orange triangle on the asphalt",
+     ["plus", "triangle", "asphalt"], ["green", "orange"]),
+    ("five little red objects on top of a field", ["object", "field"], ["little", "red"]),
+    ("a big yellow shape to the right of a small purple ring in the street",
+     ["shape", "ring", "street"], ["big", "yellow", "small", "purple"]),
+    ("one large blue square on top of a brown circle by the sea", ["square", "circle", "sea"], ["large", "blue", "brown"]),
+    ("four pink crosses and two black hearts in the water", ["cross", "heart", "water"], ["pink", "black"]),
+    ("A tiny cyan ring beside a huge violet disk on the field.", ["ring", "disk", "field"], ["tiny", "cyan", "huge", "violet"]),
+])
+def test_world_captions_parse_exactly(caption, objects, attributes):
+    check(caption, objects, attributes)
+
+
+# ---------------------------------------------------------------- one rule each
+def test_issue_examples():
+    check("A man in a red shirt riding a bike down a busy street.", ["man", "shirt", "bike", "street"], ["red"])
+    check("wooden chairs and a round table in a sunny garden", ["chair", "table", "garden"], ["wooden", "round", "sunny"])
+    check("portrait of a smiling young woman with curly hair", ["woman", "hair"], ["young", "curly"])
+    check("vector illustration of a cute cartoon cat", ["cat"], ["cartoon"])
+
+
+def test_lemmas_plurals_and_pluralia_tantum():
+    check("three women with knives, two geese and some buses", ["woman", "knife", "goose", "bus"], [])
+    check("puppies and berries on the shelves", ["puppy", "berry", "shelf"], [])
+    check("people wearing glasses and jeans cut paper with scissors", ["people", "glasses", "jeans", "paper", "scissors"], [])
+    check("two glasses of wine", ["glass", "wine"], [])  # drinking glasses, not spectacles
+    check("a flock of sheep and some fish", ["sheep", "fish"], [])
+
+
+def test_compounds_are_one_tag_longest_first():
+    check("a hot dog next to an ice cream cone and two traffic lights",
+          ["hot dog", "ice cream cone", "traffic light"], [])
+    check("a living room with a teddy bear", ["living room", "teddy bear"], [])
+    check("a hot-dog stand", ["hot dog"], [])  # hyphenated form of a listed name
+
+
+def test_materials_before_a_head_are_attributes():
+    check("a stone wall and a glass vase", ["wall", "vase"], ["stone", "glass"])
+    check("a pile of stones and broken glass", ["stone", "glass"], ["broken"])
+    check("a stone and brick fireplace", ["fireplace"], ["stone", "brick"])
+
+
+def test_medium_quantity_and_position_words_are_dropped():
+    check("stock photo of a group of people in front of a house", ["people", "house"], [])
+    check("a large group of young men on the top of a hill", ["man", "hill"], ["young"])
+    check("a pair of scissors and a bunch of grapes", ["scissors", "grape"], [])
+    check("black and white photo of a dog", ["dog"], ["black", "white"])
+    check("a cartoon dog illustration", ["dog"], ["cartoon"])  # medium after a noun yields it
+    check("a painting of a horse", ["horse"], [])
+    check("a painting on the wall", ["painting", "wall"], [])
+    check("a young couple and a couple of dogs", ["couple", "dog"], ["young"])
+
+
+def test_abstract_and_time_nouns_are_dropped():
+    check("a sunny day at the beach in summer", ["beach"], ["sunny"])
+    check("kids playing a game of tennis at night", ["kid"], [])
+
+
+def test_negation():
+    check("a room with no people", ["room"], [])
+    check("a road without cars or trucks", ["road"], [])
+    check("a table with no chairs, a lamp and a bed", ["table", "lamp", "bed"], [])
+    check("a man who is not wearing a hat holds a red umbrella", ["man", "umbrella"], ["red"])
+    check("the car is not red", ["car"], [])
+
+
+def test_nouns_used_as_verbs():
+    check("a man skis down a hill", ["man", "hill"], [])
+    check("skis and poles in the snow", ["ski", "pole", "snow"], [])
+    check("two girls ski past the lights", ["girl", "light"], [])
+    check("he surfs while she watches", [], [])
+    check("a dog drinks water from a bowl", ["dog", "water", "bowl"], [])
+    check("a woman stands and watches the waves", ["woman", "wave"], [])
+    check("a plane flies over the city lights", ["plane", "light"], [])  # "city" modifies
+    check("green tea leaves on a plate", ["leaf", "plate"], ["green"])
+
+
+def test_gerunds_and_judgements_are_not_attributes():
+    check("a smiling girl and a running dog", ["girl", "dog"], [])
+    check("a beautiful view of the best cute puppy", ["puppy"], [])
+    check("the food looks delicious and the cake is tasty", ["food", "cake"], [])
+    check("the sun sets over a calm sea", ["sun", "sea"], [])
+
+
+def test_ambiguous_colour_and_light_words():
+    check("an orange cat next to an orange", ["cat", "orange"], ["orange"])
+    check("orange and white flowers", ["flower"], ["orange", "white"])
+    check("oranges and lemons", ["orange", "lemon"], [])
+    check("a light blue shirt under a light", ["shirt", "light"], ["light", "blue"])
+    check("a square table and a red square", ["table", "square"], ["square", "red"])
+
+
+def test_coordination_keeps_attributes_with_their_phrase():
+    check("a black cat and a white dog", ["cat", "dog"], ["black", "white"])
+    check("a red, white and blue flag", ["flag"], ["red", "white", "blue"])
+    check("a brown dog, a black cat", ["dog", "cat"], ["brown", "black"])
+
+
+def test_possessives_and_unknown_words():
+    check("the girl's yellow kite", ["girl", "kite"], ["yellow"])
+    check("a woman holding a zorblat", ["woman", "zorblat"], [])  # unknown noun: an object
+    check("a glorptastic car", ["car"], [])  # unknown -ic/-ous words: not attributes
+    check("two blurgs near a tree", ["blurg", "tree"], [])
+
+
+def test_fast_and_regex_tokenizers_agree():
+    # A plain caption takes the split path; a symbol the fast path does not handle forces the
+    # regex path. Both must read the words the same.
+    for caption in ["A man's dog, a t-shirt and a hot-dog stand.", "two red cars - on the road",
+                    "black-and-white photo of a 3d cat", "a 'quoted' red ball"]:
+        assert data.parse_caption(caption) == data.parse_caption(caption + " ]"), caption
+    check("\u201ca red car\u201d on a caf\u00e9 terrace", ["car", "terrace"], ["red"])
+
+
+def test_empty_and_punctuation_only_captions():
+    assert data.parse_caption("") == ([], [])
+    assert data.parse_caption(" ,. -- !! ") == ([], [])
+
+
+# ---------------------------------------------------------------- vocabulary
+CORPUS = ["a red car on a road", "a red car and a dog", "a black dog on grass", "a dog",
+          "an orange cat", "an orange on a table", "a big red ball"]
+
+
+def test_build_vocab_counts_ranks_and_limits():
+    v = data.build_vocab(CORPUS, top_objects=100, top_attributes=100, min_count=1)
+    # objects by caption count, ties by name; then attributes; "orange" is one tag (an object)
+    assert v.tags[:3] == ["dog", "car", "ball"] and v.kinds[:3] == ["object"] * 3
+    assert v.tags.index("orange") < v.kinds.index("attribute")
+    assert v.counts[v.index["orange"]] == 2 and v.counts[v.index["red"]] == 3
+    assert v.tags[v.kinds.index("attribute"):] == ["red", "big", "black"]
+    v2 = data.build_vocab(CORPUS, top_objects=2, top_attributes=1, min_count=2)
+    assert v2.tags == ["dog", "car", "red"] and v2.kinds == ["object", "object", "attribute"]
+    with pytest.raises(ValueError, match="--min-count"):
+        data.build_vocab(CORPUS, min_count=0)
+
+
+def test_encode_save_load(tmp_path):
+    v = data.build_vocab(CORPUS, top_objects=3, top_attributes=2, min_count=1)
+    # 2 attribute slots: "red" (3 captions), then "big" before "black" (1 each, by name)
+    assert [v.tags[i] for i in v.encode("A red dog and a big blue car.")] == ["dog", "car", "red", "big"]
+    assert v.encode("an orange cat") == [v.index["orange"]]  # one tag, though used both ways
+    path = str(tmp_path / "vocab.json")
+    v.save(path)
+    w = data.TagVocab.load(path)
+    assert (w.tags, w.kinds, w.counts, w.meta["params"]["top_objects"]) == (v.tags, v.kinds, v.counts, 3)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"tags": []}')
+    with pytest.raises(ValueError, match="bad.json"):
+        data.TagVocab.load(str(bad))
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        data.TagVocab.load(str(tmp_path / "missing.json"))
+
+
+def test_vocab_from_tag_names():
+    v = data.TagVocab.from_tags(["circle", "grass", "red", "big"])
+    assert v.kinds == ["object", "object", "attribute", "attribute"]
+    assert v.encode("a big red circle on grass") == [0, 1, 3, 2]
