@@ -205,7 +205,9 @@ def test_encode_save_load(tmp_path):
     v = data.build_vocab(CORPUS, top_objects=3, top_attributes=2, min_count=1)
     # 2 attribute slots: "red" (3 captions), then "big" before "black" (1 each, by name)
     assert [v.tags[i] for i in v.encode("A red dog and a big blue car.")] == ["dog", "car", "red", "big"]
-    assert v.encode("an orange cat") == [v.index["orange"]]  # one tag, though used both ways
+    big = data.build_vocab(CORPUS, top_objects=100, top_attributes=100, min_count=1)
+    assert big.encode("an orange cat") == [big.index["cat"], big.index["orange"]]
+    assert big.encode("an orange cat and an orange") == big.encode("an orange cat")  # one tag
     path = str(tmp_path / "vocab.json")
     v.save(path)
     w = data.TagVocab.load(path)
