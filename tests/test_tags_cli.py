@@ -1,0 +1,134 @@
+"""The `tags` command (data.tag_files): every input format, malformed samples, the vocabulary,
+the counts, and the per-sample tag file aligned with the input order."""
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+
+import data
+
+
+def write_tar(path, members):
+    with tarfile.open(path, "w") as tf:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """Small files in the four formats, with malformed samples, and the rows they must give
+    (tag names per sample, in input order; [] for a malformed sample)."""
+    txt = tmp_path / "a.txt"
+    txt.write_bytes(b"a red car on the road\n\n"  # an empty line
+                    b"a black cat and a white dog\r\n"
+                    b"a cat on a \xff\xfe mat\n"  # not UTF-8
+                    b"two red cars\n")
+    tsv = tmp_path / "b.tsv"
+    tsv.write_text("url\tcaption\nhttp://x/1\ta blue car on grass\nhttp://x/2\nhttp://x/3\t  \n"
+                   "http://x/4\ta dog on the grass\n")
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text('{"caption": "a dog and a cat", "id": 1}\n{"caption": "a car\n'  # bad JSON
+                     '{"text": "no caption field"}\n\n{"caption": 7}\n{"caption": "a big dog"}\n')
+    tar = tmp_path / "d.tar"
+    write_tar(str(tar), [
+        ("s/0001.jpg", b"\xff\xd8"), ("s/0001.txt", b"a green tree in a park"),
+        ("s/0002.jpg", b"\xff\xd8"), ("s/0002.json", json.dumps({"caption": "a yellow car"}).encode()),
+        ("s/0003.jpg", b"\xff\xd8"),  # an image without a caption
+        ("s/0004.json", b"{not json"),
+        ("s/0005.txt", b"a white cat"), ("s/0005.json", b'{"caption": "ignored: txt wins"}'),
+    ])
+    rows = [
+        ["car", "road", "red"], [], ["cat", "dog", "black", "white"], [], ["car", "red"],  # a.txt
+        ["car", "grass", "blue"], [], [], ["dog", "grass"],  # b.tsv
+        ["dog", "cat"], [], [], [], [], ["dog", "big"],  # c.jsonl
+        ["tree", "park", "green"], ["car", "yellow"], [], [], ["cat", "white"],  # d.tar
+    ]
+    return [str(txt), str(tsv), str(jsonl), str(tar)], rows
+
+
+def read_rows(out):
+    vocab = data.TagVocab.load(str(out / "vocab.json"))
+    offsets, ids = data.read_tags(str(out))
+    return vocab, [[vocab.tags[j] for j in ids[offsets[i]:offsets[i + 1]]] for i in range(len(offsets) - 1)]
+
+
+def test_tags_all_formats_alignment_counts_and_malformed(corpus, tmp_path):
+    paths, want_rows = corpus
+    out = tmp_path / "out"
+    stats = data.tag_files(paths, str(out), min_count=1, workers=1, chunk_size=4, progress=False)
+    vocab, rows = read_rows(out)
+    assert rows == want_rows
+    assert stats["samples"] == len(want_rows) == 20 and stats["malformed"] == 10
+    assert stats["tagged"] == 10
+    assert [(f["samples"], f["malformed"]) for f in stats["files"]] == [(5, 2), (4, 2), (6, 4), (5, 2)]
+    reasons = " | ".join(stats["malformed_examples"])
+    assert "a.txt:2: empty line" in reasons and "a.txt:4: not UTF-8" in reasons
+    assert "b.tsv:3: missing caption column" in reasons
+    assert "malformed samples: 10" in data.format_tag_stats(stats)
+    # Vocabulary: objects by number of captions (ties by name), then attributes.
+    counts = dict(zip(vocab.tags, vocab.counts))
+    assert vocab.tags[:4] == ["car", "dog", "cat", "grass"]  # 4, 4 (by name), 3, 2
+    assert counts == {"car": 4, "cat": 3, "dog": 4, "grass": 2, "park": 1, "road": 1, "tree": 1,
+                      "red": 2, "white": 2, "big": 1, "black": 1, "blue": 1, "green": 1, "yellow": 1}
+    assert vocab.kinds == ["object"] * 7 + ["attribute"] * 7
+    assert vocab.meta["corpus"]["samples"] == 20 and vocab.meta["params"]["min_count"] == 1
+    assert sorted(p.name for p in out.iterdir()) == ["tag_ids.npy", "tag_offsets.npy", "vocab.json"]
+
+
+def test_tags_workers_give_identical_files(corpus, tmp_path):
+    paths, _ = corpus
+    for w in (1, 2):
+        data.tag_files(paths, str(tmp_path / f"w{w}"), min_count=1, workers=w, chunk_size=3, progress=False)
+    for name in ("vocab.json", "tag_offsets.npy", "tag_ids.npy"):
+        assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes(), name
+
+
+def test_tags_top_k_and_min_count(corpus, tmp_path):
+    paths, want_rows = corpus
+    out = tmp_path / "out"
+    data.tag_files(paths, str(out), top_objects=2, top_attributes=1, min_count=2, workers=1, progress=False)
+    vocab, rows = read_rows(out)
+    assert vocab.tags == ["car", "dog", "red"]  # "cat" (3) loses to car and dog (4 each)
+    keep = set(vocab.tags)
+    assert rows == [[t for t in r if t in keep] for r in want_rows]
+    offsets, ids = data.read_tags(str(out))
+    assert offsets.dtype == np.int64 and ids.dtype == np.uint16 and len(offsets) == 21
+
+
+def test_tags_bad_input_is_one_clear_error(corpus, tmp_path):
+    paths, _ = corpus
+    (tmp_path / "x.csv").write_text("caption\nhi\n")
+    (tmp_path / "nocol.tsv").write_text("url\ttext\nhttp://x\thi\n")
+    (tmp_path / "junk.tar").write_bytes(b"this is not a tar archive" * 40)
+    out = str(tmp_path / "o")
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        data.tag_files([str(tmp_path / "missing.txt")], out, progress=False)
+    with pytest.raises(ValueError, match="x.csv: unsupported"):
+        data.tag_files([str(tmp_path / "x.csv")], out, progress=False)
+    with pytest.raises(ValueError, match="nocol.tsv: TSV header has no 'caption' column"):
+        data.tag_files(paths + [str(tmp_path / "nocol.tsv")], out, progress=False)
+    with pytest.raises(ValueError, match="junk.tar: not a readable tar"):
+        data.tag_files([str(tmp_path / "junk.tar")], out, progress=False)
+    with pytest.raises(ValueError, match="--top-objects"):
+        data.tag_files(paths, out, top_objects=-1, progress=False)
+    with pytest.raises(ValueError, match="--workers"):
+        data.tag_files(paths, out, workers=0, progress=False)
+    with pytest.raises(FileNotFoundError, match="tag_offsets.npy"):
+        data.read_tags(str(tmp_path))
+
+
+def test_tags_truncated_tar_counts_and_keeps_going(tmp_path):
+    good = tmp_path / "good.tar"
+    write_tar(str(good), [(f"{i:04d}.txt", f"a red ball, photo {i}".encode()) for i in range(20)])
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(good.read_bytes()[:512 * 15 + 100])  # stops inside a member
+    txt = tmp_path / "after.txt"
+    txt.write_text("a blue car\n")
+    stats = data.tag_files([str(cut), str(txt)], str(tmp_path / "out"), min_count=1, workers=1, progress=False)
+    vocab, rows = read_rows(tmp_path / "out")
+    assert stats["malformed"] == 1 and "truncated or corrupt tar" in stats["malformed_examples"][0]
+    assert rows[-1] == ["car", "blue"] and all(r == ["ball", "red"] for r in rows[:-2])
