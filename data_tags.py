@@ -64,7 +64,8 @@ lifeguard astronaut miner lumberjack bodybuilder boxer wrestler golfer gymnast k
 rower archer hunter camper backpacker protester performer magician juggler acrobat snowman/snowmen
 scarecrow mannequin doll mascot puppet passerby/passersby bystander neighbor neighbour owner
 human individual santa santa_claus cheerleader coach instructor trainer vet veterinarian
-graduate schoolgirl schoolboy preschooler newborn brunette redhead motorcyclist motorist
+graduate schoolgirl schoolboy celebrity/celebrities politician president host presenter rapper
+dj preschooler newborn brunette redhead motorcyclist motorist
 commuter laborer labourer volunteer nanny maid tennis_player baseball_player soccer_player
 football_player basketball_player hockey_player golf_player volleyball_player ski_instructor
 police_officer security_guard construction_worker flight_attendant
@@ -159,7 +160,7 @@ construction_site skate_park ski_slope ski_lift slope water_park theme_park shop
 shopping_center picnic_table picnic_area storefront shop_window greenhouse gazebo pergola
 trellis canopy awning scaffolding silo kennel doghouse birdhouse nest hive beehive coop corral
 trough water_tower dam canal post bleachers dugout home_plate scoreboard hot_tub jacuzzi sauna
-floor ceiling tile shingle beam plank board floorboard banister handrail steps pew altar
+floor ceiling shingle beam paint plank board floorboard banister handrail steps pew altar
 mosaic mural graffiti
 # nature and landscape
 sky cloud sun moon star sunset sunrise lightning rain snow snowflake fog mist smoke steam fire
@@ -214,7 +215,7 @@ nightstand mirror frame picture_frame photo_frame calendar fireplace mantel mant
 radiator heater fan air_conditioner windowsill window_sill sill doorknob handle knob lock
 padlock key switch light_switch outlet socket plug cord remote remote_control television tv
 monitor screen computer laptop laptop_computer desktop keyboard mousepad mouse_pad printer
-speaker microphone phone cell_phone cellphone mobile_phone smartphone telephone tablet camera
+speaker microphone circuit_board motherboard phone cell_phone cellphone mobile_phone smartphone telephone tablet camera
 tripod headset charger battery radio stereo record_player console controller joystick book
 notebook magazine newspaper envelope letter card map pen pencil marker crayon eraser ruler
 stapler tape glue brush paintbrush easel palette toy teddy_bear stuffed_animal stuffed_toy
@@ -268,7 +269,7 @@ wood metal plastic glass stone brick concrete marble granite leather paper cardb
 porcelain steel iron rubber cotton wool silk denim velvet lace linen fur wicker bamboo straw
 clay tin aluminum aluminium copper bronze brass chrome crystal gold silver canvas fabric cloth
 suede satin nylon polyester foam cork cobblestone gravel ivory pearl jade ice dirt sand wax
-rattan burlap tweed fleece corduroy plywood terracotta stucco slate sandstone limestone cement
+tile rattan burlap tweed fleece corduroy plywood terracotta stucco slate sandstone limestone cement
 asphalt mesh chalk charcoal neon
 """
 
@@ -298,7 +299,8 @@ fantasy dream memory story/stories history culture religion science technology e
 industry economy finance marketing communication network internet website app software data
 information service medicine treatment therapy diet nutrition skincare detail version mid_air
 midair chance luck peace war freedom hope faith power energy force reason fact part_of
-mood atmosphere vibe theme opportunity occasion visit sunset_time stroll
+mood atmosphere vibe theme opportunity occasion visit stroll ecosystem habitat species/= concept
+process method system solution strategy problem issue risk project plan goal future past
 """
 
 _POSITION_NOUNS = """
@@ -313,7 +315,7 @@ snapshot shot closeup close-up close_up selfie stock stock_photo stock_image sto
 footage video film still collage infographic diagram chart template mockup mock-up wallpaper
 engraving etching lithograph caricature doodle emblem symbol pic photoshoot depiction
 representation rendition view aerial_view top_view side_view front_view panorama
-panoramic_view birds_eye_view background foreground backdrop scene scenery landscape seascape
+panoramic_view birds_eye_view fish_eye fisheye fish-eye background foreground backdrop scene scenery landscape seascape
 cityscape interior exterior
 """
 # These are things in a scene unless followed by "of"
@@ -322,10 +324,10 @@ _MEDIUM_OR_OBJECT = "picture painting drawing portrait poster sketch print"
 
 # Quantity frames: dropped with their adjectives before "of" ("a large group of people");
 # alone, the first list are objects ("a young couple") and the second nothing.
-_QUANTITY_OR_OBJECT = "couple crowd family/families pack slice sheet team stack pile heap row"
+_QUANTITY_OR_OBJECT = "couple crowd family/families pack slice sheet stack pile heap row"
 _QUANTITY_NOUNS = """
 group bunch pair lot lots number amount kind type sort variety assortment collection selection
-set series array range herd flock swarm bundle cluster dozen plenty handful mix mixture batch
+set series array range herd flock swarm team squad crew bundle cluster dozen plenty handful mix mixture batch
 load piece bit part portion chunk line queue strip drop spoonful scoop cupful mouthful armful
 majority
 """
@@ -341,11 +343,13 @@ blonde auburn ginger turquoise colorful colourful multicolored multicoloured mul
 multi-colored multi-coloured multi-color pastel dark pale bright vivid monochrome monochromatic
 transparent translucent opaque shiny glossy matte metallic sparkly sparkling glittery
 iridescent fluorescent reddish bluish greenish yellowish brownish pinkish grayish greyish
-whitish blackish purplish orangish
-# size
+whitish blackish purplish orangish darker darkest brighter brightest paler
+# size (with comparative and superlative forms)
 small little tiny big large huge giant enormous massive gigantic miniature mini tall short long
 wide narrow thick thin fat skinny slim slender petite oversized jumbo deep shallow chubby plump
-high low
+high low smaller smallest bigger biggest larger largest taller tallest longer longest shorter
+shortest wider widest thicker thickest thinner thinnest tinier tiniest higher highest lower
+lowest deeper huger
 # shape
 round rectangular circular triangular oval spherical cylindrical curved curly straight wavy
 flat pointed pointy spiky jagged crooked bent twisted hexagonal octagonal heart-shaped
@@ -361,7 +365,8 @@ polka-dotted floral flowered patterned camouflage camo paisley tartan speckled m
 textured embroidered sequined tie-dye tie-dyed leopard-print leopard_print animal_print
 herringbone houndstooth gingham argyle
 # age
-old young new elderly ancient antique vintage retro modern older younger aged middle-aged
+old young new elderly ancient antique vintage retro modern older younger oldest youngest newer
+newest aged middle-aged
 teenage newborn contemporary futuristic medieval victorian
 # physical state
 wet dry empty full open closed broken clean dirty messy cluttered torn ripped rusty rusted
@@ -444,7 +449,7 @@ forward forwards backward backwards aside out upstairs downstairs somewhere ever
 elsewhere overhead is are was were be been being am do does did done doing have has had having
 let lets please yes ok okay oh hey wow seemingly apparently perhaps maybe probably possibly
 definitely certainly clearly simply mostly mainly partly fully completely totally entirely
-slightly highly extremely incredibly somewhat kinda sorta alot well
+slightly highly extremely incredibly somewhat kinda sorta alot well s
 """
 _NEGATORS = "no not without never nor neither none nobody n't isnt arent dont doesnt cannot"
 
@@ -476,6 +481,9 @@ tow haul transport connect stack pile sort reach bend tilt drift flow rain snow 
 tan bathe shower shave style trim braid curl blow pop burst inflate smoke dine feast toast gulp
 slurp devour nibble munch scream whisper listen hear observe spot notice examine inspect marry
 wed propose graduate age wilt die kill attack sting pour serve hand pose doze snuggle nuzzle
+start begin continue finish try establish create produce provide allow enable support
+consider choose decide plan design develop prepare gather collect invite join share post
+check compare cause affect improve increase reduce protect describe explain discuss
 kneel bow peek peer glance grimace yawn stretch wade skid drip soak dangle hang tower loom sag
 sprawl lounge rest recline huddle cluster crowd swarm flock fill occupy await cook clean
 """
@@ -507,6 +515,8 @@ _SUBJ = 64  # he/she/to/can...: a noun-or-verb word after it is the verb
 _OR = 128  # "or", "nor", ",": extends a negation to the next phrase
 _VERB = 256  # a finite verb: "and" after it joins verbs ("stands and watches")
 _NOUN = 512  # parser state only: the previous word was a noun
+_SIZE = 1024  # a size adjective: dropped on a quantity frame ("a large group of")
+_GUESS = 2048  # a word the lists do not know, read as a noun
 _VB_ANY = _VB_S | _VB_BASE | _VB_PART
 
 _IRREGULAR_F = {"knife": "knives", "wife": "wives", "leaf": "leaves", "loaf": "loaves",
@@ -619,8 +629,10 @@ def _build_table():
             table[p] = (_N, w, kind, None, fl | _PL)
     for w, p, kind, attr, fl in nouns:
         table[w] = (_N, w, kind, attr, fl | (_PL if p == w and p is not None else 0))
+    size = _ATTRIBUTES.index("# size")
+    sizes = set(_items(_ATTRIBUTES[size:_ATTRIBUTES.index("# shape")]))
     for w in _items(_ATTRIBUTES):
-        table[w] = (_A, w, 0, w, 0)
+        table[w] = (_A, w, 0, w, _SIZE if w in sizes else 0)
     # Materials and colour nouns: an attribute as a modifier, an object as a head.
     for w in _items(_MATERIAL_NOUNS + " " + _DUAL_NOUNS):
         fl = table[w][4] if w in table and table[w][0] == _N else 0
@@ -674,7 +686,8 @@ _ADVERB_ENTRY = (_X, "", 0, None, 0)
 _ADJECTIVE_ENTRY = (_J, "", 0, None, 0)
 _PARTICIPLE_ENTRY = (_G, "", 0, None, 0)
 _NEG_ENTRY = _TABLE["not"]
-_ADJECTIVE_SUFFIXES = ("ous", "ful", "ive", "able", "ible", "ical", "less", "ish", "esque")
+_ADJECTIVE_SUFFIXES = ("ous", "ful", "ive", "able", "ible", "ical", "less", "ish", "esque", "etic",
+                       "atic", "istic", "ific", "onic")
 _CACHE_LIMIT = 200_000  # unknown words remembered per process (bounds memory on web corpora)
 _CACHED = [0]
 
@@ -724,12 +737,12 @@ def _classify(w):
     elif w.endswith("s") and not w.endswith("ss") and len(w) > 3:
         s = _singular(w)
         b = _TABLE.get(s)
-        if b is not None and b[0] == _N:
-            e = (_N, b[1], b[2], None, b[4] | _PL)
+        if b is not None:  # "zebras" -> zebra (if its plural was not listed), "ones" -> one
+            e = (_N, b[1], b[2], None, b[4] | _PL) if b[0] == _N else b
         else:  # an unknown plural noun, or the -s form of an unknown verb after its subject
-            e = (_N, s, _OBJ, None, _PL | _VB_S)
+            e = (_N, s, _OBJ, None, _PL | _VB_S | _GUESS)
     else:
-        e = (_N, w, _OBJ, None, _VB_BASE)  # an unknown noun (or base verb after a plural)
+        e = (_N, w, _OBJ, None, _VB_BASE | _GUESS)  # an unknown noun (or a base verb)
     if _CACHED[0] < _CACHE_LIMIT:
         _TABLE[w] = e
         _CACHED[0] += 1
@@ -782,8 +795,10 @@ def _emit(phrase, of_next, objects, attributes):
                 mods = mods[:-1]
             elif kind == _WEAK:
                 obj = head[1]
-        elif kind == _QTY or kind == _POS:
-            return  # "a large group of", "the left side of": no object, no attributes
+        elif kind == _POS:
+            return  # "the left side of": no object, no attributes
+        elif kind == _QTY:  # "a large group of": its size is not the members'; colours are
+            mods = [m for m in mods if not m[4] & _SIZE]
         if obj is not None and obj not in objects:
             objects.append(obj)
     for m in mods:
@@ -838,8 +853,13 @@ def parse_caption(text):
         elif cls >= _D:  # determiners, prepositions, other words, negators, the end
             brk = True
         elif cls == _A or cls == _J:
-            # An adjective after a plain noun starts a new phrase ("a cat, black and ...").
+            # An adjective after a plain noun starts a new phrase ("a cat, black and ..."),
+            # unless that "noun" was an unknown word: then it modified the adjective ("lush
+            # green field") and is dropped.
             brk = phrase and phrase[-1][3] is None and phrase[-1][0] == _N
+            if brk and phrase[-1][4] & _GUESS:
+                phrase.pop()
+                brk = False
         elif cls == _G:  # a participle ends a phrase that has its head, else it is skipped
             brk = phrase and phrase[-1][0] == _N
         elif cls == _C:
