@@ -409,13 +409,15 @@ def _ce_bwd_kernel(q_ptr, k_ptr,          # q (Nq, D): the side whose gradient w
 
 
 # Block sizes. The interpreter gets one small config (multi-config autotune needs a driver, and
-# small blocks make the tests hit both sides of every block size); the GPU gets a few configs
-# sized for H100 (fp32 accumulators: 128 x 128 forward tiles, (64, BLOCK_D) backward rows).
+# small blocks make the tests hit both sides of every block size), with backward tiles shaped
+# unlike the forward's so that its recompute rounds differently, as autotuned GPU configs may;
+# the GPU gets a few configs sized for H100 (fp32 accumulators: 128 x 128 forward tiles,
+# (64, BLOCK_D) backward rows).
 FWD_BLOCK_M = 64 if INTERPRET else 128  # fixed: it sets the size of the column-partial buffers
 BWD_MIN_BLOCK_M = 32                    # the smallest backward BLOCK_M: sizes the ds buffer
 if INTERPRET:
     FWD_CONFIGS = [triton.Config({"BLOCK_N": 64, "BLOCK_K": 64})]
-    BWD_CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64})]
+    BWD_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32})]
 else:
     FWD_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
                    for bn, bk, w, st in [(128, 64, 8, 3), (128, 32, 8, 4), (64, 64, 4, 4),
