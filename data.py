@@ -48,7 +48,7 @@ _STUFF_PHRASES = {
     "sand": ("on sand", "on the sand", "on the beach", "in the desert"),
     "water": ("on water", "in the water", "floating on the sea", "on a lake"),
     "snow": ("in the snow", "on snow", "lying in the snow"),
-    "sky": ("in the sky", "against the sky", "in a blue sky"),
+    "sky": ("in the sky", "against the sky", "up in the sky"),
     "road": ("on a road", "on the road", "on the street", "on asphalt"),
 }
 _PREFIXES = ("", "", "", "", "a picture of ", "an image showing ", "we can see ",
@@ -236,11 +236,12 @@ class World:
                 words.append(COLOUR_NAMES[colour])
             forms = _SHAPE_WORDS[SHAPES[shape]]
             words.append(_pick(rng, forms)[len(members) > 1])
-            phrases.append((" ".join(words), members[0]))
+            phrases.append((" ".join(words), members))
         text = phrases[0][0]
-        for i, (phrase, o) in enumerate(phrases[1:]):
-            if i == 0 and rng.uniform() < 0.3:  # a true spatial relation to the first object
-                first = phrases[0][1]
+        for i, (phrase, members) in enumerate(phrases[1:]):
+            if i == 0 and len(members) == len(phrases[0][1]) == 1 and rng.uniform() < 0.3:
+                # a true spatial relation between two single objects
+                (o,), (first,) = members, phrases[0][1]
                 dy, dx = o[3] - first[3], o[4] - first[4]  # image y grows downwards
                 link = ((" above ", " below ")[int(dy > 0)] if abs(dy) > abs(dx)
                         else (" to the left of ", " to the right of ")[int(dx > 0)])

@@ -41,6 +41,7 @@ class Config:
     vision_width: int = 96      # transformer width
     vision_layers: int = 3      # residual attention blocks
     vision_heads: int = 3       # attention heads
+    vision_local: int = 1       # 0: global attention (CLIP); r > 0: a patch attends to patches within r grid steps
     # text encoder (causal transformer)
     vocab_size: int = 1000      # tokenizer vocabulary, set from the tokenizer
     context_length: int = 28    # tokens per caption, start and end tokens included
@@ -62,7 +63,7 @@ class Config:
         count = lambda prefix: len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})  # noqa: E731
         return cls(image_size=grid * patch, patch_size=patch, stem="patch",
                    vision_width=vw, vision_layers=count("visual.transformer.resblocks."),
-                   vision_heads=vw // 64, vocab_size=sd["token_embedding.weight"].shape[0],
+                   vision_heads=vw // 64, vision_local=0, vocab_size=sd["token_embedding.weight"].shape[0],
                    context_length=sd["positional_embedding"].shape[0], text_width=tw,
                    text_layers=count("transformer.resblocks."), text_heads=tw // 64,
                    embed_dim=sd["text_projection"].shape[1], quick_gelu=True)
@@ -93,11 +94,12 @@ class Attention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, x, causal=False):
+    def forward(self, x, causal=False, mask=None):
+        """x (B, N, W); causal: token i sees tokens <= i; mask: (N, N) bool, True = may attend."""
         B, N, W = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, N, 3W)
         q, k, v = qkv.view(B, N, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, N, W/H)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, N, W/H)
         return self.out_proj(y.transpose(1, 2).reshape(B, N, W))
 
 
@@ -120,8 +122,8 @@ class ResidualBlock(nn.Module):
         self.ln_1, self.attn = LayerNorm(width), Attention(width, heads)
         self.ln_2, self.mlp = LayerNorm(width), MLP(width, quick_gelu)
 
-    def forward(self, x, causal=False):
-        x = x + self.attn(self.ln_1(x), causal)
+    def forward(self, x, causal=False, mask=None):
+        x = x + self.attn(self.ln_1(x), causal, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -130,13 +132,32 @@ class Transformer(nn.Module):
         super().__init__()
         self.resblocks = nn.ModuleList(ResidualBlock(width, heads, quick_gelu) for _ in range(layers))
 
-    def forward(self, x, causal=False):
+    def forward(self, x, causal=False, mask=None):
         for block in self.resblocks:
-            x = block(x, causal)
+            x = block(x, causal, mask)
         return x
 
 
 # ---------------------------------------------------------------- image encoder
+def local_attention_mask(h, w, r, device=None):
+    """(1 + h*w, 1 + h*w) bool mask, True = may attend: the class token sees everything; a patch
+    sees the patches within r steps (Chebyshev distance) and not the class token.
+
+    Why: the image embedding is the mean of the patch embeddings. Under global attention every
+    patch can carry the whole image's content, and nothing ties "circle" to the circle's patches
+    (trained from scratch, a patch on the grass ended up closest to the shape names). With a
+    bounded receptive field only the patches that see the circle can say "circle" -- the same
+    prior that makes class activation maps work (Zhou et al. 2016). CLIP mode uses r = 0.
+    """
+    y, x = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    y, x = y.flatten(), x.flatten()
+    near = ((y[:, None] - y[None]).abs() <= r) & ((x[:, None] - x[None]).abs() <= r)  # (hw, hw)
+    mask = torch.ones(1 + h * w, 1 + h * w, dtype=torch.bool, device=device)
+    mask[1:, 0] = False
+    mask[1:, 1:] = near
+    return mask
+
+
 class VisionTransformer(nn.Module):
     """CLIP's ViT; `dense()` returns the patch tokens, `forward()` the class-token embedding."""
 
@@ -159,6 +180,7 @@ class VisionTransformer(nn.Module):
         self.positional_embedding = nn.Parameter(W ** -0.5 * torch.randn(grid * grid + 1, W))
         self.ln_pre = LayerNorm(W)
         self.transformer = Transformer(W, cfg.vision_layers, cfg.vision_heads, cfg.quick_gelu)
+        self.local = cfg.vision_local
         self.ln_post = LayerNorm(W)
         self.proj = nn.Parameter(W ** -0.5 * torch.randn(W, cfg.embed_dim))
 
@@ -179,7 +201,8 @@ class VisionTransformer(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # (B, h*w, W)
         cls = self.class_embedding.to(x.dtype).expand(B, 1, W)
         x = torch.cat([cls, x], dim=1) + self.positions(h, w).to(x.dtype)
-        return self.transformer(self.ln_pre(x)), (h, w)
+        mask = local_attention_mask(h, w, self.local, x.device) if self.local else None
+        return self.transformer(self.ln_pre(x), mask=mask), (h, w)
 
     def forward(self, x):
         x, _ = self.tokens(x)

@@ -1,0 +1,117 @@
+"""Training end to end on a tiny model: the loss goes down, checkpoints round-trip, --resume
+continues exactly where an interrupted run stopped, bad flags fail with one line."""
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+import tagalign
+
+TINY = dict(stem_width=8, vision_width=32, vision_layers=1, vision_heads=2, context_length=28,
+            text_width=32, text_layers=1, text_heads=2, embed_dim=16, decoder_blocks=1)
+
+
+Config = tagalign.Config  # the real dataclass, before any test patches it
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    """Every Config that train() builds is the tiny one (fields given explicitly still win)."""
+    monkeypatch.setattr(tagalign, "Config", lambda **kw: Config(**{**TINY, **kw}))
+
+
+def run(out, *flags):
+    base = ["train", "--out", str(out), "--batch-size", "16", "--corpus", "600", "--vocab-size", "600",
+            "--min-tag-count", "1", "--eval-images", "0", "--quiet", "--log-every", "1"]
+    return tagalign.main(base + list(flags))
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_a_few_steps_lower_the_loss(tiny, tmp_path):
+    run(tmp_path, "--steps", "30", "--lr", "2e-3", "--warmup", "0.1")
+    log = read_log(tmp_path)
+    first, last = log[0], log[-1]
+    assert last["step"] == 29
+    # Each batch is new data, so compare averages of the first and last five steps.
+    early = sum(r["loss"] for r in log[:5]) / 5
+    late = sum(r["loss"] for r in log[-5:]) / 5
+    assert late < early - 0.3, (early, late)
+    assert first["tag"] > 0 and first["itc"] > 0
+
+
+def test_tag_weight_zero_trains_itc_only(tiny, tmp_path):
+    run(tmp_path, "--steps", "3", "--tag-weight", "0")
+    log = read_log(tmp_path)
+    assert all(r["tag"] == 0 and r["loss"] == r["itc"] for r in log)
+
+
+def test_checkpoint_round_trip(tiny, tmp_path):
+    model = run(tmp_path, "--steps", "2")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 2 and ckpt["args"]["steps"] == 2
+    assert ckpt["config"]["vision_width"] == TINY["vision_width"]
+    assert not os.path.exists(tmp_path / "ckpt.pt.tmp")  # written atomically: no leftovers
+    seg = tagalign.load_model(str(tmp_path / "ckpt.pt"))
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(seg.model.state_dict()[k], v, rtol=0, atol=0)
+    images = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(seg.encode_dense(images), model.eval().dense(images).permute(0, 3, 1, 2))
+    assert seg.encode_text(["a red circle.", "grass"]).shape == (2, TINY["embed_dim"])
+
+
+def test_resume_continues_exactly(tiny, tmp_path, monkeypatch):
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    flags = ["--steps", "6", "--ckpt-every", "3"]
+    reference = run(straight, *flags)
+
+    # Interrupt the second run right after its step-3 checkpoint, as a kill would.
+    save = tagalign.save_checkpoint
+
+    def save_then_die(path, model, optimizer, step, *rest):
+        save(path, model, optimizer, step, *rest)
+        if step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tagalign, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(broken, *flags)
+    assert torch.load(broken / "ckpt.pt", weights_only=False)["step"] == 3
+    monkeypatch.setattr(tagalign, "save_checkpoint", save)
+    resumed = run(broken, *flags, "--resume")
+
+    for k, v in reference.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    a, b = read_log(straight), read_log(broken)
+    assert [r["step"] for r in b] == [0, 1, 2, 3, 4, 5]  # nothing repeated, nothing skipped
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+
+
+def test_resume_refuses_a_different_run(tiny, tmp_path):
+    run(tmp_path, "--steps", "2")
+    with pytest.raises(SystemExit, match="--lr"):
+        run(tmp_path, "--steps", "2", "--lr", "5e-4", "--resume")
+
+
+def test_bad_input_fails_with_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="does not exist"):
+        run(tmp_path / "empty", "--resume")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "ckpt.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="not a tagalign checkpoint"):
+        tagalign.load_model(str(tmp_path / "bad" / "ckpt.pt"))
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--steps", "0")
+    assert "--steps must be at least 1" in capsys.readouterr().err
+
+
+def test_config_is_stored_as_a_plain_dict(tiny, tmp_path):
+    run(tmp_path, "--steps", "1")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    cfg = Config(**ckpt["config"])
+    assert dataclasses.asdict(cfg) == ckpt["config"]
