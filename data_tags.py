@@ -518,6 +518,7 @@ _NOUN = 512  # parser state only: the previous word was a noun
 _SIZE = 1024  # a size adjective: dropped on a quantity frame ("a large group of")
 _GUESS = 2048  # a word the lists do not know, read as a noun
 _VB_ANY = _VB_S | _VB_BASE | _VB_PART
+_PL_ANIM = _PL | _ANIM
 
 _IRREGULAR_F = {"knife": "knives", "wife": "wives", "leaf": "leaves", "loaf": "loaves",
                 "shelf": "shelves", "wolf": "wolves", "calf": "calves", "half": "halves",
@@ -749,32 +750,36 @@ def _classify(w):
     return e
 
 
-def _merge_names(toks):
-    """Join the words of multi-word names, longest first: ["hot", "dog"] -> ["hot dog"]."""
-    out, i, n = None, 0, len(toks)
-    for j in [j for j, w in enumerate(toks) if w in _FIRST_WORDS]:
+def _merge_names(toks, hits):
+    """Join the words of multi-word names, longest first: ["hot", "dog"] -> ["hot dog"].
+    hits: the tokens that start some name. Most captions have such a word ("street") but
+    not one that can follow it, which two set tests find without a loop over the tokens."""
+    firsts = [w for w in hits if not _SECONDS[w].isdisjoint(toks)]
+    if not firsts:
+        return toks
+    out, i, n = [], 0, len(toks)
+    for j in [j for j, w in enumerate(toks) if w in firsts]:
         if j < i or j + 1 == n or toks[j + 1] not in _SECONDS[toks[j]]:
             continue
         for L in range(min(_FIRSTS[toks[j]], n - j), 1, -1):
             name = " ".join(toks[j:j + L])
             if name in _TABLE:
-                if out is None:
-                    out = []
                 out += toks[i:j]
                 out.append(name)
                 i = j + L
                 break
-    if out is None:
-        return toks
     out += toks[i:]
     return out
 
 
 # ---------------------------------------------------------------- tag parser: the parser
-def _emit(phrase, of_next, objects, attributes):
-    """Add the head of a closed noun phrase to objects and its attributes to attributes.
+def _close(phrase, neg, of_next, objects, attributes):
+    """Emit a closed noun phrase: its head to objects, its attributes to attributes, unless a
+    negator waits for it (then it is dropped). Returns whether it was negated.
     phrase: entries, the head last (a phrase without a noun has only attributes);
     of_next: the phrase is followed by "of" ("group of", "photo of")."""
+    if neg:
+        return True
     head = phrase[-1]
     mods = phrase
     if head[0] == _N:
@@ -796,7 +801,7 @@ def _emit(phrase, of_next, objects, attributes):
             elif kind == _WEAK:
                 obj = head[1]
         elif kind == _POS:
-            return  # "the left side of": no object, no attributes
+            return False  # "the left side of": no object, no attributes
         elif kind == _QTY:  # "a large group of": its size is not the members'; colours are
             mods = [m for m in mods if not m[4] & _SIZE]
         if obj is not None and obj not in objects:
@@ -805,6 +810,7 @@ def _emit(phrase, of_next, objects, attributes):
         a = m[3]
         if a is not None and a not in attributes:
             attributes.append(a)
+    return False
 
 
 def parse_caption(text):
@@ -825,8 +831,9 @@ def parse_caption(text):
         toks = low.replace(",", " , ").replace(".", " . ").split()
     else:
         toks = _TOKEN_RE.findall(low.replace("\u2019", "'"))
-    if not _FIRST_WORDS.isdisjoint(toks):
-        toks = _merge_names(toks)
+    hits = _FIRST_WORDS.intersection(toks)
+    if hits:
+        toks = _merge_names(toks, hits)
     get = _TABLE.get
     ents = [get(w) or _classify(w) for w in toks]
     ents.append(_END_ENTRY)
@@ -838,77 +845,73 @@ def parse_caption(text):
     vchain = False  # a verb came last, through adjectives and prepositions
     for i, e in enumerate(ents):
         cls = e[0]
-        # 1. Does this word end the open phrase?
         if cls == _N:
             fl = e[4]
             # A noun that is also a verb form, right after a subject, is the verb: "a man skis
             # down", "he skis", "to ski", "stands and watches", "the food looks good". After a
             # noun, agreement decides; after a thing, a concrete noun stays a noun ("tea
             # leaves", "city lights").
-            brk = fl & _VB_ANY and subj and (
-                subj & _SUBJ or (subj & _ANIM or e[2] != _OBJ) and (
-                    fl & _VB_S and not subj & _PL or fl & _VB_BASE and subj & _PL or fl & _VB_PART))
-            if brk:
-                cls = _G
+            if not (fl & _VB_ANY and subj and (
+                    subj & _SUBJ or (subj & _ANIM or e[2] != _OBJ) and (
+                        fl & _VB_S and not subj & _PL or fl & _VB_BASE and subj & _PL
+                        or fl & _VB_PART))):
+                phrase.append(e)
+                subj = fl & _PL_ANIM | _NOUN
+                vchain = False
+                if fl & _POSS:  # "the boy's bicycle": the possessor is a phrase of its own
+                    neg_or = _close(phrase, neg, False, objects, attributes)
+                    neg, phrase, subj = False, [], 0
+                continue
+            if phrase:  # the verb ends the phrase
+                neg_or = _close(phrase, neg, False, objects, attributes)
+                neg, phrase = False, []
+            subj, vchain = 0, True
         elif cls >= _D:  # determiners, prepositions, other words, negators, the end
-            brk = True
-        elif cls == _A or cls == _J:
+            if phrase:
+                neg_or = _close(phrase, neg, e is _OF, objects, attributes)
+                neg, phrase = False, []
+            if cls == _D:
+                subj, vchain = 0, False
+            elif cls == _P:
+                subj = e[4]  # _SUBJ for "to"
+            elif cls == _X:
+                subj = e[4] & _SUBJ
+                if e[4] & _VERB:
+                    vchain = True
+            elif cls == _NEG:
+                neg, subj = True, 0
+            else:  # _END
+                neg = neg_or = vchain = False
+                subj = 0
+        elif cls <= _J:  # adjectives
             # An adjective after a plain noun starts a new phrase ("a cat, black and ..."),
             # unless that "noun" was an unknown word: then it modified the adjective ("lush
             # green field") and is dropped.
-            brk = phrase and phrase[-1][3] is None and phrase[-1][0] == _N
-            if brk and phrase[-1][4] & _GUESS:
-                phrase.pop()
-                brk = False
+            if phrase and phrase[-1][3] is None and phrase[-1][0] == _N:
+                if phrase[-1][4] & _GUESS:
+                    phrase.pop()
+                else:
+                    neg_or = _close(phrase, neg, False, objects, attributes)
+                    neg, phrase = False, []
+            if cls == _A:
+                phrase.append(e)
+            subj = 0
         elif cls == _G:  # a participle ends a phrase that has its head, else it is skipped
-            brk = phrase and phrase[-1][0] == _N
+            if phrase and phrase[-1][0] == _N:
+                neg_or = _close(phrase, neg, False, objects, attributes)
+                neg, phrase = False, []
+            subj, vchain = 0, True
         elif cls == _C:
             # "black and white cat", "stone and brick wall": adjectives joined inside a phrase.
             nxt = ents[i + 1]
-            brk = not (phrase and phrase[-1][3] is not None and nxt[3] is not None
-                       and (nxt[0] == _A or nxt[0] == _N and not nxt[4] & _PL))
-        else:  # _SKIP
-            continue
-        # 2. Close the phrase: a negated one is dropped, else its tags are emitted.
-        if brk and phrase:
-            if neg:
-                neg, neg_or = False, True
-            else:
-                neg_or = False
-                _emit(phrase, e is _OF, objects, attributes)
-            phrase = []
-        # 3. The word's own effect.
-        if cls == _N:
-            phrase.append(e)
-            fl = e[4]
-            subj = fl & (_PL | _ANIM) | _NOUN
-            vchain = False
-            if fl & _POSS:  # "the boy's bicycle": the possessor is a phrase of its own
-                if neg:
-                    neg, neg_or = False, True
-                else:
-                    neg_or = False
-                    _emit(phrase, False, objects, attributes)
-                phrase, subj = [], 0
-        elif cls == _A:
-            phrase.append(e)
-            subj = 0
-        elif cls == _C:
+            if phrase and not (phrase[-1][3] is not None and nxt[3] is not None
+                               and (nxt[0] == _A or nxt[0] == _N and not nxt[4] & _PL)):
+                neg_or = _close(phrase, neg, False, objects, attributes)
+                neg, phrase = False, []
             # "no cars or people", "no cats, dogs or birds"; not "no people, a man ..."
-            if e[4] & _OR and neg_or and (e[1] != "," or ents[i + 1][0] != _D):
+            if e[4] & _OR and neg_or and (e[1] != "," or nxt[0] != _D):
                 neg = True
             subj = _SUBJ if vchain else 0
-        elif cls == _NEG:
-            neg, subj = True, 0
-        elif cls == _END:
-            neg = neg_or = vchain = False
-            subj = 0
-        else:  # _J, _G, _D, _P, _X
-            subj = e[4] & _SUBJ
-            if cls == _G or e[4] & _VERB:
-                vchain = True
-            elif cls == _D:
-                vchain = False
     return objects, attributes
 
 
