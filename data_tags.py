@@ -1308,7 +1308,7 @@ def tag_files(paths, out_dir, top_objects=9000, top_attributes=1000, min_count=5
     done = written = tagged = 0
     with open(tmp_ids, "rb") as f_ids, open(tmp_lens, "rb") as f_lens:
         while done < n:
-            lens = np.fromfile(f_lens, np.int32, count=1 << 20).astype(np.int64)
+            lens = np.fromfile(f_lens, np.int32, count=1 << 16).astype(np.int64)  # bounded memory
             g = np.fromfile(f_ids, np.int32, count=int(lens.sum()))
             t = final[g]
             keep = t >= 0
