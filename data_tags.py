@@ -301,6 +301,13 @@ information service medicine treatment therapy diet nutrition skincare detail ve
 midair chance luck peace war freedom hope faith power energy force reason fact part_of
 mood atmosphere vibe theme opportunity occasion visit stroll ecosystem habitat species/= concept
 process method system solution strategy problem issue risk project plan goal future past
+caption description explanation manner expression emotion feeling reaction reflex attitude
+behavior behaviour habit skill talent experience knowledge opinion choice decision question
+answer news newscast broadcast report interview speech discussion conversation argument
+agreement contract deal price cost value amount total result effect impact benefit advantage
+example sample type category list series episode chapter rush
+horseback trade tradition custom ritual arrival departure
+welcome greeting invitation occasion anniversary evening_out night_out
 """
 
 _POSITION_NOUNS = """
