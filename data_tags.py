@@ -100,6 +100,39 @@ parachute go-kart kart atv segway chariot gondola cable_car vehicle automobile s
 convertible coupe minivan hatchback lorry/lorries rickshaw barge tugboat tanker cruise_ship
 speedboat jet_ski hovercraft race_car sports_car school_bus dump_truck tow_truck garbage_truck
 rowboat motorboat houseboat warship battleship
+aardvark albatross anaconda anteater baboon barracuda blue_jay boa
+buzzard capybara caribou cassowary catfish centipede chinchilla cobra
+cockroach condor crane_fly crawfish crayfish cuttlefish dingo dodo dormouse
+dragonfish drake dugong eel egret emu ermine flounder fruit_bat
+gerbil gibbon gila_monster gnat gnu gopher grizzly grizzly_bear grouse guppy
+harbor_seal hawk_moth heifer hermit_crab honeybee hound ibex
+ibis impala jackal jackrabbit kangaroo_rat kestrel killer_whale
+kinkajou kiwi_bird koala_bear komodo_dragon kookaburra krill ladybird lark leech
+lemming limpet locust loon lovebird
+mamba mandrill manta manta_ray marmot marten mastiff mayfly minnow mole mollusk
+mongoose_pup monitor_lizard moray mosquito_fish mountain_goat mountain_lion mudskipper
+mustang narwhal newt nightingale ocelot okapi orca oriole oryx osprey owlet
+parrotfish partridge peahen pekingese
+pheasant pike piranha polecat porpoise prairie_dog
+praying_mantis mantis pronghorn ptarmigan puffer_fish pufferfish python quail
+rattlesnake ray roadrunner
+sailfish salamander sandpiper sea_turtle sea_urchin urchin sea_otter sea_star
+sea_cucumber sea_anemone anemone serval sheep_dog shih_tzu shrew shrimp_fish silkworm skink
+skylark sloth_bear snapping_turtle snow_leopard snowy_owl sparrow_hawk
+spider_monkey springbok squirrel_monkey stag stick_insect stoat
+sturgeon sugar_glider sunbird swallow tadpole tamarin tapir tarantula
+tarsier termite tern terrier_dog thrush tick tiger_shark tree_frog turtle_dove
+vicuna viper vole wallaby warbler wart_hog water_buffalo whale_shark
+wildcat wildebeest wolverine wombat woodchuck woodlouse wren zebu
+labrador_retriever yorkshire_terrier jack_russell border_collie great_dane saint_bernard
+bernese pomeranian shiba_inu akita malamute samoyed whippet basset_hound bloodhound
+schnauzer maltese bichon cocker_spaniel springer_spaniel weimaraner vizsla pit_bull
+staffordshire boxer_dog pointer setter maine_coon siamese_cat persian_cat
+bengal_cat sphynx ragdoll_cat calico tortoiseshell_cat
+clydesdale thoroughbred arabian_horse shetland_pony draft_horse racehorse workhorse
+jersey_cow holstein longhorn angus hog sow ewe_lamb billy_goat nanny_goat kid_goat
+bantam broiler cockerel gander gosling cygnet mallard_duck wood_duck teal_duck
+
 """
 
 # Other concrete nouns: things, places, stuff. Objects when they head a phrase.
@@ -215,7 +248,8 @@ nightstand mirror frame picture_frame photo_frame calendar fireplace mantel mant
 radiator heater fan air_conditioner windowsill window_sill sill doorknob handle knob lock
 padlock key switch light_switch outlet socket plug cord remote remote_control television tv
 monitor screen computer laptop laptop_computer desktop keyboard mousepad mouse_pad printer
-speaker microphone circuit_board motherboard phone cell_phone cellphone mobile_phone smartphone telephone tablet camera
+speaker microphone circuit_board motherboard phone cell_phone cellphone mobile_phone smartphone
+telephone tablet camera
 tripod headset charger battery radio stereo record_player console controller joystick book
 notebook magazine newspaper envelope letter card map pen pencil marker crayon eraser ruler
 stapler tape glue brush paintbrush easel palette toy teddy_bear stuffed_animal stuffed_toy
@@ -243,6 +277,199 @@ bow cage birdcage fish_tank terrarium leash litter_box scratching_post feeder ru
 yo-yo frisbee hula_hoop jump_rope skipping_rope rattle pacifier bib diaper baby_bottle
 baby_carriage playpen rocking_chair rocking_horse swing slide seesaw sandbox sandpit trampoline
 monkey_bars jungle_gym painting picture portrait drawing print photograph sketch
+# more everyday things (LVIS / Open Images-like categories)
+# kitchen and table
+teaspoon tablespoon soup_spoon ladle butter_knife steak_knife cleaver paring_knife bread_knife
+corkscrew bottle_opener can_opener nutcracker rolling_pin measuring_cup mixing_bowl sieve
+strainer funnel baking_sheet baking_tray muffin_tin cake_stand cake_pan pie_dish casserole_dish
+dutch_oven crock_pot slow_cooker pressure_cooker rice_cooker food_processor juicer toaster_oven
+hot_plate griddle grill_pan barbecue_grill grill skewer tongs oven_mitt pot_holder apron
+tablecloth placemat coaster napkin_ring salt_shaker pepper_shaker pepper_mill grinder spice_rack
+sugar_bowl creamer gravy_boat butter_dish cheese_board bread_basket bread_box cookie_jar
+canister tupperware thermos ice_bucket wine_cooler punch_bowl serving_bowl serving_tray
+tureen ramekin goblet tumbler chalice stein straw
+drinking_straw toothpick dish_rack dish_soap scouring_pad trash_bin recycling_bin
+compost_bin bento
+# rooms, furniture, fixtures
+loveseat futon chaise daybed headboard footboard bedframe bed_frame canopy_bed hammock
+beanbag bean_bag rocking_chair folding_chair lawn_chair deck_chair office_chair swivel_chair
+stool footstool bar_counter breakfast_bar kitchen_island island console_table coffee_maker
+sideboard buffet hutch credenza armoire chest chest_of_drawers vanity medicine_cabinet
+shelving bookend filing_cabinet file_cabinet display_case showcase
+shutter blinds valance curtain_rod towel_rack towel_bar toilet_brush plunger bath_mat shower_head
+shower_stall bidet urinal soap_dish soap_dispenser tissue_box toilet_roll hand_dryer
+skylight dormer bay_window french_door sliding_door screen_door garage_door trapdoor hatch
+banister newel baseboard molding wainscoting rafter joist truss stairwell landing
+mantle hearth chimney_stack woodstove wood_stove furnace boiler water_heater ceiling_light
+spotlight floodlight lamppost nightlight night_light sconce pendant_light
+doorbell intercom peephole door_knocker welcome_mat
+# electronics and office
+touchscreen touchpad webcam modem router server
+usb_drive flash_drive hard_drive memory_card sd_card power_strip extension_cord adapter
+earpiece headphone earphone speakerphone walkie-talkie pager smartwatch fitness_tracker
+e-reader kindle camcorder video_camera security_camera lens
+selfie_stick gimbal mixer loudspeaker subwoofer jukebox
+typewriter fax_machine photocopier copier scanner shredder paper_shredder laminator
+hole_punch paper_clip binder_clip rubber_band push_pin thumbtack pushpin pencil_case
+pencil_sharpener sharpener protractor set_square compass_set highlighter fountain_pen ink
+inkwell quill stamp_pad rubber_stamp envelope_opener letter_opener desk_organizer in-tray
+legal_pad sketchbook diary journal planner scrapbook photo_album album
+bookmark booklet brochure pamphlet leaflet flyer catalog catalogue menu
+# clothing and accessories
+undershirt singlet camisole crop_top halter bodysuit onesie romper jumpsuit dungarees
+cargo_pants chinos khakis slacks capris culottes tracksuit track_suit sweatsuit
+windcheater anorak puffer_jacket down_jacket gilet poncho shawl wrap
+pashmina muffler balaclava ski_mask earflap trapper_hat beret bowler_hat boater panama_hat
+stetson bucket_hat snapback trucker_hat sun_visor headscarf durag hairnet shower_cap
+wig toupee hair_clip barrette scrunchie hair_tie tiara diadem circlet cufflinks tie_clip
+lapel_pin pocket_square handkerchief bandanna neckerchief ascot cravat suspenders
+garter corset girdle petticoat nightdress nightshirt negligee
+tights stocking knee_sock ankle_sock legwarmer leg_warmer spat gaiter wader galosh
+wellington moccasin espadrille oxford brogue pump mule platform_shoe wedge
+ballet_flat ankle_boot cowboy_boot combat_boot hiking_boot snow_boot rain_boot ugg
+skate_shoe shoelace lace insole heel_strap buckle clasp zipper_pull drawstring
+eyeglass monocle contact_lens lanyard badge_holder id_card name_badge wristband armband
+anklet toe_ring nose_ring lip_ring piercing locket charm charm_bracelet bangle cuff choker
+chain_necklace bead rosary amulet talisman medallion signet_ring engagement_ring
+wedding_ring wedding_band
+# food, more
+baguette brioche ciabatta focaccia sourdough rye pumpernickel flatbread naan chapati roti
+cornbread biscotti shortbread scone crumpet english_muffin pretzel_roll hot_cross_bun
+danish cinnamon_roll eclair profiterole cannoli churro beignet fritter funnel_cake strudel
+baklava tiramisu mousse panna_cotta creme_brulee souffle trifle parfait cobbler crumble
+gelato sorbet snow_cone slushie granita ice_pop fudge toffee caramel nougat
+praline truffle bonbon gumdrop jelly_bean licorice gummy_bear candy_cane lollipop cotton_candy
+pizza_crust calzone stromboli panini hoagie hero_sandwich club_sandwich blt grilled_cheese
+sloppy_joe hamburger_bun slider wrap gyro shawarma falafel pita_bread enchilada
+tamale fajita tostada chimichanga empanada pierogi ravioli tortellini gnocchi penne macaroni
+fettuccine linguine rigatoni lasagne risotto paella pilaf biryani couscous quinoa polenta
+grits hash_brown tater_tot onion_ring mozzarella_stick nugget chicken_nugget
+chicken_tender fish_stick fish_and_chips chowder bisque gazpacho minestrone pho
+udon soba miso_soup tempura teriyaki katsu bibimbap kimchi spring_onion
+meatloaf pot_roast roast brisket rib spare_rib pork_chop lamb_chop veal venison duck_breast
+turkey_leg drumstick wing chicken_leg cutlet schnitzel sirloin ribeye filet_mignon burger_patty
+patty bratwurst chorizo prosciutto pastrami corned_beef jerky
+salmon_steak tuna_steak lobster_tail crab_leg oyster_shell clam_shell calamari
+caviar roe anchovy sardine herring mackerel tilapia halibut swordfish catfish bass_fillet
+egg_yolk egg_white quiche frittata
+pancake_stack waffle_iron french_toast oatmeal_bowl cereal_box granola_bar
+protein_bar energy_bar trail_mix sunflower_seed pumpkin_seed sesame_seed
+pecan hazelnut macadamia chestnut brazil_nut pine_nut coconut_milk almond_milk soy_milk
+oat_milk buttermilk cream_soda root_beer ginger_ale cola iced_tea
+herbal_tea chai matcha mocha americano macchiato frappuccino cold_brew cider
+sangria margarita mojito daiquiri pina_colada martini cosmopolitan mimosa bellini punch
+rum gin tequila brandy cognac sake soju pint keg
+# fruit and vegetables, more
+plantain starfruit jackfruit durian rambutan longan mangosteen kumquat quince loquat
+gooseberry elderberry mulberry boysenberry huckleberry blackcurrant redcurrant cherry_tomato
+grape_tomato heirloom_tomato romaine iceberg_lettuce arugula watercress endive radicchio
+bok_choy napa_cabbage brussels_sprout collard chard swiss_chard mustard_greens dandelion_greens
+parsnip rutabaga kohlrabi fennel jicama taro cassava yucca daikon horseradish wasabi
+bean_sprout snow_pea snap_pea string_bean lima_bean kidney_bean
+edamame soybean corn_cob corn_on_the_cob ear_of_corn pumpkin_pie squash_blossom
+butternut_squash acorn_squash spaghetti_squash zucchini_flower shiitake portobello truffle_mushroom
+chanterelle enoki button_mushroom scallion_bunch garlic_clove ginger_root
+chili chilli paprika cayenne peppercorn cinnamon_stick vanilla_bean nutmeg clove rosemary thyme
+oregano sage dill chive mint_leaf bay_leaf lemongrass tarragon
+# garden, yard and farm
+flower_pot window_box planter_box raised_bed garden_bed vegetable_garden herb_garden
+compost_heap garden_gnome bird_bath birdbath sundial_stone stepping_stone garden_path
+trellis_arch arbor gazebo_roof pergola_beam fence_panel gate_post picket rail_fence
+hedge_row hedgerow shrubbery flower_border lawn_chair patio_umbrella sun_umbrella
+beach_umbrella parasol_stand deckchair sun_lounger lounger hammock_stand swing_set tire_swing
+treehouse tree_house sandpit kiddie_pool paddling_pool garden_hose sprinkler_head hose_reel
+watering_can wheelbarrow_load leaf_blower hedge_trimmer chainsaw pruning_shears shears
+secateurs trowel pitchfork hayfork scythe sickle plow plough harrow tiller cultivator
+hay_bale haybale straw_bale silo_tower feed_trough water_trough hay_wagon grain_bin
+tractor_trailer combine_harvester harvester baler chicken_coop hen_house rabbit_hutch hutch
+pigpen pigsty sty stall_door horse_stall horseshoe saddle_blanket bridle reins stirrup harness
+halter lead_rope hitching_post cowbell sheepfold fold beehive_box scarecrow_post
+# tools and workshop
+toolkit tool_belt workbench vise vice clamp anvil chisel rasp sandpaper
+sander lathe jigsaw circular_saw hacksaw handsaw bandsaw tape_measure
+measuring_tape spirit_level plumb_line crowbar pry_bar sledgehammer mallet
+hatchet pickaxe shovel_blade putty_knife caulk_gun glue_gun staple_gun nail_gun
+soldering_iron multimeter headlamp head_torch
+extension_ladder stepladder step_ladder scaffold sawhorse
+hinge latch hasp keyring key_ring coil cable_tie
+zip_tie duct_tape masking_tape twine knitting_needle
+crochet_hook sewing_machine sewing_kit thimble pincushion spool bobbin
+loom spinning_wheel
+# toys, games, hobbies
+action_figure toy_soldier toy_robot toy_truck toy_boat toy_plane toy_gun water_gun
+squirt_gun nerf_gun slingshot kaleidoscope spinning_top jacks
+domino playing_card deck_of_cards poker_chip checkers checkerboard
+backgammon mahjong game_piece pawn chess_piece rook
+jigsaw_puzzle rubik's_cube rubiks_cube building_blocks lego_brick toy_block stuffed_bear
+plush plushie plush_toy rag_doll barbie dollhouse doll_house toy_kitchen play_tent
+teepee tipi hobby_horse pogo_stick roller_skate roller_skates inline_skate
+rollerblade skateboard_deck snowboard_binding kite_string model_airplane model_car
+model_train train_set remote_control_car rc_car drone_controller video_game game_controller
+gamepad joypad arcade_machine pinball_machine slot_machine claw_machine foosball
+foosball_table pool_table billiard_table pool_cue cue_stick billiard_ball bowling_alley
+dartboard_cabinet ping_pong_table ping_pong_paddle paddle_ball shuttlecock badminton_racket
+badminton_net volleyball_net tennis_net basketball_net hockey_puck hockey_net goal_net
+lacrosse_stick cricket_bat cricket_ball wicket rugby_ball golf_tee golf_bag caddie
+fishing_net fishing_line fishing_hook fishing_lure bait tackle_box life_preserver
+surf_leash water_ski kneeboard bodyboard boogie_board skimboard
+snorkel diving_mask flipper scuba_tank oxygen_tank wetsuit_top swim_cap
+swimming_goggles pool_noodle float inner_tube beach_towel beach_bag
+sandcastle sand_castle sand_bucket
+# vehicles, transport, road
+hubcap rim spare_tire tire_track tread mudflap mud_flap fender grille grill_guard hood_ornament
+windshield_wiper wiper side_window rear_window sunroof roof_rack bike_rack luggage_rack
+trailer_hitch tow_bar towbar tailgate truck_bed flatbed cab_roof sidecar kickstand
+bicycle_seat bike_seat bicycle_helmet bike_helmet bike_lock bicycle_lock bike_chain
+bike_bell bicycle_basket bike_basket training_wheels
+gas_pump fuel_pump petrol_pump charging_station car_wash toll_booth tollbooth traffic_island
+speed_bump median guardrail guard_rail crash_barrier road_barrier jersey_barrier sandbag
+road_marking lane_marking zebra_crossing pedestrian_crossing bike_lane bus_lane cycle_path
+footpath footbridge walkway overpass_bridge viaduct aqueduct railway_bridge railroad_crossing
+level_crossing signal_box railway_signal train_signal platform_sign departure_board
+ticket_machine ticket_booth turnstile subway_entrance metro_station tram_stop taxi_stand
+cab_stand bus_bench street_name_sign one_way_sign yield_sign speed_limit_sign
+road_work_sign detour_sign parking_sign no_parking_sign exit_sign arrow_sign
+shop_sign storefront_sign marquee
+# buildings and places, more
+bungalow chalet villa lodge inn hostel guesthouse guest_house resort spa
+high-rise highrise tower_block townhouse row_house terrace_house duplex
+apartment_building office_building office_tower department_store
+boutique grocery_store convenience_store corner_shop liquor_store pharmacy drugstore
+bookstore bookshop toy_store shoe_store florist flower_shop butcher_shop fish_market
+farmers_market flea_market bazaar souk food_court food_stall market_stall street_market
+night_market hawker_centre diner cafeteria canteen bistro brasserie tavern saloon nightclub
+club_house clubhouse casino arcade opera_house
+concert_hall auditorium lecture_hall gymnasium sports_hall locker ice_rink
+skating_rink hockey_rink ski_resort ski_lodge boathouse boat_ramp slipway
+shipyard dockyard container_port container_ship cargo_ship freighter oil_tanker tanker_truck
+oil_rig watchtower bell_tower church_tower minaret belfry cupola rotunda
+colonnade portico veranda verandah loggia cloister crypt vault catacomb mausoleum
+obelisk stupa totem_pole totem statue_of_liberty triumphal_arch archway gateway
+city_gate town_hall city_hall courthouse capitol parliament embassy consulate
+post_office police_box fire_house firehouse barracks castle_wall battlement
+rampart moat drawbridge turret dungeon
+# nature, more
+creek_bed riverbed stream_bank river_bank lakeshore lakeside seabed sea_floor ocean_floor
+sandbar sand_bar spit cove inlet estuary delta fjord_cliff headland cape peninsula isthmus
+archipelago atoll islet reef_flat tide_pool rock_pool boulder_field scree talus rockface
+rock_face crag bluff mesa butte plateau gorge ravine gully arroyo wadi gulch chasm
+sinkhole crevasse ice_cave ice_field snowfield snow_field ice_sheet ice_shelf ice_floe
+permafrost frost dew raindrop rain_drop dewdrop hail hailstone sleet drizzle snowbank
+snowball snow_angel snowdrop mudflat mud_puddle quicksand salt_flat
+spring_water waterhole watering_hole lily_pad lilypad reed
+cattail bulrush rush sedge papyrus marsh_grass sea_grass seagrass kelp plankton driftwood
+deadwood brushwood firewood kindling woodpile log_pile timber lumber branchlet
+bough limb tree_trunk tree_stump tree_root pine_needle conifer
+evergreen deciduous_tree sapling seedling sprout shoot tendril leaflet frond palm_frond
+coconut_tree banana_tree olive_tree fig_tree lemon_tree orange_tree cherry_tree peach_tree
+plum_tree pear_tree magnolia dogwood redwood sequoia cedar cypress fir spruce hemlock larch
+juniper yew holly boxwood laurel eucalyptus acacia baobab mangrove banyan bamboo_grove
+birch_tree maple_tree willow_tree oak_leaf maple_leaf
+rosebush rose_bush hydrangea azalea rhododendron camellia gardenia jasmine hibiscus peony
+chrysanthemum carnation marigold zinnia petunia pansy geranium begonia
+snapdragon foxglove lupine delphinium daffodil crocus hyacinth bluebell
+buttercup primrose forget-me-not cornflower thistle heather gorse bracken
+wildflower wild_flower dandelion_clock seed_head pinecone
 # sports and music
 soccer_ball football basketball tennis_ball golf_ball volleyball beach_ball bowling_ball
 bowling_pin racket racquet tennis_racket tennis_racquet bat baseball_bat baseball_glove
@@ -279,7 +506,8 @@ _DUAL_NOUNS = "orange coral cream rainbow emerald ruby sapphire square light bab
 
 # Nouns that are never objects: abstract, time and event words.
 _ABSTRACT_NOUNS = """
-time day night dawn dusk twilight daybreak nightfall morning afternoon evening noon midnight today tonight yesterday tomorrow week
+time day night dawn dusk twilight daybreak nightfall morning afternoon evening noon midnight today
+tonight yesterday tomorrow week
 weekend month year decade century hour minute moment season summer winter spring autumn fall
 christmas halloween easter thanksgiving holiday vacation birthday anniversary wedding
 party/parties event ceremony celebration festival concert show performance game match race
@@ -322,7 +550,8 @@ snapshot shot closeup close-up close_up selfie stock stock_photo stock_image sto
 footage video film still collage infographic diagram chart template mockup mock-up wallpaper
 engraving etching lithograph caricature doodle emblem symbol pic photoshoot depiction
 representation rendition view aerial_view top_view side_view front_view panorama
-panoramic_view birds_eye_view fish_eye fisheye fish-eye background foreground backdrop scene scenery landscape seascape
+panoramic_view birds_eye_view fish_eye fisheye fish-eye background foreground backdrop scene
+scenery landscape seascape
 cityscape interior exterior
 """
 # These are things in a scene unless followed by "of"
@@ -334,7 +563,8 @@ _MEDIUM_OR_OBJECT = "picture painting drawing portrait poster sketch print"
 _QUANTITY_OR_OBJECT = "couple crowd family/families pack slice sheet stack pile heap row"
 _QUANTITY_NOUNS = """
 group bunch pair lot lots number amount kind type sort variety assortment collection selection
-set series array range herd flock swarm team squad crew bundle cluster dozen plenty handful mix mixture batch
+set series array range herd flock swarm team squad crew bundle cluster dozen plenty handful mix
+mixture batch
 load piece bit part portion chunk line queue strip drop spoonful scoop cupful mouthful armful
 majority
 """
