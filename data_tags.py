@@ -293,7 +293,7 @@ compost_bin bento
 # rooms, furniture, fixtures
 loveseat futon chaise daybed headboard footboard bedframe bed_frame canopy_bed hammock
 beanbag bean_bag rocking_chair folding_chair lawn_chair deck_chair office_chair swivel_chair
-stool footstool bar_counter breakfast_bar kitchen_island island console_table coffee_maker
+stool footstool  breakfast_bar kitchen_island island console_table coffee_maker
 sideboard buffet hutch credenza armoire chest chest_of_drawers vanity medicine_cabinet
 shelving bookend filing_cabinet file_cabinet display_case showcase
 shutter blinds valance curtain_rod towel_rack towel_bar toilet_brush plunger bath_mat shower_head
@@ -436,7 +436,7 @@ high-rise highrise tower_block townhouse row_house terrace_house duplex
 apartment_building office_building office_tower department_store
 boutique grocery_store convenience_store corner_shop liquor_store pharmacy drugstore
 bookstore bookshop toy_store shoe_store florist flower_shop butcher_shop fish_market
-farmers_market flea_market bazaar souk food_court food_stall market_stall street_market
+flea_market bazaar souk food_court food_stall market_stall street_market
 night_market hawker_centre diner cafeteria canteen bistro brasserie tavern saloon nightclub
 club_house clubhouse casino arcade opera_house
 concert_hall auditorium lecture_hall gymnasium sports_hall locker ice_rink
