@@ -1,29 +1,28 @@
 # ---------------------------------------------------------------- tag parser
-"""Rule-based caption tag parser, tag vocabulary and offline tagging (DESIGN.md section 6).
-
-TagAlign's authors never released their tagger. Ours is a regex tokenizer, word lists written
-for this project and a small noun-phrase grammar:
-
-    "A man in a red shirt riding a bike down a busy street."
-     a/D man/N in/P a/D red/A shirt/N riding/G a/D bike/N down/P a/D busy/J street/N
-     -> objects ['man', 'shirt', 'bike', 'street'], attributes ['red']
-
-Every word maps by one dict lookup to a precomputed entry (class, lemma, noun kind, attribute
-reading, flags); the parser walks the entries once. A noun phrase is a run of adjectives and
-nouns; its head, the last noun, is an object when it names a concrete thing, and the listed
-adjectives in it are attributes. The rules that make it hold up on real captions:
-- multi-word names are merged longest-first ("traffic light", "hot dog", "living room");
-- a material or colour noun before a head is an attribute ("stone wall" -> wall + stone,
-  "orange cat" -> cat + orange); as a head it is an object ("an orange", "broken glass");
-- quantity frames ("group of"), position words ("top of") and the medium ("photo of",
-  "vector illustration") are no objects; a medium noun after a noun yields that noun
-  ("cartoon cat illustration" -> cat);
-- "no", "not", "without" drop the next phrase, and phrases joined to it by "or";
-- a noun that is also a verb form is the verb after its subject ("a man skis down");
-- -ing and -ed words are never attributes unless listed as a visible state ("sliced").
-Unknown words get a class from their suffix (-ly adverb, -ous/-ful/... adjective, -ing/-ed
-participle) or else count as nouns, so rare concrete nouns still become objects.
-"""
+# Rule-based caption tag parser, tag vocabulary and offline tagging (DESIGN.md section 6).
+#
+# TagAlign's authors never released their tagger. Ours is a regex tokenizer, word lists written
+# for this project and a small noun-phrase grammar:
+#
+#     "A man in a red shirt riding a bike down a busy street."
+#      a/D man/N in/P a/D red/A shirt/N riding/G a/D bike/N down/P a/D busy/J street/N
+#      -> objects ['man', 'shirt', 'bike', 'street'], attributes ['red']
+#
+# Every word maps by one dict lookup to a precomputed entry (class, lemma, noun kind, attribute
+# reading, flags); the parser walks the entries once. A noun phrase is a run of adjectives and
+# nouns; its head, the last noun, is an object when it names a concrete thing, and the listed
+# adjectives in it are attributes. The rules that make it hold up on real captions:
+# - multi-word names are merged longest-first ("traffic light", "hot dog", "living room");
+# - a material or colour noun before a head is an attribute ("stone wall" -> wall + stone,
+#   "orange cat" -> cat + orange); as a head it is an object ("an orange", "broken glass");
+# - quantity frames ("group of"), position words ("top of") and the medium ("photo of",
+#   "vector illustration") are no objects; a medium noun after a noun yields that noun
+#   ("cartoon cat illustration" -> cat);
+# - "no", "not", "without" drop the next phrase, and phrases joined to it by "or";
+# - a noun that is also a verb form is the verb after its subject ("a man skis down");
+# - -ing and -ed words are never attributes unless listed as a visible state ("sliced").
+# Unknown words get a class from their suffix (-ly adverb, -ous/-ful/... adjective, -ing/-ed
+# participle) or else count as nouns, so rare concrete nouns still become objects.
 import json
 import multiprocessing
 import os
@@ -202,7 +201,7 @@ seashore seaside dune desert island cliff rock pebble boulder mountain hill hill
 mountainside valley/valleys canyon cave volcano/volcanoes glacier iceberg meadow prairie
 grassland pasture farmland forest woods jungle rainforest tree palm_tree pine_tree
 christmas_tree oak_tree apple_tree bush shrub hedge grass lawn weed flower rose tulip
-daisy/daisies sunflower lily/lilies orchid lotus lavender dandelion poppy/poppies blossom bloom
+daisy/daisies sunflower lily/lilies orchid lotus lavender dandelion poppy/poppies blossom
 petal leaf/leaves branch twig root log stump moss vine ivy fern cactus/cacti mushroom seaweed
 algae/= coral_reef reef soil mud puddle swamp marsh wetland bay lagoon horizon shadow
 reflection moonlight planet earth galaxy/galaxies nebula comet meteor icicle snowdrift hay
