@@ -68,16 +68,18 @@ Work, in units of one N x M x D matmul: forward 1, backward 2 x (recompute + pro
 5 -- open_clip's ClipLoss does 3 (+ softmax passes) but keeps N M floats; two one-sided Inf-CL
 calls do 10.
 
-Memory (bytes beyond the inputs; b = bytes per input element, BM = forward BLOCK_M = 128)
------------------------------------------------------------------------------------------
-Fused: forward 8 M ceil(N/BM) for the column partials (symmetric only; transient, plus about
-the same while torch reduces them) + 28 N for the statistics; backward 4 (N + M) D for the fp32
-gradient buffers, + b (N + M) D for their cast to the input dtype, + 4 ceil(N/32).
-Eager reference: the fp32 logits (4 N M) kept for backward, two log-softmaxes (2 x 4 N M),
-b N M for the matmul output, and 4 N M per gradient in backward: about 16-24 N M bytes.
-At N = M = 32768, D = 512, bf16: about 16-24 GiB eager against about 0.26 GiB fused (64 MiB of
-partials, 192 MiB of gradients). The chunked torch path needs 4 (N + M) D (fp32 copies and
-gradients) + a few CHUNK_LOGITS-sized blocks.
+Memory (bytes beyond the inputs and their .grad; b = bytes per input element, BM = 128)
+-------------------------------------------------------------------------------------
+Fused forward: 8 M ceil(N/BM) for the column partials (symmetric only; reduced in place, freed
+before the backward) + about 40 (N + M) for the statistics. Fused backward: dx in fp32 (4 N D)
+and cast (b N D), then dy the same (4 M D + b M D; skipped for frozen y), at most
+(4 + b) (N + M) D. Peak: the larger of the two.
+Eager reference: the fp32 copy of the logits and the scaled logits (kept for the scale's
+gradient), two log-softmaxes, b N M for the matmul output: 16 N M at the forward's peak, and
+about 4 N M per gradient in backward: 16-24 N M bytes.
+At N = M = 32768, D = 512, bf16: 16-24 GiB eager against 192 MiB fused (64 MiB of partials in
+the forward); at N = 65536, 64-96 GiB against 384 MiB. The chunked torch path needs
+4 (N + M) D (fp32 copies) + its gradients + a few CHUNK_LOGITS-sized blocks (16 MiB each).
 
 Memory traffic of the forward: y is read ceil(N/BM) times and x ceil(M/BN) times (mostly L2
 hits), 8 M ceil(N/BM) bytes of column partials are written; the eager path writes and reads
@@ -149,15 +151,15 @@ def _reduce_lse(cm, cl):
     docstring: a confident column's log-sum is smaller than exp's rounding near 1)."""
     c_max, b_max = cm.max(0)
     base = cl.gather(0, b_max[None]).squeeze(0)
-    w = torch.exp(cm - c_max + cl - base)  # (B, M): the other blocks relative to b_max
-    w.scatter_(0, b_max[None], 0.0)
+    # (B, M): the other blocks relative to b_max, computed in cm's memory (cm is spent)
+    w = cm.sub_(c_max).add_(cl).sub_(base).exp_().scatter_(0, b_max[None], 0.0)
     return c_max, base + torch.log1p(w.sum(0))
 
 
 def _max_logsum(X, dim):
     """(max, log sum exp(X - max)) along dim, the sum taken without the max's own 1."""
     m, idx = X.max(dim, keepdim=True)
-    e = torch.exp(X - m).scatter(dim, idx, 0.0)
+    e = (X - m).exp_().scatter_(dim, idx, 0.0)  # one temporary the size of X
     return m.squeeze(dim), torch.log1p(e.sum(dim))
 
 
@@ -172,15 +174,15 @@ def _ce_fwd_chunked(x, y, scale, targets, offset, symmetric):
     cl = torch.zeros_like(cm)
     with torch.autocast(x.device.type, enabled=False):
         for i0, i1 in _row_chunks(N, M):
-            X = s * (xf[i0:i1] @ yf.T)  # (rows, M)
+            X = (xf[i0:i1] @ yf.T).mul_(s)  # (rows, M); in-place ops keep the temporaries few
             m[i0:i1], logl[i0:i1] = _max_logsum(X, 1)
             if targets is None:  # the positive of row i is column i + offset
                 i = torch.arange(i1 - i0, device=x.device)
                 pos[i0:i1] = X[i, i + i0 + offset]
             else:
-                t = targets[i0:i1].to(acc)  # (rows, M)
-                pos[i0:i1] = (t * X).sum(1)
+                t = targets[i0:i1].to(acc, copy=True)  # (rows, M), ours to overwrite
                 cnt[i0:i1] = t.sum(1)
+                pos[i0:i1] = t.mul_(X).sum(1)
             if symmetric:  # running column (max, log-sum)
                 bm, bl = _max_logsum(X, 0)
                 cm, cl = _reduce_lse(torch.stack([cm, bm]), torch.stack([cl, bl]))
@@ -197,23 +199,24 @@ def _ce_bwd_chunked(x, y, scale, targets, offset, rows, cols, need_dy):
     m, logl, a, a_pos = rows
     with torch.autocast(x.device.type, enabled=False):
         for i0, i1 in _row_chunks(x.shape[0], y.shape[0]):
-            A = xf[i0:i1] @ yf.T  # (rows, M) unscaled cosines
-            X = s * A
-            G = torch.exp((X - m[i0:i1, None]) - logl[i0:i1, None]) * a[i0:i1, None]
+            # three (rows, M) blocks at a time: A, X and G (in-place ops)
+            A = xf[i0:i1] @ yf.T  # unscaled cosines
+            X = A * s
+            G = (X - m[i0:i1, None]).sub_(logl[i0:i1, None]).exp_().mul_(a[i0:i1, None])
             if targets is None:
                 i = torch.arange(i1 - i0, device=x.device)
                 G[i, i + i0 + offset] -= a_pos[i0:i1]
             else:
-                G -= targets[i0:i1].to(acc) * a_pos[i0:i1, None]
+                G.addcmul_(targets[i0:i1].to(acc), a_pos[i0:i1, None], value=-1)
             if cols is not None:  # symmetric: diagonal positives, offset 0
                 cm, cl, b, _ = cols
-                G += torch.exp((X - cm[None, :]) - cl[None, :]) * b[None, :]
+                G += X.sub_(cm[None, :]).sub_(cl[None, :]).exp_().mul_(b[None, :])
                 i = torch.arange(i1 - i0, device=x.device)
                 G[i, i + i0] -= b[i0:i1]
             dx[i0:i1] = s * (G @ yf)
             if need_dy:
                 dy += s * (G.T @ xf[i0:i1])
-            ds += (G * A).sum()
+            ds += G.mul_(A).sum()  # G is spent: no temporary
     return dx.to(x.dtype), (dy.to(y.dtype) if need_dy else None), ds
 
 
@@ -425,7 +428,8 @@ else:
     BWD_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64},
                                  num_warps=w, num_stages=st)
                    for bm, bn, w, st in [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2),
-                                         (32, 64, 4, 2), (128, 32, 8, 1)]]
+                                         (32, 64, 4, 2), (128, 32, 8, 1),
+                                         (32, 32, 4, 1)]]  # the last for large D (BLOCK_D 1024)
 _ce_fwd = triton.autotune(FWD_CONFIGS, key=["N", "M", "D", "DENSE_T", "HAS_COL"])(
     _ce_fwd_kernel)
 _ce_bwd = triton.autotune(BWD_CONFIGS, key=["Nq", "Nk", "D", "HAS_Q_TERM", "HAS_K_TERM",
@@ -482,9 +486,9 @@ def _ce_bwd_triton(q, k, scale, g, targets, diag_offset, pos, pos_on_q, q_stats,
     """dq (fp32) = s g sum_j G_ij k_j and the scale-gradient sum, G as in the module docstring.
 
     q_stats, k_stats: (max, log-sum, argmax, a / g, a / (g n)) of the softmax over q's or k's
-    rows (argmax: any placeholder unless targets are dense), or
-    None; targets: dense Y with rows indexed by q (transposed for the second launch) or None;
-    pos: the forward's positive logit per row of x, on q's side if pos_on_q.
+    rows, or None (argmax: any placeholder unless targets are dense). targets: dense Y with rows
+    indexed by q (transposed for the second launch), or None for diagonal positives at
+    diag_offset. pos: the forward's positive logit per row of x, on q's side if pos_on_q.
     """
     Nq, D = q.shape
     dq = torch.empty((Nq, D), dtype=torch.float32, device=q.device)

@@ -81,8 +81,9 @@ def _bce_fwd_chunked(x, w, scale, targets):
     rows = torch.empty(x.shape[0], dtype=acc, device=x.device)
     with torch.autocast(x.device.type, enabled=False):
         for i0, i1 in _row_chunks(x.shape[0], w.shape[0]):
-            Z = s * (xf[i0:i1] @ wf.T)  # (rows, K)
-            rows[i0:i1] = (F.softplus(Z) - targets[i0:i1].to(acc) * Z).sum(1)
+            Z = (xf[i0:i1] @ wf.T).mul_(s)  # (rows, K)
+            t = targets[i0:i1].to(acc, copy=True).mul_(Z)  # Y * Z (a copy: never the caller's)
+            rows[i0:i1] = F.softplus(Z).sub_(t).sum(1)
     return rows
 
 
@@ -94,12 +95,12 @@ def _bce_bwd_chunked(x, w, scale, targets, a, need_dw):
     ds = torch.zeros((), dtype=acc, device=x.device)
     with torch.autocast(x.device.type, enabled=False):
         for i0, i1 in _row_chunks(x.shape[0], w.shape[0]):
-            A = xf[i0:i1] @ wf.T  # (rows, K)
-            G = (torch.sigmoid(s * A) - targets[i0:i1].to(acc)) * a[i0:i1, None]
+            A = xf[i0:i1] @ wf.T  # (rows, K) unscaled cosines
+            G = (A * s).sigmoid_().sub_(targets[i0:i1].to(acc)).mul_(a[i0:i1, None])
             dx[i0:i1] = s * (G @ wf)
             if need_dw:
                 dw += s * (G.T @ xf[i0:i1])
-            ds += (G * A).sum()
+            ds += G.mul_(A).sum()  # G is spent: no temporary
     return dx.to(x.dtype), (dw.to(w.dtype) if need_dw else None), ds
 
 
@@ -259,7 +260,8 @@ def tag_loss(image_emb, tag_emb, targets, scale, kind="softmax", impl="auto"):
     targets: dense (N, K) multi-hot, bool or float (nonnegative weights). kind: "softmax"
     (soft-target CE; rows without tags are left out of the mean) or "bce" (BCEWithLogits, mean
     over N K). scale: 0-d tensor holding the multiplier. impl: as in clip_loss. Returns the 0-d
-    fp32 loss, differentiable in image_emb, tag_emb (when it requires grad) and scale.
+    fp32 loss (fp64 for fp64 inputs), differentiable in image_emb, tag_emb (when it requires
+    grad) and scale.
     """
     scale = check_pair("tag_loss", "image_emb", image_emb, "tag_emb", tag_emb, scale)
     N, K = image_emb.shape[0], tag_emb.shape[0]

@@ -46,8 +46,11 @@ def run(loss_fn, impl, x, y, scale, grad_y=True, **kw):
     x = x.detach().clone().requires_grad_()
     y = y.detach().clone().requires_grad_(grad_y)
     s = scale.detach().clone().requires_grad_()
+    before = [t.detach().clone() for t in (x, y, s)]
     loss = loss_fn(x, y, s, impl=impl, **kw)
     loss.backward(torch.tensor(UPSTREAM, dtype=loss.dtype))
+    for t, b in zip((x, y, s), before):
+        assert torch.equal(t, b), f"{impl} modified an input"
     return {"loss": loss.detach(), "dx": x.grad, "dy": y.grad, "dscale": s.grad}
 
 

@@ -40,8 +40,11 @@ def run(impl, x, w, targets, scale, kind, grad_w=True):
     x = x.detach().clone().requires_grad_()
     w = w.detach().clone().requires_grad_(grad_w)
     s = scale.detach().clone().requires_grad_()
+    before = [t.detach().clone() for t in (x, w, targets, s)]
     loss = kernels.tag_loss(x, w, targets, s, kind=kind, impl=impl)
     loss.backward(torch.tensor(UPSTREAM, dtype=loss.dtype))
+    for t, b in zip((x, w, targets, s), before):  # the inputs, targets above all, are untouched
+        assert torch.equal(t, b), f"{impl} {kind} modified an input"
     return {"loss": loss.detach(), "dx": x.grad, "dw": w.grad, "dscale": s.grad}
 
 
