@@ -77,6 +77,30 @@ def test_world_captions_parse_exactly(caption, objects, attributes):
     check(caption, objects, attributes)
 
 
+def test_world_generator_captions_parse_exactly():
+    # Every caption of data.World: its shape and ground nouns (singular) are the objects and
+    # its colour and size words the attributes, nothing else. The synonyms and ground nouns
+    # below are the world grammar's words; a new word there makes this test say so.
+    import re
+    nouns = set(data.SHAPES) | set(data.STUFF) | {"disk", "box", "donut", "lawn", "field", "beach",
+                                                  "desert", "sea", "lake", "street", "asphalt"}
+    attrs = set(data.COLOUR_NAMES) | {"small", "little", "tiny", "big", "large", "huge"}
+
+    def lemma(t):
+        for cand in (t, t[:-2] if t.endswith("es") else None, t[:-1] if t.endswith("s") else None):
+            if cand in nouns:
+                return cand
+
+    world = data.World(seed=0)
+    for i in range(2000):
+        caption = world.caption(i)
+        words = re.findall(r"[a-z]+", caption)
+        want_objects = [w for w in map(lemma, words) if w]
+        want_attributes = [w for w in words if w in attrs]
+        objects, attributes = data.parse_caption(caption)
+        assert (sorted(objects), sorted(attributes)) == (sorted(set(want_objects)), sorted(set(want_attributes))), caption
+
+
 # ---------------------------------------------------------------- one rule each
 def test_issue_examples():
     check("A man in a red shirt riding a bike down a busy street.", ["man", "shirt", "bike", "street"], ["red"])
