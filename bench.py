@@ -13,10 +13,11 @@ of each implementation:
   torch    the eager reference (kernels.clip_loss_ref / tag_loss_ref: the N x N or N x K logits),
   compile  torch.compile of that reference (compile time excluded: it runs in the warm-up).
 Time is the median of --repeat runs after --warmup runs. Peak memory is what the run adds on
-top of its inputs: torch.cuda.max_memory_allocated on GPU; on CPU the growth of the process's
+top of its inputs (the inputs' gradients included): torch.cuda.max_memory_allocated on GPU; on CPU the growth of the process's
 peak resident set (VmHWM, reset through /proc/self/clear_refs after malloc_trim, with glibc's
 mmap threshold pinned so that freed tensors leave the resident set), which counts every
-allocation, torch's or not, to within pages. An out-of-memory run is reported as OOM and the sweep goes on.
+allocation, torch's or not, to within pages. An out-of-memory run is reported as OOM and the
+sweep goes on.
 """
 import argparse
 import ctypes
@@ -83,13 +84,14 @@ class PeakMemory:
 
 # ----------------------------------------------------------------------------- workloads
 def make_inputs(loss, N, D, K, dtype, device, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    unit = lambda n: F.normalize(torch.randn(n, D, generator=g), dim=1).to(device, dtype)  # noqa: E731
+    g = torch.Generator(device=device).manual_seed(seed)  # drawn where they live: no copies
+    unit = lambda n: F.normalize(  # noqa: E731
+        torch.randn(n, D, generator=g, device=device), dim=1).to(dtype)
     scale = torch.tensor(14.3, device=device, requires_grad=True)
     if loss == "clip":
         return {"image_emb": unit(N).requires_grad_(), "text_emb": unit(N).requires_grad_(),
                 "scale": scale}
-    targets = (torch.rand(N, K, generator=g) < 10.0 / K).to(device)  # ~10 tags per image
+    targets = torch.rand(N, K, generator=g, device=device) < 10.0 / K  # ~10 tags per image
     return {"image_emb": unit(N).requires_grad_(), "tag_emb": unit(K), "targets": targets,
             "scale": scale}
 
@@ -124,6 +126,8 @@ def measure(fn, inputs, device, warmup, repeat):
 
     for _ in range(warmup):
         step()
+    for t in inputs.values():
+        t.grad = None  # the measured peak includes the gradients every implementation makes
     times = []
     with PeakMemory(device) as mem:
         for _ in range(repeat):

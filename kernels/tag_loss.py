@@ -25,16 +25,17 @@ be formed in fp32 before G is rounded for the dot (see clip_loss.py).
   Gradient: G_ik = (sigmoid(Z_ik) - Y_ik) a_i, dI = s G W, dW = s G^T I, ds = sum G_ik <I_i, W_k>.
 
 Tiling: as in clip_loss.py. Forward: one program per BLOCK_M rows, loop over BLOCK_N tag blocks,
-fp32 tile over BLOCK_K slices of D, softplus(z) = max(z, 0) + log(1 + exp(-|z|)) in the
-epilogue (libdevice's log1p does not run in the interpreter). Backward: one kernel launched for
-dI (programs own image rows) and, only if W needs a gradient, again with the roles swapped for
-dW (programs own tag rows); G in [-1, 1] (after dividing by g = max |a|) feeds the fp16/bf16
+fp32 tile over BLOCK_K slices of D, softplus(z) = max(z, 0) + log1p(exp(-|z|)) in the epilogue
+(log1p written out: libdevice's does not run in the interpreter). Backward: one kernel launched
+for dI (programs own image rows) and, only if W needs a gradient, again with the roles swapped
+for dW (programs own tag rows); G in [-1, 1] (after dividing by g = max |a|) feeds the fp16/bf16
 dot, g and s are applied in the epilogue; the scale gradient is summed per program.
 No atomics. Work: forward 1 matmul unit, backward 2 (4 when W is trainable).
 
 Memory (bytes beyond the inputs; b = bytes per input element)
 -------------------------------------------------------------
-Fused: 16 N (statistics per row) + 4 N D fp32 gradient + b N D cast [+ (4 + b) K D when W trains].
+Fused: about 40 N (statistics per row) + 4 N D fp32 gradient + b N D cast [+ (4 + b) K D when
+W trains].
 Eager reference: Z in fp32 (4 N K, kept), the float targets and their normalisation
 (2 x 4 N K), the log-softmax (4 N K, kept), b N K for the matmul output and 4 N K per gradient:
 about 16-28 N K bytes -- 5-9 GiB at N = 32768, K = 10000, against about 0.1 GiB fused (bf16,
@@ -49,7 +50,7 @@ import triton
 import triton.language as tl
 
 from .clip_loss import (BWD_CONFIGS, BWD_MIN_BLOCK_M, FWD_BLOCK_M, FWD_CONFIGS, INTERPRET,
-                        _acc_dtype, _dot_tile, _row_chunks, check_pair, check_triton,
+                        _acc_dtype, _dot_tile, _log1p, _row_chunks, check_pair, check_triton,
                         dot_precision, pick_impl, scaled_matmul_ce, targets_arg)
 
 KINDS = ("softmax", "bce")
@@ -129,8 +130,9 @@ def _bce_fwd_kernel(x_ptr, w_ptr,        # x (N, D), w (K, D), same dtype
         z = s * acc
         t = tl.load(t_ptr + offs_m[:, None] * stride_tn + offs_n[None, :] * stride_tk,
                     mask=mask_mn, other=0).to(tl.float32)
-        # softplus(z) - t z, with softplus(z) = max(z, 0) + log(1 + exp(-|z|)): stable
-        bce = tl.maximum(z, 0.0) - t * z + tl.log(1.0 + tl.exp(-tl.abs(z)))
+        # softplus(z) - t z, with softplus(z) = max(z, 0) + log1p(exp(-|z|)): stable, and
+        # log1p keeps the tiny loss of a confident logit (log(1 + 1e-9) would round to 0)
+        bce = tl.maximum(z, 0.0) - t * z + _log1p(tl.exp(-tl.abs(z)))
         total += tl.sum(tl.where(mask_mn, bce, 0.0), axis=1)
     tl.store(rows_ptr + offs_m, total, mask=mask_m)
 
