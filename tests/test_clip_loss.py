@@ -21,6 +21,9 @@ clip_mod = importlib.import_module("kernels.clip_loss")  # `kernels.clip_loss` i
 # 10x the regular cases' errors: confident rows, at 1e-4, are held by the factor 1.25).
 SLACK = {torch.float32: 1e-6, torch.float16: 2e-4, torch.bfloat16: 1e-3}
 UPSTREAM = 0.7  # a non-unit upstream gradient, so a dropped factor shows
+# With a GPU the compiled kernels run, on CUDA tensors, and CUDA torch is the yardstick; without
+# one, the interpreter on CPU tensors (conftest sets TRITON_INTERPRET=1).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Errors are relative to max(|truth|, floor). The loss (nats) is measured absolutely below 1;
 # the scale's gradient is a sum of terms of size ~UPSTREAM that cancel on confident rows, so it
 # is measured against at least 1% of that size (a missing term is still off by ~UPSTREAM).
@@ -43,9 +46,9 @@ def embeddings(n, d, dtype, near=None, noise=0.5):
 
 def run(loss_fn, impl, x, y, scale, grad_y=True, **kw):
     """Loss and gradients (x, y, scale) for a fresh copy of the inputs."""
-    x = x.detach().clone().requires_grad_()
-    y = y.detach().clone().requires_grad_(grad_y)
-    s = scale.detach().clone().requires_grad_()
+    x = x.detach().to(DEVICE, copy=True).requires_grad_()
+    y = y.detach().to(DEVICE, copy=True).requires_grad_(grad_y)
+    s = scale.detach().to(DEVICE, copy=True).requires_grad_()
     before = [t.detach().clone() for t in (x, y, s)]
     loss = loss_fn(x, y, s, impl=impl, **kw)
     loss.backward(torch.tensor(UPSTREAM, dtype=loss.dtype))
@@ -105,8 +108,9 @@ def test_confident_row_losses_keep_their_digits(impl):
     # the max's 1 (kernels/clip_loss.py docstring), so they come out to ~1e-5 relative. torch
     # rounds 1 + 1e-5 in fp32 first and is off by ~1e-3 here; log(1 + l) gave 5e-4.
     x = embeddings(64, 96, torch.float64)
-    y = embeddings(64, 96, torch.float32, near=x)
-    x, s, labels = x.float(), torch.tensor(20.0), torch.arange(64)
+    y = embeddings(64, 96, torch.float32, near=x).to(DEVICE)
+    x, s, labels = x.float().to(DEVICE), torch.tensor(20.0, device=DEVICE), torch.arange(64)
+    labels = labels.to(DEVICE)
     X = s.double() * x.double() @ y.double().T
     rows, cols, _ = clip_mod.scaled_matmul_ce(x, y, s, symmetric=True, impl=impl)
     for got, want in ((rows, F.cross_entropy(X, labels, reduction="none")),
@@ -137,7 +141,8 @@ def test_one_sided_confident_rows():
 
 def test_one_sided_frozen_keys_and_float_scale():
     # keys without gradient: the second backward launch is skipped; a Python float as scale
-    q, k = embeddings(31, 48, torch.float32), embeddings(100, 48, torch.float32)
+    q = embeddings(31, 48, torch.float32).to(DEVICE)
+    k = embeddings(100, 48, torch.float32).to(DEVICE)
     grads = {}
     for impl in ("torch", "triton", "chunked"):
         qq = q.clone().requires_grad_()
@@ -150,7 +155,8 @@ def test_one_sided_frozen_keys_and_float_scale():
 
 
 def test_two_one_sided_calls_make_the_symmetric_loss():
-    x, y, s = embeddings(31, 96, torch.float32), embeddings(31, 96, torch.float32), 14.3
+    x, y, s = (embeddings(31, 96, torch.float32).to(DEVICE),
+               embeddings(31, 96, torch.float32).to(DEVICE), 14.3)
     both = (kernels.clip_loss_one_sided(x, y, s, impl="triton")
             + kernels.clip_loss_one_sided(y, x, s, impl="triton")) / 2
     sym = kernels.clip_loss(x, y, s, impl="triton")

@@ -14,6 +14,7 @@ clip_mod = importlib.import_module("kernels.clip_loss")
 # As in test_clip_loss.py: half an ulp of the gradient's final rounding in fp16/bf16, 1e-6 fp32.
 SLACK = {torch.float32: 1e-6, torch.float16: 2e-4, torch.bfloat16: 1e-3}
 UPSTREAM = 0.7  # a non-unit upstream gradient, so a dropped factor shows
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # as in test_clip_loss.py
 # Errors are relative to max(|truth|, floor). The loss (nats) is measured absolutely below 1;
 # the scale's gradient is a sum of terms of size ~UPSTREAM that cancel on confident rows, so it
 # is measured against at least 1% of that size (a missing term is still off by ~UPSTREAM).
@@ -37,9 +38,10 @@ def multi_hot(N, K, per_row=3.0, empty=0.2, dtype=torch.bool):
 
 
 def run(impl, x, w, targets, scale, kind, grad_w=True):
-    x = x.detach().clone().requires_grad_()
-    w = w.detach().clone().requires_grad_(grad_w)
-    s = scale.detach().clone().requires_grad_()
+    x = x.detach().to(DEVICE, copy=True).requires_grad_()
+    w = w.detach().to(DEVICE, copy=True).requires_grad_(grad_w)
+    s = scale.detach().to(DEVICE, copy=True).requires_grad_()
+    targets = targets.to(DEVICE)
     before = [t.detach().clone() for t in (x, w, targets, s)]
     loss = kernels.tag_loss(x, w, targets, s, kind=kind, impl=impl)
     loss.backward(torch.tensor(UPSTREAM, dtype=loss.dtype))
@@ -118,11 +120,11 @@ def test_softmax_without_tags_is_zero_with_zero_gradients(impl):
 
 @pytest.mark.parametrize("impl", ["triton", "chunked"])
 def test_rows_without_tags_are_left_out_of_the_softmax_mean(impl):
-    x, w = unit_rows(31, 96, torch.float32), unit_rows(7, 96, torch.float32)
-    y = multi_hot(31, 7, empty=0.4)
+    x, w = unit_rows(31, 96, torch.float32).to(DEVICE), unit_rows(7, 96, torch.float32).to(DEVICE)
+    y = multi_hot(31, 7, empty=0.4).to(DEVICE)
     has = y.any(1)
     assert 0 < has.sum() < 31
-    s = torch.tensor(14.3)
+    s = torch.tensor(14.3, device=DEVICE)
     every = kernels.tag_loss(x, w, y, s, impl=impl)
     kept = kernels.tag_loss(x[has], w, y[has], s, impl=impl)
     assert torch.allclose(every, kept, rtol=1e-6), (every.item(), kept.item())
