@@ -5,7 +5,9 @@
     kernels.tag_loss(image_emb, tag_emb, targets, scale, kind="softmax", impl="auto")
 
 impl: "auto" (Triton for CUDA tensors; on CPU the reference, or the chunked torch path when
-the logits would exceed AUTO_CHUNK_LOGITS), "triton", "torch" (the reference), "chunked".
+the logits, N x N or N x K, would exceed AUTO_CHUNK_LOGITS = 2^24 in kernels/clip_loss.py),
+"triton", "torch" (the reference, O(N^2) memory), "chunked" (the kernels' algorithm in torch,
+O((N + K) D) memory). All return a 0-d fp32 loss with gradients to the embeddings and scale.
 
 Without a GPU, importing this package sets TRITON_INTERPRET=1 (unless already set) before the
 kernel modules define their @triton.jit functions: triton reads the variable when a function is
@@ -19,9 +21,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from .clip_loss import (  # noqa: E402
-    AUTO_CHUNK_LOGITS, IMPLS, INTERPRET, clip_loss, clip_loss_one_sided, clip_loss_one_sided_ref,
-    clip_loss_ref)
+    IMPLS, INTERPRET, clip_loss, clip_loss_one_sided, clip_loss_one_sided_ref, clip_loss_ref)
 from .tag_loss import KINDS, tag_loss, tag_loss_ref  # noqa: E402
 
 __all__ = ["clip_loss", "clip_loss_one_sided", "clip_loss_ref", "clip_loss_one_sided_ref",
-           "tag_loss", "tag_loss_ref", "IMPLS", "KINDS", "INTERPRET", "AUTO_CHUNK_LOGITS"]
+           "tag_loss", "tag_loss_ref", "IMPLS", "KINDS", "INTERPRET"]
