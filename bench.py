@@ -16,8 +16,8 @@ Time is the median of --repeat runs after --warmup runs. Peak memory is what the
 top of its inputs (the inputs' gradients included): torch.cuda.max_memory_allocated on GPU; on
 CPU the growth of the process's peak resident set (VmHWM, reset through /proc/self/clear_refs
 after malloc_trim, with glibc's mmap threshold pinned so that freed tensors leave the resident
-set), which counts every allocation, torch's or not, to within pages. An out-of-memory run is reported as OOM and the
-sweep goes on.
+set), which counts every allocation, torch's or not, to within pages. An out-of-memory run is
+reported as OOM and the sweep goes on.
 """
 import argparse
 import ctypes
