@@ -533,7 +533,27 @@ def main(argv=None):
     p.add_argument("--log-every", type=int, default=25, help="append a line to OUT/log.jsonl every N steps")
     p.add_argument("--quiet", action="store_true", help="no progress bar; print the log lines instead")
 
+    p = sub.add_parser("tags", help="parse a caption corpus into a tag vocabulary and per-sample tags")
+    p.add_argument("--captions", nargs="+", required=True, metavar="FILE",
+                   help="caption files: .txt (one caption a line), .tsv (header with a 'caption' column), "
+                        ".jsonl ({\"caption\": ...} a line) or webdataset .tar shards (KEY.txt / KEY.json)")
+    p.add_argument("--out", required=True, help="output folder: vocab.json, tag_offsets.npy, tag_ids.npy")
+    p.add_argument("--top-objects", type=int, default=9000, help="most frequent objects kept as tags")
+    p.add_argument("--top-attributes", type=int, default=1000, help="most frequent attributes kept as tags")
+    p.add_argument("--min-count", type=int, default=5, help="a tag must occur in at least this many captions")
+    p.add_argument("--workers", type=int, default=None, help="parser processes (default: all cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
     args = parser.parse_args(argv)
+    if args.command == "tags":
+        try:
+            stats = data.tag_files(args.captions, args.out, top_objects=args.top_objects,
+                                   top_attributes=args.top_attributes, min_count=args.min_count,
+                                   workers=args.workers, progress=not args.quiet)
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"error: {e}")
+        print(data.format_tag_stats(stats))
+        return stats
     if args.command == "train":
         for flag in ("steps", "batch_size", "corpus", "vocab_size"):
             if getattr(args, flag) < 1:
