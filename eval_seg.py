@@ -17,7 +17,9 @@ The evaluator fills the templates, averages the un-normalised text embeddings pe
 L2-normalises them; it L2-normalises the dense embeddings over E, takes the cosine to every
 class, maps it to a score sigmoid(10 * cos - 2.5), upsamples the (B, C, h, w) scores bilinearly
 to the crop and, for benchmarks with a background class, prepends a constant background score
-(0.4): background wins where every class scores below it.
+(0.4): background wins where every class scores below it. The world preset scores relatively
+instead: softmax over the classes at the model's learned temperature, background at 0.5 (see
+PRESETS).
 
 Protocol (TCL's, which TagAlign uses; read from the authors' configs): resize so the short side
 is 448 with the long side capped at 2048 (mmcv.imrescale: s = min(2048/long, 448/short),
@@ -166,7 +168,9 @@ class Protocol:
     mean: tuple = (0.485, 0.456, 0.406)  # normalisation, in [0, 1] pixel units (ImageNet)
     std: tuple = (0.229, 0.224, 0.225)
     templates: tuple = TEMPLATES["simple"]  # prompts; embeddings averaged un-normalised per class
-    score_scale: float = 10.0  # class score = sigmoid(score_scale * cos + score_bias) (TagAlign)
+    score: str = "sigmoid"  # "sigmoid": sigmoid(score_scale * cos + score_bias) per class (TagAlign's
+    #   config); "softmax": softmax over the classes of score_scale * cos (TagAlign commit 70914ae)
+    score_scale: float | None = 10.0  # None (softmax only): the model's own logit_scale, else 30
     score_bias: float = -2.5
     bg_thresh: float = 0.4  # constant background score, for benchmarks with a background class
     pamr: bool = False  # PAMR refinement of each crop's scores (TCL's optional post-processing)
@@ -175,7 +179,12 @@ class Protocol:
 
 
 # "world": the synthetic images are small and fixed-size; mean/std/templates come from data.py.
-PRESETS = {"tcl": Protocol(), "world": Protocol(short_side=None, window=None)}
+# A model trained from scratch has no calibrated absolute cosine: every patch shares a component
+# with every prompt (softmax losses are blind to it), so on the ground all shape prompts score
+# alike and high. The world therefore scores relatively: softmax over the classes at the model's
+# own learned temperature, and the background wins unless one class holds the majority (0.5).
+PRESETS = {"tcl": Protocol(),
+           "world": Protocol(short_side=None, window=None, score="softmax", score_scale=None, bg_thresh=0.5)}
 
 # ----------------------------------------------------------------------------- readers
 def read_label(path):
@@ -388,12 +397,17 @@ def text_embeddings(model, names, templates, chunk=256):
 
 def crop_scorer(model, text, protocol, background):
     """crops (n, 3, h, w) -> scores (n, C, h, w), the background channel first when present."""
+    softmax_scale = protocol.score_scale or float(getattr(model, "logit_scale", 30.0))
+
     def scores(crops):
         f = F.normalize(model.encode_dense(crops).float(), dim=1)  # (n, E, h', w')
         if f.dim() != 4 or f.shape[1] != text.shape[1]:
             raise ValueError(f"encode_dense gave {tuple(f.shape)}; expected (n, {text.shape[1]}, h, w)")
         cos = torch.einsum("nehw,ce->nchw", f, text)
-        s = torch.sigmoid(protocol.score_scale * cos + protocol.score_bias)
+        if protocol.score == "softmax":  # relative scores: the background wins where no class is sure
+            s = torch.softmax(softmax_scale * cos, dim=1)
+        else:
+            s = torch.sigmoid(protocol.score_scale * cos + protocol.score_bias)
         s = resize_bilinear(s, crops.shape[-2:])  # (n, C, h, w)
         if protocol.pamr:  # TCL refines each crop's class scores before adding the background
             s = pamr(crops, s, protocol.pamr_iters, protocol.pamr_dilations)
@@ -640,7 +654,11 @@ def main(argv=None):
     p.add_argument("--data-root", help="folder holding the standard datasets in their mmseg layouts")
     p.add_argument("--out", help="folder for metrics.json and vis/ "
                    "(default: the checkpoint's folder, or out/)")
-    p.add_argument("--bg-thresh", type=float, help="constant background score (default 0.4)")
+    p.add_argument("--bg-thresh", type=float, help="constant background score (default 0.4; world: 0.5)")
+    p.add_argument("--score", choices=("sigmoid", "softmax"),
+                   help="class scores: sigmoid(10 cos - 2.5) (default) or softmax over classes (world)")
+    p.add_argument("--score-scale", type=float, help="cosine multiplier of the score (default 10; "
+                   "world: the model's learned logit scale)")
     p.add_argument("--templates", choices=sorted(TEMPLATES), help="prompt set (default: simple)")
     p.add_argument("--pamr", action="store_true", help="refine crop scores with PAMR (10 iterations)")
     p.add_argument("--n-vis", type=int, default=4, help="overlay images saved per benchmark")
@@ -656,6 +674,7 @@ def main(argv=None):
         raise SystemExit("eval_seg: --batch-size and --limit must be >= 1, --n-vis >= 0")
     names = parse_names(args.benchmarks)
     overrides = {k: v for k, v in (("bg_thresh", args.bg_thresh), ("pamr", args.pamr or None),
+                                   ("score", args.score), ("score_scale", args.score_scale),
                                    ("templates", TEMPLATES.get(args.templates))) if v is not None}
     model, extra = None, {"args": vars(args)}
     if args.ckpt is not None:

@@ -18,7 +18,7 @@ import os
 import random
 import sys
 import time
-from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,11 +36,11 @@ class Config:
     # image encoder (ViT)
     image_size: int = 64        # training resolution (pixels, square)
     patch_size: int = 8         # pixels per patch side: the dense grid is image_size / patch_size
-    stem: str = "conv"          # "conv": two stride-2 3x3 convs before the patch embedding; "patch": CLIP's
-    stem_width: int = 24        # channels of the first conv of the conv stem (the second has twice as many)
-    vision_width: int = 96      # transformer width
-    vision_layers: int = 3      # residual attention blocks
-    vision_heads: int = 3       # attention heads
+    stem: str = "conv"          # "conv": stride-2 3x3 convs down to the patch grid; "patch": CLIP's patchify
+    stem_width: int = 24        # channels of the conv stem's first conv, doubled by each next one
+    vision_width: int = 64      # transformer width
+    vision_layers: int = 2      # residual attention blocks
+    vision_heads: int = 2       # attention heads
     vision_local: int = 1       # 0: global attention (CLIP); r > 0: a patch attends to patches within r grid steps
     # text encoder (causal transformer)
     vocab_size: int = 1000      # tokenizer vocabulary, set from the tokenizer
@@ -166,11 +166,12 @@ class VisionTransformer(nn.Module):
         W, c = cfg.vision_width, cfg.stem_width
         if cfg.stem == "conv":
             # Early convolutions (Xiao et al. 2021, "Early Convolutions Help Transformers See
-            # Better"): stride-2 3x3 convs, doubling the channels, down to the patch grid; conv1
+            # Better"): stride-2 3x3 conv-BN-GELU, doubling the channels, down to the patch grid; conv1
             # is then a 1x1 patch embedding. patch_size must be a power of two.
             n = int(math.log2(cfg.patch_size))
             chans = [3] + [c * 2 ** i for i in range(n)]
-            self.stem = nn.Sequential(*[m for i in range(n) for m in (nn.Conv2d(chans[i], chans[i + 1], 3, 2, 1), nn.GELU())])
+            self.stem = nn.Sequential(*[m for i in range(n) for m in (
+                nn.Conv2d(chans[i], chans[i + 1], 3, 2, 1, bias=False), nn.BatchNorm2d(chans[i + 1]), nn.GELU())])
             self.conv1 = nn.Conv2d(chans[-1], W, 1, bias=False)
         else:
             self.stem = nn.Identity()
@@ -293,6 +294,8 @@ class SegmentationModel:
 
     def __init__(self, model, tokenizer, device="cpu"):
         self.model, self.tokenizer, self.device = model.eval(), tokenizer, torch.device(device)
+        self.config = dataclasses.asdict(model.cfg)
+        self.logit_scale = model.clip.logit_scale.exp().clamp(max=100).item()  # the ITC temperature
 
     @torch.no_grad()
     def encode_dense(self, images):  # (B, 3, H, W) -> (B, E, h, w)
@@ -461,6 +464,11 @@ def train(args):
                dynamic_ncols=True)
     log = open(os.path.join(args.out, "log.jsonl"), "a")
     t_train, seen = 0.0, 0
+    # The next batch is drawn in a thread while this one trains: world generation is numpy and
+    # Python, and torch releases the GIL inside its kernels, so the two overlap.
+    prefetch = ThreadPoolExecutor(1)
+    fetch = lambda s: world_batch(world, s, args.batch_size, tokenizer, vocab, cfg)  # noqa: E731
+    pending = prefetch.submit(fetch, start)
     for step in bar:
         if step == args.steps:  # the last step only checkpoints and evaluates
             save_checkpoint(ckpt_path, model, optimizer, step, cfg, args, tokenizer, vocab)
@@ -468,7 +476,9 @@ def train(args):
         t0 = time.time()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
-        images, tokens, targets = world_batch(world, step, args.batch_size, tokenizer, vocab, cfg)
+        images, tokens, targets = pending.result()
+        if step + 1 < args.steps:
+            pending = prefetch.submit(fetch, step + 1)
         loss, itc, tag = compute_loss(model, images, tokens, tag_tokens, targets, args)
         if not torch.isfinite(loss):
             raise SystemExit(f"error: loss is {loss.item()} at step {step} (itc {itc.item()}, "
@@ -492,6 +502,7 @@ def train(args):
             save_checkpoint(ckpt_path, model, optimizer, step, cfg, args, tokenizer, vocab)
     bar.close()
     log.close()
+    prefetch.shutdown()
     if t_train:
         print(f"trained {args.steps - start} steps in {t_train:.0f}s ({seen / t_train:.0f} images/s)")
     if args.eval_images:

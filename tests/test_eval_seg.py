@@ -403,6 +403,33 @@ def test_background_threshold_on_sigmoid_scores():
     assert s.argmax(1)[0, 0].tolist() == [0] * 6 + [1]  # 0.9 <=> cos* = 0.4697
 
 
+def test_background_on_softmax_scores_is_relative():
+    """The world preset: softmax over classes at the model's logit scale; the background (0.5)
+    wins where no class holds the majority, however high the cosines are in absolute terms."""
+    cos = torch.tensor([[0.5, 0.1, 0.1, 0.5], [0.5, 0.9, 0.1, 0.45], [0.5, 0.1, 0.1, 0.0]])  # 3 classes x 4 px
+
+    class Model:
+        logit_scale = 20.0
+
+        def encode_text(self, texts):
+            return torch.eye(4)[["abc".index(t) for t in texts]]
+
+        def encode_dense(self, x):  # unit vectors: (cos_a, cos_b, cos_c, the rest)
+            e = torch.cat([cos, (1 - (cos ** 2).sum(0, keepdim=True)).sqrt()])
+            return e[None, :, None, :].expand(x.shape[0], 4, x.shape[2], 4)
+
+    text = E.text_embeddings(Model(), ["a", "b", "c"], ("{}",))
+    crops = torch.zeros(1, 3, 1, 4)
+    s = E.crop_scorer(Model(), text, E.PRESETS["world"], True)(crops)
+    torch.testing.assert_close(s[0, 1:, 0], torch.softmax(20 * cos, 0))  # the model's temperature
+    # pixel 0: all three at cos 0.5 -> 1/3 each -> background; pixel 1: b; pixel 2: low and
+    # flat -> background; pixel 3: a at 0.5 vs b at 0.45 -> 0.73 for a -> a.
+    assert s.argmax(1)[0, 0].tolist() == [0, 2, 0, 1]
+    # At scale 1 the scores flatten: only pixel 1 keeps a majority (e^.9 / (2 e^.1 + e^.9) = 0.53).
+    fixed = dataclasses.replace(E.PRESETS["world"], score_scale=1.0)
+    assert E.crop_scorer(Model(), text, fixed, True)(crops).argmax(1)[0, 0].tolist() == [0, 2, 0, 0]
+
+
 def test_template_averaging_uses_unnormalised_embeddings():
     table = {"t1 cat": [3.0, 0.0], "t2 cat": [0.0, 1.0], "t1 dog": [0.0, 2.0], "t2 dog": [0.0, 5.0]}
 
