@@ -373,6 +373,20 @@ def bench_world(args):
           f"images/s ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"{torch.get_num_threads()} threads)")
 
+    # The reference points for the world benchmarks' mIoU: a majority-class predictor (on
+    # world-object: all background) and uniformly random classes.
+    for name in tagalign.WORLD_BENCHMARKS:
+        bench = data.world_benchmark(name)
+        labels = [bench[i][1] for i in range(len(bench))]
+        counts = np.bincount(np.concatenate([lab[lab != 255] for lab in labels]), minlength=len(bench.classes))
+        trivial, chance = eval_seg.IoU(len(bench.classes)), eval_seg.IoU(len(bench.classes))
+        rng = np.random.default_rng(0)
+        for lab in labels:
+            trivial.update(np.full_like(lab, counts.argmax()), lab)
+            chance.update(rng.integers(0, len(bench.classes), lab.shape), lab)
+        print(f"{name}: majority class '{bench.classes[counts.argmax()]}' mIoU {trivial.compute()['mIoU']:.2f}, "
+              f"uniform random mIoU {chance.compute()['mIoU']:.2f} ({len(bench)} images)")
+
     seg = tagalign.load_model(args.ckpt) if args.ckpt else tagalign.SegmentationModel(model, tokenizer)
     rng = np.random.default_rng(0)
 

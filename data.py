@@ -1858,6 +1858,8 @@ COLOUR_NAMES = tuple(COLOURS)
 STUFF = ("grass", "sand", "water", "snow", "sky", "road")
 SIZES = {"small": (0.12, 0.15), "big": (0.19, 0.24)}  # object radius as a fraction of the side
 PATTERNS = True  # shapes carry a surface marking as well as a silhouette (see _pattern)
+OBJECTS = (0.3, 0.4, 0.3)  # probability of 1, 2, 3, ... objects in a scene
+_OBJECT_CDF = np.cumsum(OBJECTS)[:-1]
 ROTATION = 0.3  # objects turn by up to this many radians either way
 
 # Caption words. Synonyms make the tag vocabulary realistic: "disk" and "circle" become two tags
@@ -1882,7 +1884,7 @@ _STUFF_PHRASES = {
 _PREFIXES = ("", "", "", "", "a picture of ", "an image showing ", "we can see ",
              "in this scene, ", "a photo of ", "there is ")
 _LINKS = (" and ", " and ", ", ", " next to ", " beside ", " near ", " together with ")
-_COUNTS = ("a", "two", "three")
+_COUNTS = ("a", "two", "three", "four", "five", "six")
 
 
 @dataclass
@@ -1938,10 +1940,10 @@ def _pick(rng, seq):
 
 def _pattern(shape, x, y):
     """Where a shape's surface marking is, at (x, y) pixels from its centre in its own frame."""
-    if shape == "triangle":  # horizontal stripes, 5 px apart
-        return (y % 5) < 2
-    if shape == "cross":  # a checkerboard of 3 px cells
-        return ((x // 3) + (y // 3)) % 2 == 0
+    if shape == "triangle":  # horizontal stripes, 3 px dark in every 6
+        return (y % 6) < 3
+    if shape == "cross":  # a checkerboard of 4 px cells
+        return ((x // 4) + (y // 4)) % 2 == 0
     return np.zeros(np.shape(x), bool)  # circle and ring: plain
 
 
@@ -2035,8 +2037,7 @@ class World:
 
     def _place(self, rng):
         """1-3 non-overlapping objects: (shape, colour, size, cy, cx, radius in px)."""
-        u = rng.uniform()
-        S, n = self.S, 1 + int(u > 0.3) + int(u > 0.7)  # 1, 2, 3 objects: 30%, 40%, 30%
+        S, n = self.S, 1 + int(np.searchsorted(_OBJECT_CDF, rng.uniform()))
         shapes = rng.integers(len(SHAPES), size=n)
         colours = rng.integers(len(COLOURS), size=n)
         if n >= 2 and rng.uniform() < 0.3:
