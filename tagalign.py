@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import data
 import kernels
@@ -458,11 +459,15 @@ def train(args):
     print(f"model: {n_params / 1e6:.2f}M parameters, grid {cfg.image_size // cfg.patch_size}^2, "
           f"tag weight {args.tag_weight} ({args.tag_loss}), kernels {args.kernels}")
 
-    from tqdm import tqdm
-
     bar = tqdm(range(start, args.steps + 1), initial=start, total=args.steps + 1, disable=args.quiet,
                dynamic_ncols=True)
-    log = open(os.path.join(args.out, "log.jsonl"), "a")
+    log_path = os.path.join(args.out, "log.jsonl")
+    rows = []
+    if ckpt and os.path.exists(log_path):  # keep the log up to the checkpoint: no step twice
+        with open(log_path) as f:
+            rows = [line for line in f if json.loads(line)["step"] < start]
+    log = open(log_path, "w")
+    log.writelines(rows)
     t_train, seen = 0.0, 0
     # The next batch is drawn in a thread while this one trains: world generation is numpy and
     # Python, and torch releases the GIL inside its kernels, so the two overlap.

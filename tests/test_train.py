@@ -70,19 +70,21 @@ def test_resume_continues_exactly(tiny, tmp_path, monkeypatch):
     flags = ["--steps", "6", "--ckpt-every", "3"]
     reference = run(straight, *flags)
 
-    # Interrupt the second run right after its step-3 checkpoint, as a kill would.
-    save = tagalign.save_checkpoint
+    # Kill the second run between checkpoints: it has logged steps 0-4, its checkpoint is from
+    # step 3, and step 5's batch never arrives.
+    batch = tagalign.world_batch
 
-    def save_then_die(path, model, optimizer, step, *rest):
-        save(path, model, optimizer, step, *rest)
-        if step == 3:
+    def batch_or_die(world, step, *rest):
+        if step == 5:
             raise KeyboardInterrupt
+        return batch(world, step, *rest)
 
-    monkeypatch.setattr(tagalign, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(tagalign, "world_batch", batch_or_die)
     with pytest.raises(KeyboardInterrupt):
         run(broken, *flags)
     assert torch.load(broken / "ckpt.pt", weights_only=False)["step"] == 3
-    monkeypatch.setattr(tagalign, "save_checkpoint", save)
+    assert [r["step"] for r in read_log(broken)] == [0, 1, 2, 3, 4]
+    monkeypatch.setattr(tagalign, "world_batch", batch)
     resumed = run(broken, *flags, "--resume")
 
     for k, v in reference.state_dict().items():
@@ -127,6 +129,14 @@ def test_triton_and_torch_kernels_train_the_same(tiny, tmp_path):
         for k in ("loss", "itc", "tag"):
             assert abs(ra[k] - rb[k]) <= 1e-5 * max(1.0, abs(rb[k])), (ra["step"], k, ra[k], rb[k])
     for k, v in plain.state_dict().items():
-        # fp32 reductions in another order drift by ~1e-7 per step; ten Adam steps of lr 1e-3
-        # keep the parameters within 1e-5 (a wrong gradient moves them by ~1e-3 per step)
-        torch.testing.assert_close(fused.state_dict()[k], v, rtol=1e-4, atol=1e-5, msg=k)
+        got, tol = fused.state_dict()[k], 1e-5
+        if k.endswith("attn.in_proj_bias"):
+            # The key bias has no true gradient (a softmax ignores what it adds to every logit of
+            # a row), so both runs feed Adam rounding noise, which it normalises into steps of up
+            # to lr: compare the key third within 10 steps x lr, the rest as everything else.
+            W = v.shape[0] // 3
+            torch.testing.assert_close(got[W:2 * W], v[W:2 * W], rtol=0, atol=10 * 1e-3, msg=k)
+            got, v = torch.cat([got[:W], got[2 * W:]]), torch.cat([v[:W], v[2 * W:]])
+        # fp32 sums in another order drift by ~1e-7 a step; a wrong gradient moves a parameter
+        # by ~lr = 1e-3 a step
+        torch.testing.assert_close(got, v, rtol=1e-4, atol=tol, msg=k)
