@@ -40,7 +40,7 @@ class Config:
     stem: str = "conv"          # "conv": stride-2 3x3 convs down to the patch grid; "patch": CLIP's patchify
     stem_width: int = 24        # channels of the conv stem's first conv, doubled by each next one
     vision_width: int = 96      # transformer width
-    vision_layers: int = 2      # residual attention blocks
+    vision_layers: int = 1      # residual attention blocks
     vision_heads: int = 3       # attention heads
     vision_local: int = 1       # 0: global attention (CLIP); r > 0: a patch attends to patches within r grid steps
     # text encoder (causal transformer)
@@ -526,7 +526,7 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train (default: from scratch on the synthetic world) and evaluate")
-    p.add_argument("--steps", type=int, default=1200, help="optimizer steps")
+    p.add_argument("--steps", type=int, default=1500, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=64, help="images (and captions) per step")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of AdamW")
     p.add_argument("--warmup", type=float, default=0.05, help="fraction of the steps spent warming up the lr")
