@@ -168,11 +168,15 @@ class VisionTransformer(nn.Module):
         if cfg.stem == "conv":
             # Early convolutions (Xiao et al. 2021, "Early Convolutions Help Transformers See
             # Better"): stride-2 3x3 conv-BN-GELU, doubling the channels, down to the patch grid; conv1
-            # is then a 1x1 patch embedding. patch_size must be a power of two.
+            # is then a 1x1 patch embedding. patch_size P must be a power of two. Symmetric padding
+            # would centre cell i's receptive field on pixel P*i, (P-1)/2 px before the cell's
+            # centre, and shift every predicted mask by that much; padding the last conv on the
+            # bottom and right only moves it to P*i + P/2, half a pixel past the centre.
             n = int(math.log2(cfg.patch_size))
             chans = [3] + [c * 2 ** i for i in range(n)]
+            pad = lambda i: nn.ZeroPad2d((0, 1, 0, 1) if i == n - 1 else 1)  # noqa: E731
             self.stem = nn.Sequential(*[m for i in range(n) for m in (
-                nn.Conv2d(chans[i], chans[i + 1], 3, 2, 1, bias=False), nn.BatchNorm2d(chans[i + 1]), nn.GELU())])
+                pad(i), nn.Conv2d(chans[i], chans[i + 1], 3, 2, bias=False), nn.BatchNorm2d(chans[i + 1]), nn.GELU())])
             self.conv1 = nn.Conv2d(chans[-1], W, 1, bias=False)
         else:
             self.stem = nn.Identity()

@@ -161,3 +161,25 @@ def test_layernorm_computes_in_fp32():
 def test_both_stems_build_and_run(stem):
     model = TagAlign(tiny_config(stem=stem))
     assert model.dense(torch.randn(2, 3, 32, 32)).shape == (2, 4, 4, 16)
+
+
+def test_conv_stem_cells_see_their_own_pixels():
+    """Cell (i, j) of the patch grid covers pixels P*i .. P*i + P-1; the conv stem's receptive field
+    must be centred there (within half a pixel), or every predicted mask comes out shifted."""
+    cfg = tiny_config(stem="conv")
+    P = cfg.patch_size
+    stem = TagAlign(cfg).clip.visual.stem.eval()
+    with torch.no_grad():
+        for m in stem.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.fill_(1.0)  # an all-positive, symmetric kernel: the field's weight is symmetric
+    x = torch.rand(1, 3, 8 * P, 8 * P, requires_grad=True)
+    out = stem(x)
+    assert out.shape[-2:] == (8, 8)
+    for i, j in [(3, 4), (5, 2)]:
+        (g,) = torch.autograd.grad(out[0, 0, i, j], x, retain_graph=True)
+        w = g.abs().sum((0, 1))
+        ys, xs = torch.meshgrid(torch.arange(8 * P), torch.arange(8 * P), indexing="ij")
+        cy, cx = (w * ys).sum() / w.sum(), (w * xs).sum() / w.sum()
+        centre = torch.tensor([P * i + (P - 1) / 2, P * j + (P - 1) / 2])
+        assert (torch.stack([cy, cx]) - centre).abs().max() <= 0.5 + 1e-4, (i, j, cy, cx)
