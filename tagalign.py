@@ -11,6 +11,7 @@ command line (`train`, `tags`).
     python tagalign.py tags --captions caps.txt --out tags/
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -318,7 +319,10 @@ def compute_loss(model, images, tokens, tag_tokens, targets, args):
 
     images (B, 3, H, W), tokens (B, L) captions, tag_tokens (K, L) the tag names, targets (B, K)
     multi-hot tags parsed from the captions. In world mode the tag embeddings come from the text
-    encoder being trained (in CLIP mode they are frozen CLIP text embeddings).
+    encoder being trained, embedded afresh each step (in CLIP mode they are frozen CLIP text
+    embeddings). With --tag-grad both the tag loss trains the text tower as well: on the world
+    that collapses the tag names' embeddings together (off-diagonal cosine of the four shape
+    prompts 0.95 against 0.68 detached, seed 0) and loses shape; see the README's results.
     """
     img = F.normalize(model.encode_image(images), dim=-1)  # (B, E)
     txt = F.normalize(model.encode_text(tokens), dim=-1)  # (B, E)
@@ -326,7 +330,10 @@ def compute_loss(model, images, tokens, tag_tokens, targets, args):
     itc = kernels.clip_loss(img, txt, scale, impl=args.kernels)
     if args.tag_weight == 0:  # the ITC-only baseline: tags are not even embedded
         return itc, itc, torch.zeros_like(itc)
-    tag_emb = F.normalize(model.encode_text(tag_tokens), dim=-1)  # (K, E)
+    # --tag-grad image (the default) is the paper's wiring: the tag embeddings are targets that the
+    # tag loss does not move, as frozen CLIP's are; the text tower learns from ITC alone.
+    with torch.no_grad() if args.tag_grad == "image" else contextlib.nullcontext():
+        tag_emb = F.normalize(model.encode_text(tag_tokens), dim=-1)  # (K, E)
     tag_scale = model.tag_logit_scale.exp().clamp(max=100)
     tag = kernels.tag_loss(img, tag_emb, targets, tag_scale, kind=args.tag_loss, impl=args.kernels)
     return itc + args.tag_weight * tag, itc, tag
@@ -418,7 +425,7 @@ def load_model(path, device="cpu"):
 # ---------------------------------------------------------------- training
 WORLD_BENCHMARKS = ("world-object", "world-stuff", "world-attr")
 RESUME_MUST_MATCH = ("steps", "batch_size", "lr", "warmup", "weight_decay", "seed", "tag_weight",
-                     "tag_loss", "corpus", "vocab_size", "top_tags", "min_tag_count")
+                     "tag_loss", "tag_grad", "corpus", "vocab_size", "top_tags", "min_tag_count")
 
 
 def train(args):
@@ -540,6 +547,9 @@ def main(argv=None):
     p.add_argument("--tag-weight", type=float, default=1.0, help="weight of the tag loss; 0 = the ITC-only baseline")
     p.add_argument("--tag-loss", choices=("softmax", "bce"), default="softmax",
                    help="softmax: soft-target CE over all tags (the paper); bce: per-tag binary CE (ablation)")
+    p.add_argument("--tag-grad", choices=("image", "both"), default="image",
+                   help="which towers the tag loss trains: image (tag embeddings detached, as the paper's "
+                        "frozen ones) or both (the tag loss trains the text tower too)")
     p.add_argument("--kernels", choices=("auto", "triton", "torch"), default="auto",
                    help="loss implementation: fused Triton kernels, the PyTorch reference, or auto (Triton on CUDA)")
     p.add_argument("--corpus", type=int, default=20000, help="world captions used to learn the tokenizer and tag vocabulary")

@@ -1,5 +1,6 @@
 """Training end to end on a tiny model: the loss goes down, checkpoints round-trip, --resume
 continues exactly where an interrupted run stopped, bad flags fail with one line."""
+import argparse
 import dataclasses
 import json
 import os
@@ -140,3 +141,18 @@ def test_triton_and_torch_kernels_train_the_same(tiny, tmp_path):
         # fp32 sums in another order drift by ~1e-7 a step; a wrong gradient moves a parameter
         # by ~lr = 1e-3 a step
         torch.testing.assert_close(got, v, rtol=1e-4, atol=tol, msg=k)
+
+
+@pytest.mark.parametrize("tag_grad", ["both", "image"])
+def test_tag_grad_chooses_the_towers_the_tag_loss_trains(tag_grad):
+    torch.manual_seed(0)
+    model = tagalign.TagAlign(Config(image_size=32, patch_size=8, **TINY, vocab_size=60))
+    images, tokens = torch.randn(4, 3, 32, 32), torch.randint(1, 60, (4, 28))
+    tag_tokens, targets = torch.randint(1, 60, (5, 28)), torch.rand(4, 5) < 0.5
+    args = argparse.Namespace(kernels="torch", tag_weight=1.0, tag_loss="softmax", tag_grad=tag_grad)
+    _, _, tag = tagalign.compute_loss(model, images, tokens, tag_tokens, targets, args)
+    tag.backward()
+    text_grad = model.clip.token_embedding.weight.grad
+    image_grad = model.clip.visual.conv1.weight.grad
+    assert image_grad is not None and image_grad.abs().sum() > 0
+    assert (text_grad is not None and text_grad.abs().sum() > 0) == (tag_grad == "both")
