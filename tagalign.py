@@ -470,7 +470,7 @@ def train(args):
     print(f"model: {n_params / 1e6:.2f}M parameters, grid {cfg.image_size // cfg.patch_size}^2, "
           f"tag weight {args.tag_weight} ({args.tag_loss}), kernels {args.kernels}")
 
-    bar = tqdm(range(start, args.steps + 1), initial=start, total=args.steps + 1, disable=args.quiet,
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=args.quiet,
                dynamic_ncols=True)
     log_path = os.path.join(args.out, "log.jsonl")
     rows = []
@@ -486,9 +486,6 @@ def train(args):
     fetch = lambda s: world_batch(world, s, args.batch_size, tokenizer, vocab, cfg)  # noqa: E731
     pending = prefetch.submit(fetch, start)
     for step in bar:
-        if step == args.steps:  # the last step only checkpoints and evaluates
-            save_checkpoint(ckpt_path, model, optimizer, step, cfg, args, tokenizer, vocab)
-            break
         t0 = time.time()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
@@ -519,6 +516,8 @@ def train(args):
     bar.close()
     log.close()
     prefetch.shutdown()
+    if start <= args.steps:  # the final checkpoint (a finished run resumed has nothing to add)
+        save_checkpoint(ckpt_path, model, optimizer, args.steps, cfg, args, tokenizer, vocab)
     if t_train:
         print(f"trained {args.steps - start} steps in {t_train:.0f}s ({seen / t_train:.0f} images/s)")
     if args.eval_images:
