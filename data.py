@@ -1984,8 +1984,13 @@ class World:
     ((64, 64, 3), 'a big red circle and a blue star on the beach')
     """
 
-    def __init__(self, seed=0, image_size=64, split="train"):
+    def __init__(self, seed=0, image_size=64, split="train", pairs=None):
         self.seed, self.S, self.split = seed, image_size, split
+        # Contrast pairs (training split by default): indices 2k and 2k + 1 show the same scene,
+        # the odd one with every object's shape swapped for another (see sample).
+        self.pairs = (split == "train") if pairs is None else pairs
+        if self.pairs and len(SHAPES) < 2:
+            raise ValueError("contrast pairs need at least two SHAPES")
         # Textures are the world's physics: fixed, whatever the training seed.
         trng = np.random.default_rng(1234)
         self.textures = [np.stack([_texture(k, image_size, trng) for _ in range(8)]) for k in STUFF]
@@ -1999,14 +2004,30 @@ class World:
         return self.sample(index, caption_only=True)
 
     def sample(self, index, caption_only=False):
+        """Scene `index`. Layout, caption and pixels draw from three streams of one seed, so
+        that a contrast pair's two scenes differ in their shapes alone: the same ground,
+        colours, sizes, places and turns, the same caption but for the shape words, the same
+        noise. A batch that holds both (the training batches do: they are even-sized runs of
+        consecutive indices) cannot be matched to its captions without telling shapes apart;
+        without pairs, colour, ground and count already identify a caption in a batch of 64,
+        and neither loss needs shape (README, results)."""
         S = self.S
-        rng = np.random.default_rng([self.seed, self._split_id, index])
+        key = index // 2 if self.pairs else index
+        layout, words, pixels = (np.random.default_rng(s) for s in
+                                 np.random.SeedSequence([self.seed, self._split_id, key]).spawn(3))
         # Layout first, then the caption, then the pixels: a caption costs no rendering.
-        stuff = int(rng.integers(len(STUFF)))
-        placed = self._place(rng)
-        caption = self._caption(rng, placed, stuff)
+        stuff = int(layout.integers(len(STUFF)))
+        placed = self._place(layout)
+        if self.pairs:
+            swap = layout.permutation(len(SHAPES))  # drawn by both scenes of a pair, used by the odd
+            while np.any(swap == np.arange(len(SHAPES))):  # a derangement: every shape changes
+                swap = layout.permutation(len(SHAPES))
+            if index % 2:
+                placed = [(int(swap[o[0]]), *o[1:]) for o in placed]
+        caption = self._caption(words, placed, stuff)
         if caption_only:
             return caption
+        rng = pixels
         # Ground: a random tile of the stuff's texture, shifted and flipped, brightness jittered.
         tile = self.textures[stuff][rng.integers(8)]
         oy, ox = rng.integers(S, size=2)
@@ -2085,8 +2106,8 @@ class World:
                 words.append(_pick(rng, _SIZE_WORDS[("small", "big")[sizes.pop()]]))
             if rng.uniform() < 0.9:
                 words.append(COLOUR_NAMES[colour])
-            forms = _SHAPE_WORDS[SHAPES[shape]]
-            words.append(_pick(rng, forms)[len(members) > 1])
+            forms = _SHAPE_WORDS[SHAPES[shape]]  # one draw whatever the shape: pairs stay in step
+            words.append(forms[int(rng.uniform() * len(forms))][len(members) > 1])
             phrases.append((" ".join(words), members))
         text = phrases[0][0]
         for i, (phrase, members) in enumerate(phrases[1:]):

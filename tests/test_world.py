@@ -1,4 +1,6 @@
 """The synthetic world: determinism, consistent ground truth, truthful captions, benchmarks."""
+import re
+
 import numpy as np
 import pytest
 
@@ -32,6 +34,37 @@ def test_deterministic_from_seed_split_and_index(world):
     assert not same_scene(world.sample(1), world.sample(2))
     assert not same_scene(world.sample(1), World(seed=1).sample(1))
     assert not same_scene(world.sample(1), World(seed=0, split="val").sample(1))
+
+
+_SHAPE_FORMS = re.compile(r"\b(" + "|".join(w for forms in data._SHAPE_WORDS.values() for f in forms for w in f) + r")\b")
+
+
+def _shapes_blanked(caption):
+    return _SHAPE_FORMS.sub("SHAPE", caption)
+
+
+def _objects_by_colour(s):
+    """colour index -> sorted shape indices of that colour's objects in scene s."""
+    fg = s.attr > 0
+    colour, shape = (s.attr[fg] - 1) // len(SHAPES), s.objects[fg] - 1
+    return {int(c): sorted(set(shape[colour == c].tolist())) for c in np.unique(colour)}
+
+
+def test_contrast_pairs_differ_in_shape_alone(world):
+    """Training scenes 2k and 2k + 1: the same ground, colours, places and caption but for the
+    shape words, and the shapes changed. Validation scenes are not paired."""
+    for k in range(40):
+        a, b = world.sample(2 * k), world.sample(2 * k + 1)
+        assert _shapes_blanked(a.caption) == _shapes_blanked(b.caption) and a.caption != b.caption
+        off = (a.objects == 0) & (b.objects == 0)
+        assert np.array_equal(a.image[off], b.image[off]) and np.array_equal(a.stuff[off], b.stuff[off])
+        sa, sb = _objects_by_colour(a), _objects_by_colour(b)
+        assert sa.keys() == sb.keys()
+        for c in sa:  # a colour on one shape has another shape in the twin (a derangement)
+            assert len(sa[c]) == len(sb[c]) and (len(sa[c]) > 1 or sa[c] != sb[c]), (a.caption, b.caption)
+    val = World(seed=0, split="val")
+    assert not val.pairs and _shapes_blanked(val.caption(0)) != _shapes_blanked(val.caption(1))
+    assert World(seed=0, pairs=False).caption(1) != world.caption(1)
 
 
 def test_images_and_maps_have_the_documented_form(scenes):
