@@ -2013,7 +2013,7 @@ class World:
         and neither loss needs shape (README, results)."""
         S = self.S
         key = index // 2 if self.pairs else index
-        layout, words, pixels = (np.random.default_rng(s) for s in
+        layout, words, rng = (np.random.default_rng(s) for s in
                                  np.random.SeedSequence([self.seed, self._split_id, key]).spawn(3))
         # Layout first, then the caption, then the pixels: a caption costs no rendering.
         stuff = int(layout.integers(len(STUFF)))
@@ -2027,7 +2027,6 @@ class World:
         caption = self._caption(words, placed, stuff)
         if caption_only:
             return caption
-        rng = pixels
         # Ground: a random tile of the stuff's texture, shifted and flipped, brightness jittered.
         tile = self.textures[stuff][rng.integers(8)]
         oy, ox = rng.integers(S, size=2)
