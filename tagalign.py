@@ -52,7 +52,9 @@ class Config:
     text_heads: int = 2         # attention heads
     # joint space and the TagAlign head
     embed_dim: int = 64         # dimension of the shared image-text space
-    decoder_blocks: int = 1     # gated residual conv blocks on the patch grid (TCL's decoder)
+    decoder_blocks: int = 0     # gated residual conv blocks on the patch grid (TCL's decoder; the
+    #   paper has 2 on CLIP. The world model has none: each 3x3 block widens the context a patch
+    #   sees, and on the world that context became a halo of shape labels around every object)
     quick_gelu: bool = False    # x * sigmoid(1.702 x) as in OpenAI CLIP; exact GELU otherwise
 
     @classmethod
@@ -68,7 +70,7 @@ class Config:
                    vision_heads=vw // 64, vision_local=0, vocab_size=sd["token_embedding.weight"].shape[0],
                    context_length=sd["positional_embedding"].shape[0], text_width=tw,
                    text_layers=count("transformer.resblocks."), text_heads=tw // 64,
-                   embed_dim=sd["text_projection"].shape[1], quick_gelu=True)
+                   embed_dim=sd["text_projection"].shape[1], decoder_blocks=2, quick_gelu=True)
 
 
 # ---------------------------------------------------------------- transformer blocks (CLIP names)
