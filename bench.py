@@ -356,8 +356,8 @@ def bench_world(args):
     tokenizer, vocab = data.Tokenizer.train(corpus, 1024), data.build_vocab(corpus, min_count=1)
     cfg.vocab_size = tokenizer.vocab_size
     model = tagalign.TagAlign(cfg)
-    opt = tagalign.make_optimizer(model, argparse.Namespace(lr=1e-3, weight_decay=0.05))
-    targs = argparse.Namespace(kernels="auto", tag_weight=1.0, tag_loss="softmax", tag_grad="both")
+    targs = tagalign.build_parser().parse_args(["train"])  # the training defaults: lr, losses, kernels
+    opt = tagalign.make_optimizer(model, targs)
     tag_tokens = tokenizer(tagalign.tag_texts(vocab), cfg.context_length)
     batch = tagalign.world_batch(world, 0, args.batch_size, tokenizer, vocab, cfg)
     times = []

@@ -533,7 +533,8 @@ def train(args):
 
 
 # ---------------------------------------------------------------- command line
-def main(argv=None):
+def build_parser():
+    """The command line: `train` and `tags`, with their flags and defaults."""
     parser = argparse.ArgumentParser(description="TagAlign: train, or tag a caption corpus.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -574,7 +575,11 @@ def main(argv=None):
     p.add_argument("--min-count", type=int, default=5, help="a tag must occur in at least this many captions")
     p.add_argument("--workers", type=int, default=None, help="parser processes (default: all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
 
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "tags":
         try:
