@@ -665,6 +665,9 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=16, help="crops per forward pass")
     p.add_argument("--limit", type=int, help="evaluate only the first N images of each benchmark")
     p.add_argument("--world-images", type=int, help="images per world benchmark (default: data.py's)")
+    p.add_argument("--dense", choices=("trained", "self"), default="trained",
+                   help="with --ckpt: the patch embeddings the losses trained (default), or the last "
+                   "ViT block with every patch attending to itself only (MaskCLIP-style inference)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="device for the model (default: cuda if available)")
     args = p.parse_args(argv)
@@ -681,7 +684,7 @@ def main(argv=None):
         if not Path(args.ckpt).is_file():
             raise SystemExit(f"eval_seg: --ckpt {args.ckpt}: no such file")
         import tagalign  # lazy: scoring saved predictions needs no model code
-        model = tagalign.load_model(args.ckpt, device=args.device)
+        model = tagalign.load_model(args.ckpt, device=args.device, dense=args.dense)
         # tagalign.SegmentationModel keeps the trained module (and its config) in .model
         extra["config"] = getattr(model, "config", None) or getattr(getattr(model, "model", None), "cfg", None)
     elif not Path(args.preds).is_dir():

@@ -136,9 +136,11 @@ class Transformer(nn.Module):
         super().__init__()
         self.resblocks = nn.ModuleList(ResidualBlock(width, heads, quick_gelu) for _ in range(layers))
 
-    def forward(self, x, causal=False, mask=None):
-        for block in self.resblocks:
-            x = block(x, causal, mask)
+    def forward(self, x, causal=False, mask=None, last_mask=None):
+        """last_mask, when given, replaces mask in the last block (the dense "self" path)."""
+        for i, block in enumerate(self.resblocks):
+            last = last_mask is not None and i == len(self.resblocks) - 1
+            x = block(x, causal, last_mask if last else mask)
         return x
 
 
@@ -203,15 +205,21 @@ class VisionTransformer(nn.Module):
         grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False)
         return torch.cat([pos[:1], grid.to(pos.dtype).flatten(2)[0].T])
 
-    def tokens(self, x):
-        """(B, 3, H, W) images -> (B, 1 + h*w, width) transformer outputs, and (h, w)."""
+    def tokens(self, x, last_self=False):
+        """(B, 3, H, W) images -> (B, 1 + h*w, width) transformer outputs, and (h, w).
+
+        last_self: in the last block every patch attends to itself alone, so its attention output
+        is its own value (MaskCLIP's reading of CLIP's last layer, Zhou et al. 2022); the class
+        token attends as trained. A dense-inference option: the losses train the normal path.
+        """
         x = self.conv1(self.stem(x))  # (B, W, h, w)
         B, W, h, w = x.shape
         x = x.flatten(2).transpose(1, 2)  # (B, h*w, W)
         cls = self.class_embedding.to(x.dtype).expand(B, 1, W)
         x = torch.cat([cls, x], dim=1) + self.positions(h, w).to(x.dtype)
         mask = local_attention_mask(h, w, self.local, x.device) if self.local else None
-        return self.transformer(self.ln_pre(x), mask=mask), (h, w)
+        last_mask = local_attention_mask(h, w, 0, x.device) if last_self else None  # r = 0: itself
+        return self.transformer(self.ln_pre(x), mask=mask, last_mask=last_mask), (h, w)
 
     def forward(self, x):
         x, _ = self.tokens(x)
@@ -282,9 +290,10 @@ class TagAlign(nn.Module):
         self.dense_proj = nn.Parameter(W ** -0.5 * torch.randn(W, cfg.embed_dim))  # copy of visual.proj
         self.tag_logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # the tag loss's own
 
-    def dense(self, images):
-        """(B, 3, H, W) normalised images -> (B, h, w, E) patch embeddings (not normalised)."""
-        x, (h, w) = self.clip.visual.tokens(images)
+    def dense(self, images, last_self=False):
+        """(B, 3, H, W) normalised images -> (B, h, w, E) patch embeddings (not normalised).
+        last_self: the last ViT block's patches attend to themselves only (see VisionTransformer)."""
+        x, (h, w) = self.clip.visual.tokens(images, last_self)
         x = x[:, 1:].transpose(1, 2).unflatten(2, (h, w))  # (B, W, h, w), class token dropped
         for block in self.decoder:
             x = block(x)
@@ -297,17 +306,28 @@ class TagAlign(nn.Module):
         return self.clip.encode_text(tokens)  # (B, E)
 
 
-class SegmentationModel:
-    """The evaluator's model interface (eval_seg.py): dense embeddings and text embeddings."""
+DENSE_PATHS = ("trained", "self")  # dense inference: the trained path, or last block self-only
 
-    def __init__(self, model, tokenizer, device="cpu"):
+
+class SegmentationModel:
+    """The evaluator's model interface (eval_seg.py): dense embeddings and text embeddings.
+
+    dense: "trained" reads the patch embeddings the losses trained (their mean is the image
+    embedding); "self" lets every patch attend only to itself in the last ViT block, which
+    keeps a patch from voting for the objects it only sees nearby (README, the halo).
+    """
+
+    def __init__(self, model, tokenizer, device="cpu", dense="trained"):
+        if dense not in DENSE_PATHS:
+            raise ValueError(f"dense must be one of {DENSE_PATHS}, not {dense!r}")
         self.model, self.tokenizer, self.device = model.eval(), tokenizer, torch.device(device)
+        self.dense = dense
         self.config = dataclasses.asdict(model.cfg)
         self.logit_scale = model.clip.logit_scale.exp().clamp(max=100).item()  # the ITC temperature
 
     @torch.no_grad()
     def encode_dense(self, images):  # (B, 3, H, W) -> (B, E, h, w)
-        return self.model.dense(images.to(self.device)).permute(0, 3, 1, 2)
+        return self.model.dense(images.to(self.device), self.dense == "self").permute(0, 3, 1, 2)
 
     @torch.no_grad()
     def encode_text(self, texts):  # list of T strings -> (T, E)
@@ -415,13 +435,13 @@ def read_checkpoint(path):
         raise SystemExit(f"error: {path} is not a tagalign checkpoint ({type(e).__name__}: {e})")
 
 
-def load_model(path, device="cpu"):
+def load_model(path, device="cpu", dense="trained"):
     """A trained checkpoint as the evaluator's SegmentationModel (used by eval_seg.py)."""
     ckpt = read_checkpoint(path)
     model = TagAlign(Config(**ckpt["config"]))
     model.load_state_dict(ckpt["model"])
     tokenizer = data.Tokenizer.from_state_dict(ckpt["tokenizer"])
-    return SegmentationModel(model.to(device), tokenizer, device)
+    return SegmentationModel(model.to(device), tokenizer, device, dense)
 
 
 # ---------------------------------------------------------------- training

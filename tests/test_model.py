@@ -157,6 +157,33 @@ def test_layernorm_computes_in_fp32():
     torch.testing.assert_close(y.float(), nn.functional.layer_norm(x.float(), (16,)), atol=2e-3, rtol=1e-3)
 
 
+def test_dense_self_path_changes_only_the_last_block():
+    """dense(last_self=True): in the last block a patch attends to itself alone. With patchify
+    and two radius-1 blocks, a change in patch (0, 0) reaches (0, 2) through two hops on the
+    trained path, but only (0, 1) when the last hop is removed; the class token is untouched."""
+    model = TagAlign(tiny_config(stem="patch", vision_local=1, decoder_blocks=0)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    y = x.clone()
+    y[..., :8, :8] += 1.0  # patch (0, 0) only
+    with torch.no_grad():
+        changed = lambda a, b: (a - b).abs().amax(-1)[0] > 1e-5  # noqa: E731  (h, w) bool
+        trained = changed(model.dense(x), model.dense(y))
+        own = changed(model.dense(x, last_self=True), model.dense(y, last_self=True))
+        assert trained[0, 2] and trained[2, 2] and not trained[0, 3]
+        assert own[0, 0] and own[0, 1] and own[1, 1] and not own[0, 2] and not own[2, 2]
+        cls = [model.clip.visual.tokens(x, s)[0][:, 0] for s in (False, True)]
+    torch.testing.assert_close(cls[0], cls[1])
+
+
+def test_segmentation_model_dense_paths():
+    model = TagAlign(tiny_config())
+    images = torch.randn(2, 3, 32, 32)
+    seg = tagalign.SegmentationModel(model, tokenizer=None, dense="self")
+    torch.testing.assert_close(seg.encode_dense(images), model.dense(images, True).permute(0, 3, 1, 2))
+    with pytest.raises(ValueError, match="dense"):
+        tagalign.SegmentationModel(model, tokenizer=None, dense="value")
+
+
 @pytest.mark.parametrize("stem", ["conv", "patch"])
 def test_both_stems_build_and_run(stem):
     model = TagAlign(tiny_config(stem=stem))
