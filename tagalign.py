@@ -153,7 +153,9 @@ def local_attention_mask(h, w, r, device=None):
     patch can carry the whole image's content, and nothing ties "circle" to the circle's patches
     (trained from scratch, a patch on the grass ended up closest to the shape names). With a
     bounded receptive field only the patches that see the circle can say "circle" -- the same
-    prior that makes class activation maps work (Zhou et al. 2016). CLIP mode uses r = 0.
+    prior that makes class activation maps work (Zhou et al. 2016). CLIP mode attends globally
+    (Config.vision_local = 0: no mask at all); called with r = 0 the mask lets a patch see
+    itself alone (the dense "self" reading).
     """
     y, x = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
     y, x = y.flatten(), x.flatten()
