@@ -136,11 +136,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.resblocks = nn.ModuleList(ResidualBlock(width, heads, quick_gelu) for _ in range(layers))
 
-    def forward(self, x, causal=False, mask=None, last_mask=None):
-        """last_mask, when given, replaces mask in the last block (the dense "self" path)."""
-        for i, block in enumerate(self.resblocks):
-            last = last_mask is not None and i == len(self.resblocks) - 1
-            x = block(x, causal, last_mask if last else mask)
+    def forward(self, x, causal=False, mask=None):
+        for block in self.resblocks:
+            x = block(x, causal, mask)
         return x
 
 
@@ -220,8 +218,11 @@ class VisionTransformer(nn.Module):
         cls = self.class_embedding.to(x.dtype).expand(B, 1, W)
         x = torch.cat([cls, x], dim=1) + self.positions(h, w).to(x.dtype)
         mask = local_attention_mask(h, w, self.local, x.device) if self.local else None
-        last_mask = local_attention_mask(h, w, 0, x.device) if last_self else None  # r = 0: itself
-        return self.transformer(self.ln_pre(x), mask=mask, last_mask=last_mask), (h, w)
+        blocks, x = self.transformer.resblocks, self.ln_pre(x)
+        for i, block in enumerate(blocks):
+            own = last_self and i == len(blocks) - 1  # r = 0: a patch sees itself alone
+            x = block(x, mask=local_attention_mask(h, w, 0, x.device) if own else mask)
+        return x, (h, w)
 
     def forward(self, x):
         x, _ = self.tokens(x)
