@@ -342,6 +342,7 @@ def bench_parser(n=200_000, seed=0, spacy_python=None, spacy_n=5000, tags_n=0, w
 def bench_world(args):
     """World generation, training-step and evaluation speed on this machine."""
     import eval_seg
+    import model
     import tagalign
 
     world = data.World(0)
@@ -351,31 +352,31 @@ def bench_world(args):
     gen = args.images / (time.perf_counter() - t)
     print(f"world generation: {gen:,.0f} images/s (64 x 64, with caption and three maps, one thread)")
 
-    cfg = tagalign.Config()
+    cfg = model.Config()
     corpus = [world.caption(i) for i in range(2000)]
     tokenizer, vocab = data.Tokenizer.train(corpus, 1024), data.build_vocab(corpus, min_count=1)
     cfg.vocab_size = tokenizer.vocab_size
-    model = tagalign.TagAlign(cfg)
+    net = model.TagAlign(cfg)
     targs = tagalign.build_parser().parse_args(["train"])  # the training defaults: lr, losses, kernels
-    opt = tagalign.make_optimizer(model, targs)
+    opt = tagalign.make_optimizer(net, targs)
     tag_tokens = tokenizer(tagalign.tag_texts(vocab), cfg.context_length)
     batch = tagalign.world_batch(world, 0, args.batch_size, tokenizer, vocab, cfg)
     times = []
     for step in range(args.warmup + args.repeat):
         t = time.perf_counter()
-        loss = tagalign.compute_loss(model, *batch[:2], tag_tokens, batch[2], targs)[0]
+        loss = tagalign.compute_loss(net, *batch[:2], tag_tokens, batch[2], targs)[0]
         opt.zero_grad()
         loss.backward()
         opt.step()
         times.append(time.perf_counter() - t)
     step_s = statistics.median(times[args.warmup:])
     print(f"training step, batch {args.batch_size}: {step_s * 1e3:.0f} ms = {args.batch_size / step_s:,.0f} "
-          f"images/s ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+          f"images/s ({sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, "
           f"{torch.get_num_threads()} threads)")
 
     # The reference points for the world benchmarks' mIoU: a majority-class predictor (on
     # world-object: all background) and uniformly random classes.
-    for name in tagalign.WORLD_BENCHMARKS:
+    for name in data.WORLD_BENCHMARKS:
         bench = data.world_benchmark(name)
         labels = [bench[i][1] for i in range(len(bench))]
         counts = np.bincount(np.concatenate([lab[lab != 255] for lab in labels]), minlength=len(bench.classes))
@@ -387,7 +388,7 @@ def bench_world(args):
         print(f"{name}: majority class '{bench.classes[counts.argmax()]}' mIoU {trivial.compute()['mIoU']:.2f}, "
               f"uniform random mIoU {chance.compute()['mIoU']:.2f} ({len(bench)} images)")
 
-    seg = tagalign.load_model(args.ckpt) if args.ckpt else tagalign.SegmentationModel(model, tokenizer)
+    seg = model.load_model(args.ckpt) if args.ckpt else model.SegmentationModel(net, tokenizer)
     rng = np.random.default_rng(0)
 
     class OneImage:  # a VOC-shaped benchmark of random 500 x 375 images

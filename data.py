@@ -2131,6 +2131,7 @@ class World:
 WORLD_MEAN = (0.48, 0.57, 0.57)  # per-channel pixel statistics of the world, measured on 10k images
 WORLD_STD = (0.28, 0.22, 0.29)
 WORLD_TEMPLATES = ("a {}.",)  # zero-shot prompt; world captions read "a big red circle on grass"
+WORLD_BENCHMARKS = ("world-object", "world-stuff", "world-attr")  # see WorldBenchmark
 
 
 def to_tensor(images, mean, std):
@@ -2159,7 +2160,7 @@ class WorldBenchmark:
         elif name == "world-attr":
             self.classes, self.background = [f"{c} {s}" for c in COLOUR_NAMES for s in SHAPES], False
         else:
-            raise ValueError(f"unknown world benchmark {name!r} (world-object, world-stuff, world-attr)")
+            raise ValueError(f"unknown world benchmark {name!r} ({', '.join(WORLD_BENCHMARKS)})")
         self.name, self.n = name, n_images
         self.world = World(seed, image_size, split="val")
         self.mean, self.std, self.templates = WORLD_MEAN, WORLD_STD, list(WORLD_TEMPLATES)

@@ -8,7 +8,7 @@ Writes metrics.json (per-class IoU, NaN as null) and vis/*.png overlays (input |
 prediction) into --out (default: the checkpoint's folder), and prints one table per benchmark
 and the mean over benchmarks in the paper's column order.
 
-Model interface (duck-typed; tagalign.py's world and CLIP models provide it):
+Model interface (duck-typed; model.py's SegmentationModel provides it):
     model.encode_dense(images) -> (B, E, h, w)   images: float (B, 3, H, W), already normalised
                                                   with the protocol's mean/std; any h, w
     model.encode_text(texts: list[str]) -> (T, E) un-normalised text embeddings
@@ -49,6 +49,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
+
+import data
+from model import load_model
 
 # ----------------------------------------------------------------------------- class names
 # mmsegmentation's class lists (mmseg/datasets/{voc,pascal_context,coco_stuff,cityscapes,ade}.py,
@@ -273,7 +276,7 @@ BENCHMARKS = {
     "cityscapes": (("cityscapes", "Cityscapes"), _cityscapes, CITYSCAPES, False, False, 500),
     "ade20k": (("ade/ADEChallengeData2016", "ADEChallengeData2016"), _ade, ADE20K, True, False, 2000),
 }
-WORLD = ("world-object", "world-stuff", "world-attr")
+WORLD = data.WORLD_BENCHMARKS
 
 
 class FolderBenchmark:
@@ -299,7 +302,6 @@ class FolderBenchmark:
 def load_benchmark(name, data_root=None, n_images=None):
     """A world benchmark from data.py, or a standard one read from its layout under data_root."""
     if name in WORLD:
-        import data  # lazy: the evaluator runs without the world when scoring real benchmarks
         return data.world_benchmark(name, **({} if n_images is None else {"n_images": n_images}))
     if data_root is None:
         raise SystemExit(f"eval_seg: benchmark {name} needs --data-root")
@@ -646,7 +648,7 @@ def parse_names(text):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Zero-shot segmentation evaluation "
                                 "(TCL/TagAlign protocol, mmseg mIoU).")
-    p.add_argument("--ckpt", help="checkpoint written by tagalign.py (loaded with tagalign.load_model)")
+    p.add_argument("--ckpt", help="checkpoint written by tagalign.py (loaded with model.load_model)")
     p.add_argument("--preds", help="folder of saved predictions <image id>.png (class index after "
                    "reduce_zero_label, 255 = none) to score instead of a model")
     p.add_argument("--benchmarks", help="comma-separated names or 'all' (the eight standard ones); "
@@ -683,9 +685,8 @@ def main(argv=None):
     if args.ckpt is not None:
         if not Path(args.ckpt).is_file():
             raise SystemExit(f"eval_seg: --ckpt {args.ckpt}: no such file")
-        import tagalign  # lazy: scoring saved predictions needs no model code
-        model = tagalign.load_model(args.ckpt, device=args.device, dense=args.dense)
-        # tagalign.SegmentationModel keeps the trained module (and its config) in .model
+        model = load_model(args.ckpt, device=args.device, dense=args.dense)
+        # model.SegmentationModel keeps the trained module (and its config) in .model
         extra["config"] = getattr(model, "config", None) or getattr(getattr(model, "model", None), "cfg", None)
     elif not Path(args.preds).is_dir():
         raise SystemExit(f"eval_seg: --preds {args.preds}: no such folder")

@@ -3,8 +3,6 @@ layout, the protocol's geometry, background, templates, PAMR, and the CLI, witho
 import dataclasses
 import json
 import math
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -515,9 +513,7 @@ class FakeWorld:
 
 
 def test_world_path_run_benchmarks(tmp_path, monkeypatch):
-    fake = types.ModuleType("data")
-    fake.world_benchmark = lambda name, n_images=3: FakeWorld(name, n_images)
-    monkeypatch.setitem(sys.modules, "data", fake)
+    monkeypatch.setattr(E.data, "world_benchmark", lambda name, n_images=3: FakeWorld(name, n_images))
     models = {}
     for name in E.WORLD:
         w = FakeWorld(name)

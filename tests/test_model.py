@@ -7,8 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-import tagalign
-from tagalign import CLIP, Config, TagAlign
+from model import CLIP, Config, GatedBlock, LayerNorm, QuickGELU, SegmentationModel, TagAlign
 
 
 def tiny_config(**kw):
@@ -63,7 +62,7 @@ def test_text_takes_the_end_token_position():
 
 def test_decoder_starts_as_identity():
     """TCL's decoder blocks are gated by a zero-initialised scalar."""
-    block = tagalign.GatedBlock(8)
+    block = GatedBlock(8)
     x = torch.randn(2, 8, 5, 5)
     torch.testing.assert_close(block(x), x)
 
@@ -76,7 +75,7 @@ class RefBlock(nn.Module):
         super().__init__()
         self.attn = nn.MultiheadAttention(width, heads)
         self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.mlp = nn.Sequential(OrderedDict([("c_fc", nn.Linear(width, 4 * width)), ("gelu", tagalign.QuickGELU()),
+        self.mlp = nn.Sequential(OrderedDict([("c_fc", nn.Linear(width, 4 * width)), ("gelu", QuickGELU()),
                                               ("c_proj", nn.Linear(4 * width, width))]))
         self.mask = mask
 
@@ -150,7 +149,7 @@ def test_openai_state_dict_loads_as_is_and_matches():
 
 
 def test_layernorm_computes_in_fp32():
-    ln = tagalign.LayerNorm(16)
+    ln = LayerNorm(16)
     x = (torch.randn(4, 16) * 100).half()
     y = ln(x)
     assert y.dtype == torch.float16
@@ -178,10 +177,10 @@ def test_dense_self_path_changes_only_the_last_block():
 def test_segmentation_model_dense_paths():
     model = TagAlign(tiny_config())
     images = torch.randn(2, 3, 32, 32)
-    seg = tagalign.SegmentationModel(model, tokenizer=None, dense="self")
+    seg = SegmentationModel(model, tokenizer=None, dense="self")
     torch.testing.assert_close(seg.encode_dense(images), model.dense(images, True).permute(0, 3, 1, 2))
     with pytest.raises(ValueError, match="dense"):
-        tagalign.SegmentationModel(model, tokenizer=None, dense="value")
+        SegmentationModel(model, tokenizer=None, dense="value")
 
 
 @pytest.mark.parametrize("stem", ["conv", "patch"])

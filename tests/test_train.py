@@ -8,8 +8,10 @@ import os
 import pytest
 import torch
 
+import data
 import eval_seg
 import tagalign
+from model import load_model
 
 TINY = dict(stem_width=8, vision_width=32, vision_layers=1, vision_heads=2, context_length=28,
             text_width=32, text_layers=1, text_heads=2, embed_dim=16, decoder_blocks=1)
@@ -59,18 +61,18 @@ def test_checkpoint_round_trip(tiny, tmp_path):
     assert ckpt["step"] == 2 and ckpt["args"]["steps"] == 2
     assert ckpt["config"]["vision_width"] == TINY["vision_width"]
     assert not os.path.exists(tmp_path / "ckpt.pt.tmp")  # written atomically: no leftovers
-    seg = tagalign.load_model(str(tmp_path / "ckpt.pt"))
+    seg = load_model(str(tmp_path / "ckpt.pt"))
     for k, v in model.state_dict().items():
         torch.testing.assert_close(seg.model.state_dict()[k], v, rtol=0, atol=0)
     images = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(seg.encode_dense(images), model.eval().dense(images).permute(0, 3, 1, 2))
     assert seg.encode_text(["a red circle.", "grass"]).shape == (2, TINY["embed_dim"])
-    own = tagalign.load_model(str(tmp_path / "ckpt.pt"), dense="self")
+    own = load_model(str(tmp_path / "ckpt.pt"), dense="self")
     torch.testing.assert_close(own.encode_dense(images), model.dense(images, True).permute(0, 3, 1, 2))
     metrics = eval_seg.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--dense", "self", "--world-images", "4",
                              "--n-vis", "0", "--out", str(tmp_path / "self")])
     saved = json.loads((tmp_path / "self" / "metrics.json").read_text())
-    assert saved["args"]["dense"] == "self" and set(tagalign.WORLD_BENCHMARKS) <= set(metrics)
+    assert saved["args"]["dense"] == "self" and set(data.WORLD_BENCHMARKS) <= set(metrics)
 
 
 def test_resume_continues_exactly(tiny, tmp_path, monkeypatch):
@@ -114,7 +116,7 @@ def test_bad_input_fails_with_one_line(tmp_path, capsys):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "ckpt.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit, match="not a tagalign checkpoint"):
-        tagalign.load_model(str(tmp_path / "bad" / "ckpt.pt"))
+        load_model(str(tmp_path / "bad" / "ckpt.pt"))
     with pytest.raises(SystemExit):
         run(tmp_path, "--steps", "0")
     assert "--steps must be at least 1" in capsys.readouterr().err
