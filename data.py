@@ -1838,7 +1838,7 @@ def read_tags(out_dir):
 
 
 # ---------------------------------------------------------------- the synthetic world
-# A procedural world of coloured shapes on textured ground (DESIGN section 5). Every sample is a
+# A procedural world of coloured shapes on textured ground. Every sample is a
 # pure function of (seed, split, index): nothing is stored, and the validation images are the
 # same for every training seed. Ground truth is exact, so segmentation can be scored.
 #

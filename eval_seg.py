@@ -2,6 +2,7 @@
 
     python eval_seg.py --ckpt out/ckpt.pt                      # the three world benchmarks
     python eval_seg.py --ckpt PATH --benchmarks all --data-root DIR
+    python eval_seg.py --clip ViT-B-16.pt --dense maskclip --benchmarks voc --data-root DIR  # raw CLIP
     python eval_seg.py --preds DIR --benchmarks voc --data-root DIR   # score saved label PNGs
 
 Writes metrics.json (per-class IoU, NaN as null) and vis/*.png overlays (input | ground truth |
@@ -13,6 +14,8 @@ Model interface (duck-typed; model.py's SegmentationModel provides it):
                                                   with the protocol's mean/std; any h, w
     model.encode_text(texts: list[str]) -> (T, E) un-normalised text embeddings
     model.device (optional, else CPU)
+    model.clip_blend (optional): True when encode_dense(images, with_clip=True) also gives raw
+        CLIP's embeddings of the same tokens, blended in with weight clip_w (TagAlign's eval)
 The evaluator fills the templates, averages the un-normalised text embeddings per class and
 L2-normalises them; it L2-normalises the dense embeddings over E, takes the cosine to every
 class, maps it to a score sigmoid(10 * cos - 2.5), upsamples the (B, C, h, w) scores bilinearly
@@ -25,17 +28,19 @@ Protocol (TCL's, which TagAlign uses; read from the authors' configs): resize so
 is 448 with the long side capped at 2048 (mmcv.imrescale: s = min(2048/long, 448/short),
 size int(x*s+0.5), bilinear on uint8), ImageNet mean/std, sliding window 448 with stride 224 on
 mmseg's grid (last window snapped to the border), per-crop scores averaged where windows overlap,
-bilinear resize back to the original size, argmax. The score mapping and 0.4 threshold are
-TagAlign's (github.com/Qinying-Liu/TagAlign, configs/tagalign.yml: bg_thresh 0.4, scale 10,
-bias -2.5; models/tagalign/tagalign.py generate_masks: sigmoid(scale*cos+bias) before the
-upsampling): TCL's Sim2Mask sigmoid(w*cos+b), whose w, b TCL learns, frozen at TCL's initial
-values. Another commit of their repo (70914ae:
-segmentation/configs, tagalign.py) uses softmax(30*cos) over classes, stride 56, per-dataset
-thresholds (0.45 for VOC) and a blend with raw CLIP; we follow the setting that matches TCL's
-protocol and DESIGN section 7. The model is used as given: put it in eval mode.
+bilinear resize back to the original size, argmax. The scoring is TagAlign's
+(github.com/Qinying-Liu/TagAlign, configs/eval.yml: bg_thresh 0.4, clip_w 0.3, scale 10,
+bias -2.5; models/tagalign/tagalign.py generate_masks): per class sigmoid(10 cos - 2.5) of the
+decoder's patch embeddings, blended 0.7 / 0.3 with the same score of the raw surgery tokens
+through CLIP's frozen ln_post + proj, on the patch grid, then upsampled to the crop. (TCL's
+Sim2Mask is sigmoid(w cos + b) with w, b learned; TagAlign freezes them at TCL's initial values.
+Another commit of TagAlign's repo, 70914ae, uses softmax(30 cos) over the classes, stride 56 and
+per-dataset thresholds; we follow the released configs, which match TCL's protocol.) The model
+is used as given: put it in eval mode.
 mIoU is mmseg's (see IoU below). Optional PAMR (Araslanov & Roth, CVPR 2020) as in TCL.
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -51,7 +56,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
-from model import load_model
+from model import READINGS, SegmentationModel, load_clip, load_model
 
 # ----------------------------------------------------------------------------- class names
 # mmsegmentation's class lists (mmseg/datasets/{voc,pascal_context,coco_stuff,cityscapes,ade}.py,
@@ -176,6 +181,8 @@ class Protocol:
     score_scale: float | None = 10.0  # None (softmax only): the model's own logit_scale, else 30
     score_bias: float = -2.5
     bg_thresh: float = 0.4  # constant background score, for benchmarks with a background class
+    clip_w: float = 0.3  # TagAlign's blend: score = (1 - w) decoder's + w raw CLIP's of the same
+    #   tokens (configs/eval.yml clip_w 0.3); only models with a frozen CLIP have the raw path
     pamr: bool = False  # PAMR refinement of each crop's scores (TCL's optional post-processing)
     pamr_iters: int = 10
     pamr_dilations: tuple = (1, 2, 4, 8, 12, 24)
@@ -397,19 +404,42 @@ def text_embeddings(model, names, templates, chunk=256):
     return F.normalize(emb.view(len(names), len(templates), -1).mean(1), dim=-1)
 
 
+def autocast(device):
+    """bf16 autocast for the model on CUDA (scores are computed in fp32); nothing on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def effective_clip_w(model, protocol):
+    """The blend weight that applies: the protocol's for a model with a raw CLIP path, else 0."""
+    return protocol.clip_w if getattr(model, "clip_blend", False) else 0.0
+
+
 def crop_scorer(model, text, protocol, background):
     """crops (n, 3, h, w) -> scores (n, C, h, w), the background channel first when present."""
     softmax_scale = protocol.score_scale or float(getattr(model, "logit_scale", 30.0))
+    clip_w = effective_clip_w(model, protocol)
 
-    def scores(crops):
-        f = F.normalize(model.encode_dense(crops).float(), dim=1)  # (n, E, h', w')
+    def class_scores(f):  # (n, E, h', w') -> (n, C, h', w')
+        f = F.normalize(f.float(), dim=1)
         if f.dim() != 4 or f.shape[1] != text.shape[1]:
             raise ValueError(f"encode_dense gave {tuple(f.shape)}; expected (n, {text.shape[1]}, h, w)")
         cos = torch.einsum("nehw,ce->nchw", f, text)
         if protocol.score == "softmax":  # relative scores: the background wins where no class is sure
-            s = torch.softmax(softmax_scale * cos, dim=1)
+            return torch.softmax(softmax_scale * cos, dim=1)
+        return torch.sigmoid(protocol.score_scale * cos + protocol.score_bias)
+
+    def scores(crops):
+        with autocast(crops.device):
+            return _scores(crops)
+
+    def _scores(crops):
+        if clip_w:  # TagAlign's generate_masks: blend on the patch grid, then upsample
+            f, f_clip = model.encode_dense(crops, with_clip=True)
+            s = (1 - clip_w) * class_scores(f) + clip_w * class_scores(f_clip)
         else:
-            s = torch.sigmoid(protocol.score_scale * cos + protocol.score_bias)
+            s = class_scores(model.encode_dense(crops))
         s = resize_bilinear(s, crops.shape[-2:])  # (n, C, h, w)
         if protocol.pamr:  # TCL refines each crop's class scores before adding the background
             s = pamr(crops, s, protocol.pamr_iters, protocol.pamr_dilations)
@@ -611,6 +641,7 @@ def run_benchmarks(model, names=WORLD, data_root=None, out_dir="out", n_vis=4, b
     for k, bench in benches.items():
         if preds_dir is None:
             protocol = protocol_for(k, bench, overrides)
+            protocol = dataclasses.replace(protocol, clip_w=effective_clip_w(model, protocol))
             r = evaluate(model, bench, protocol, k, batch_size, n_vis, out_dir / "vis", limit)
             r["protocol"] = protocol
             r["speed"] = {"images_per_s": r["images"] / r["seconds"],
@@ -648,10 +679,13 @@ def parse_names(text):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Zero-shot segmentation evaluation "
                                 "(TCL/TagAlign protocol, mmseg mIoU).")
-    p.add_argument("--ckpt", help="checkpoint written by tagalign.py (loaded with model.load_model)")
+    p.add_argument("--ckpt", help="checkpoint written by tagalign.py")
+    p.add_argument("--clip", help="an OpenAI CLIP file (ViT-B-16.pt or a state dict): alone, score raw "
+                   "CLIP (its ln_post + proj on the --dense reading); with --ckpt, the CLIP that a "
+                   "paper-mode checkpoint was trained on (default: the path it recorded)")
     p.add_argument("--preds", help="folder of saved predictions <image id>.png (class index after "
                    "reduce_zero_label, 255 = none) to score instead of a model")
-    p.add_argument("--benchmarks", help="comma-separated names or 'all' (the eight standard ones); "
+    p.add_argument("--benchmarks", help="comma-separated names or 'all' (the ten of the paper); "
                    "default: world-object,world-stuff,world-attr")
     p.add_argument("--data-root", help="folder holding the standard datasets in their mmseg layouts")
     p.add_argument("--out", help="folder for metrics.json and vis/ "
@@ -661,35 +695,43 @@ def main(argv=None):
                    help="class scores: sigmoid(10 cos - 2.5) (default) or softmax over classes (world)")
     p.add_argument("--score-scale", type=float, help="cosine multiplier of the score (default 10; "
                    "world: the model's learned logit scale)")
+    p.add_argument("--clip-w", type=float, help="weight of raw CLIP's scores blended into a paper-mode "
+                   "model's (default 0.3, TagAlign's; 0 = the decoder alone)")
     p.add_argument("--templates", choices=sorted(TEMPLATES), help="prompt set (default: simple)")
     p.add_argument("--pamr", action="store_true", help="refine crop scores with PAMR (10 iterations)")
     p.add_argument("--n-vis", type=int, default=4, help="overlay images saved per benchmark")
     p.add_argument("--batch-size", type=int, default=16, help="crops per forward pass")
     p.add_argument("--limit", type=int, help="evaluate only the first N images of each benchmark")
     p.add_argument("--world-images", type=int, help="images per world benchmark (default: data.py's)")
-    p.add_argument("--dense", choices=("trained", "self"), default="trained",
-                   help="with --ckpt: the patch embeddings the losses trained (default), or the last "
-                   "ViT block with every patch attending to itself only (MaskCLIP-style inference)")
+    p.add_argument("--dense", choices=READINGS, help="how patch tokens are read out of the ViT: plain (its "
+                   "outputs), maskclip (last block: each patch attends to itself) or surgery (CLIP "
+                   "Surgery); default: the model's own (world: plain; paper mode: surgery)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="device for the model (default: cuda if available)")
     args = p.parse_args(argv)
-    if (args.ckpt is None) == (args.preds is None):
-        raise SystemExit("eval_seg: give exactly one of --ckpt PATH or --preds DIR")
+    if (args.preds is None) == (args.ckpt is None and args.clip is None):
+        raise SystemExit("eval_seg: give a model (--ckpt PATH and/or --clip PATH) or --preds DIR, not both")
     if args.batch_size < 1 or args.n_vis < 0 or (args.limit is not None and args.limit < 1):
         raise SystemExit("eval_seg: --batch-size and --limit must be >= 1, --n-vis >= 0")
+    if args.clip_w is not None and not 0 <= args.clip_w <= 1:
+        raise SystemExit("eval_seg: --clip-w must lie in [0, 1]")
     names = parse_names(args.benchmarks)
     overrides = {k: v for k, v in (("bg_thresh", args.bg_thresh), ("pamr", args.pamr or None),
                                    ("score", args.score), ("score_scale", args.score_scale),
+                                   ("clip_w", args.clip_w),
                                    ("templates", TEMPLATES.get(args.templates))) if v is not None}
     model, extra = None, {"args": vars(args)}
     if args.ckpt is not None:
         if not Path(args.ckpt).is_file():
             raise SystemExit(f"eval_seg: --ckpt {args.ckpt}: no such file")
-        model = load_model(args.ckpt, device=args.device, dense=args.dense)
-        # model.SegmentationModel keeps the trained module (and its config) in .model
-        extra["config"] = getattr(model, "config", None) or getattr(getattr(model, "model", None), "cfg", None)
+        model = load_model(args.ckpt, device=args.device, reading=args.dense, clip=args.clip)
+    elif args.clip is not None:
+        model = SegmentationModel(load_clip(args.clip), data.Tokenizer.from_clip(), args.device,
+                                  args.dense, head="clip")
     elif not Path(args.preds).is_dir():
         raise SystemExit(f"eval_seg: --preds {args.preds}: no such folder")
+    if model is not None:
+        extra["config"] = model.config
     out = args.out or (str(Path(args.ckpt).parent) if args.ckpt else "out")
     return run_benchmarks(model, names, args.data_root, out, args.n_vis, args.batch_size, extra,
                           overrides, args.world_images, args.limit, args.preds)

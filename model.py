@@ -7,7 +7,9 @@ names, so that a CLIP state dict loads as it is) and TagAlign's dense head on to
 The losses, the optimizer and the training loop live in tagalign.py; the evaluator in eval_seg.py
 reads models through `SegmentationModel` and `load_model` here.
 """
+import contextlib
 import dataclasses
+import hashlib
 import math
 import os
 from dataclasses import dataclass
@@ -19,6 +21,9 @@ import torch.nn.functional as F
 import data
 
 # ---------------------------------------------------------------- config
+READINGS = ("plain", "maskclip", "surgery")  # how dense patch tokens are read out of the ViT
+
+
 @dataclass
 class Config:
     # image encoder (ViT)
@@ -29,7 +34,8 @@ class Config:
     vision_width: int = 96      # transformer width
     vision_layers: int = 1      # residual attention blocks
     vision_heads: int = 3       # attention heads
-    vision_local: int = 1       # 0: global attention (CLIP); r > 0: a patch attends to patches within r grid steps
+    vision_local: int = 1       # -1: global attention (CLIP); r >= 0: a patch attends to the
+    #   patches within r grid steps (0: itself alone), the class token to everything
     # text encoder (causal transformer)
     vocab_size: int = 1000      # tokenizer vocabulary, set from the tokenizer
     context_length: int = 28    # tokens per caption, start and end tokens included
@@ -38,25 +44,56 @@ class Config:
     text_heads: int = 2         # attention heads
     # joint space and the TagAlign head
     embed_dim: int = 64         # dimension of the shared image-text space
-    decoder_blocks: int = 0     # gated residual conv blocks on the patch grid (TCL's decoder; the
-    #   paper has 2 on CLIP. The world model has none: each 3x3 block widens the context a patch
-    #   sees, and on the world that context became a halo of shape labels around every object)
+    dense: str = "plain"        # how the decoder reads the ViT's patch tokens: "plain" (its outputs),
+    #   "maskclip" (last block: each patch attends to itself) or "surgery" (CLIP Surgery)
+    surgery_blocks: int = 6     # blocks with the value-value path when dense is "surgery" (the paper: 6)
+    decoder_blocks: int = 0     # TCL's residual conv blocks on the patch grid (the paper: 2 on CLIP.
+    #   The world model has none: each 3x3 block widens the context a patch sees, and on the world
+    #   that context became a halo of shape labels around every object)
     quick_gelu: bool = False    # x * sigmoid(1.702 x) as in OpenAI CLIP; exact GELU otherwise
+
+    def check(self):
+        """Raise ValueError with one line naming the field when the shape cannot be built."""
+        for k, v in dataclasses.asdict(self).items():
+            if isinstance(v, int) and not isinstance(v, bool) and v < {"vision_local": -1}.get(k, 0):
+                raise ValueError(f"{k}={v}: must be {'>= -1' if k == 'vision_local' else 'non-negative'}")
+        for k in ("image_size", "patch_size", "vision_width", "vision_heads", "text_width", "text_heads",
+                  "vocab_size", "context_length", "embed_dim"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k}={getattr(self, k)}: must be at least 1")
+        if self.stem not in ("conv", "patch"):
+            raise ValueError(f"stem={self.stem!r}: must be 'conv' or 'patch'")
+        if self.dense not in READINGS:
+            raise ValueError(f"dense={self.dense!r}: must be one of {', '.join(READINGS)}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+        if self.stem == "conv" and (self.patch_size & (self.patch_size - 1) or self.patch_size < 2):
+            raise ValueError(f"patch_size={self.patch_size}: the conv stem needs a power of two >= 2")
+        for side in ("vision", "text"):
+            width, heads = getattr(self, f"{side}_width"), getattr(self, f"{side}_heads")
+            if width % heads:
+                raise ValueError(f"{side}_width={width} is not a multiple of {side}_heads={heads}")
+        if self.dense == "surgery" and not 1 <= self.surgery_blocks <= self.vision_layers:
+            raise ValueError(f"surgery_blocks={self.surgery_blocks}: must lie in 1..vision_layers={self.vision_layers}")
+        return self
 
     @classmethod
     def from_clip_state_dict(cls, sd):
-        """Infer the shape of an OpenAI CLIP ViT from its state dict, as CLIP's build_model does."""
+        """Infer the shape of an OpenAI CLIP ViT from its state dict, as CLIP's build_model does
+        (heads = width // 64), with the paper's head: surgery features and 2 decoder blocks."""
         vw = sd["visual.conv1.weight"].shape[0]
         patch = sd["visual.conv1.weight"].shape[-1]
         grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
         tw = sd["ln_final.weight"].shape[0]
         count = lambda prefix: len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})  # noqa: E731
+        layers = count("visual.transformer.resblocks.")
         return cls(image_size=grid * patch, patch_size=patch, stem="patch",
-                   vision_width=vw, vision_layers=count("visual.transformer.resblocks."),
-                   vision_heads=vw // 64, vision_local=0, vocab_size=sd["token_embedding.weight"].shape[0],
+                   vision_width=vw, vision_layers=layers, vision_heads=vw // 64, vision_local=-1,
+                   vocab_size=sd["token_embedding.weight"].shape[0],
                    context_length=sd["positional_embedding"].shape[0], text_width=tw,
                    text_layers=count("transformer.resblocks."), text_heads=tw // 64,
-                   embed_dim=sd["text_projection"].shape[1], decoder_blocks=2, quick_gelu=True)
+                   embed_dim=sd["text_projection"].shape[1], dense="surgery",
+                   surgery_blocks=min(6, layers), decoder_blocks=2, quick_gelu=True)
 
 
 # ---------------------------------------------------------------- transformer blocks (CLIP names)
@@ -90,6 +127,16 @@ class Attention(nn.Module):
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, N, 3W)
         q, k, v = qkv.view(B, N, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, N, W/H)
+        return self.out_proj(y.transpose(1, 2).reshape(B, N, W))
+
+    def value_value(self, x, mask=None):
+        """CLIP Surgery's attention (Li et al. 2023): queries and keys replaced by the values, so
+        that a token attends to the tokens whose values resemble its own; same scale
+        head_dim^-0.5 and out_proj (with its bias). x (B, N, W) -> (B, N, W)."""
+        B, N, W = x.shape
+        v = F.linear(x, self.in_proj_weight[2 * W:], self.in_proj_bias[2 * W:])  # (B, N, W)
+        v = v.view(B, N, self.heads, W // self.heads).transpose(1, 2)  # (B, H, N, W/H)
+        y = F.scaled_dot_product_attention(v, v, v, attn_mask=mask)
         return self.out_proj(y.transpose(1, 2).reshape(B, N, W))
 
 
@@ -137,9 +184,9 @@ def local_attention_mask(h, w, r, device=None):
     patch can carry the whole image's content, and nothing ties "circle" to the circle's patches
     (trained from scratch, a patch on the grass ended up closest to the shape names). With a
     bounded receptive field only the patches that see the circle can say "circle" -- the same
-    prior that makes class activation maps work (Zhou et al. 2016). CLIP mode attends globally
-    (Config.vision_local = 0: no mask at all); called with r = 0 the mask lets a patch see
-    itself alone (the dense "self" reading).
+    prior that makes class activation maps work (Zhou et al. 2016). CLIP attends globally
+    (Config.vision_local = -1: no mask at all); with r = 0 a patch sees itself alone (the
+    MaskCLIP reading of a last block).
     """
     y, x = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
     y, x = y.flatten(), x.flatten()
@@ -191,23 +238,37 @@ class VisionTransformer(nn.Module):
         grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False)
         return torch.cat([pos[:1], grid.to(pos.dtype).flatten(2)[0].T])
 
-    def tokens(self, x, last_self=False):
-        """(B, 3, H, W) images -> (B, 1 + h*w, width) transformer outputs, and (h, w).
+    def tokens(self, x, reading="plain", surgery_blocks=6):
+        """(B, 3, H, W) images -> (B, 1 + h*w, width) tokens, and (h, w). The class token is always
+        the ordinary one; the patch tokens depend on the reading:
 
-        last_self: in the last block every patch attends to itself alone, so its attention output
-        is its own value (MaskCLIP's reading of CLIP's last layer, Zhou et al. 2022); the class
-        token attends as trained. A dense-inference option: the losses train the normal path.
+        plain:    the last block's outputs, as trained.
+        maskclip: in the last block every patch attends to itself alone, so its attention output
+                  is out_proj(its own value); FFN kept (MaskCLIP, Zhou et al. 2022).
+        surgery:  CLIP Surgery (Li et al. 2023) as TagAlign's code computes it. With L blocks and
+                  k = surgery_blocks, a second path s starts from the hidden state h_{L-k}
+                  entering block L-k and adds, for each block i >= L-k, the value-value attention
+                  of that block's ln_1(h_i) -- h_i being the ORIGINAL path's state -- and no FFN:
+                  s_{i+1} = s_i + vv_i(ln_1(h_i)). The original path runs unchanged and never
+                  reads s. Patch tokens are s_L (no ln_post: the decoder reads raw tokens).
         """
+        if reading not in READINGS:
+            raise ValueError(f"reading {reading!r}: must be one of {', '.join(READINGS)}")
         x = self.conv1(self.stem(x))  # (B, W, h, w)
         B, W, h, w = x.shape
         x = x.flatten(2).transpose(1, 2)  # (B, h*w, W)
         cls = self.class_embedding.to(x.dtype).expand(B, 1, W)
         x = torch.cat([cls, x], dim=1) + self.positions(h, w).to(x.dtype)
-        mask = local_attention_mask(h, w, self.local, x.device) if self.local else None
+        mask = local_attention_mask(h, w, self.local, x.device) if self.local >= 0 else None
         blocks, x = self.transformer.resblocks, self.ln_pre(x)
+        L, s = len(blocks), None
         for i, block in enumerate(blocks):
-            own = last_self and i == len(blocks) - 1  # r = 0: a patch sees itself alone
+            if reading == "surgery" and i >= L - surgery_blocks:
+                s = (x if s is None else s) + block.attn.value_value(block.ln_1(x), mask)
+            own = reading == "maskclip" and i == L - 1  # r = 0: a patch sees itself alone
             x = block(x, mask=local_attention_mask(h, w, 0, x.device) if own else mask)
+        if s is not None:
+            x = torch.cat([x[:, :1], s[:, 1:]], dim=1)  # the class token keeps the original path
         return x, (h, w)
 
     def forward(self, x):
@@ -243,80 +304,219 @@ class CLIP(nn.Module):
         return self.visual(images)
 
 
-# ---------------------------------------------------------------- TagAlign: dense head and model
-class GatedBlock(nn.Module):
-    """Residual block of two 3x3 convs with LayerNorm and GELU, added through a gate that starts
-    at zero, so a fresh decoder is the identity (TCL's decoder, Cha et al. 2023)."""
+# ---------------------------------------------------------------- TagAlign: decoder, head and model
+class ConvBlock(nn.Module):
+    """Pre-activation conv through a tanh gate: tanh(g) * conv3x3(gelu(LN_channels(x))), g = 0 at
+    first, so the block starts as zero (TCL's ConvBlock with norm "ln", activ "gelu", gate)."""
 
     def __init__(self, width):
         super().__init__()
-        self.norm1, self.conv1 = LayerNorm(width), nn.Conv2d(width, width, 3, padding=1)
-        self.norm2, self.conv2 = LayerNorm(width), nn.Conv2d(width, width, 3, padding=1)
+        self.norm = nn.LayerNorm(width)  # over the channels of each grid cell
+        self.conv = nn.Conv2d(width, width, 3, padding=1)
         self.gate = nn.Parameter(torch.zeros(()))
 
     def forward(self, x):  # (B, W, h, w)
-        ln = lambda norm, t: norm(t.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # noqa: E731  over W
-        y = self.conv1(F.gelu(ln(self.norm1, x)))
-        y = self.conv2(F.gelu(ln(self.norm2, y)))
-        return x + self.gate * y
+        y = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return torch.tanh(self.gate) * self.conv(F.gelu(y))
+
+
+class ResConv(nn.Module):
+    """TCL's decoder block (Cha et al. 2023, GDecoder with double=True): two gated ConvBlocks added
+    one after the other, x = x + c1(x); x = x + c2(x). A fresh block is the identity."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.conv1, self.conv2 = ConvBlock(width), ConvBlock(width)
+
+    def forward(self, x):
+        x = x + self.conv1(x)
+        return x + self.conv2(x)
 
 
 class TagAlign(nn.Module):
     """Dense patch embeddings in the text space; the image embedding is their mean.
 
-    images -> ViT patch tokens -> decoder -> LayerNorm -> projection: (B, h, w, E). So the image
-    embedding that the contrastive and tag losses train is an average of patch embeddings, and a
-    patch's cosine to a class name's text embedding segments the image zero-shot.
+    images -> ViT patch tokens (read as cfg.dense) -> decoder -> LayerNorm -> projection:
+    (B, h, w, E). So the image embedding that the contrastive and tag losses train is an average
+    of patch embeddings, and a patch's cosine to a class name's text embedding segments the image
+    zero-shot. Each loss has its own temperature (itc_logit_scale, tag_logit_scale).
+
+    frozen_clip=False (the world, from scratch): everything trains. frozen_clip=True (the paper):
+    both CLIP towers are fixed -- no gradients, always in eval mode, left out of the optimizer
+    and of checkpoints -- and only the decoder, the head (dense_ln and dense_proj, copies of
+    CLIP's ln_post and proj: see init_head_from_clip) and the two temperatures train.
     """
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, frozen_clip=False):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.frozen_clip = cfg.check(), frozen_clip
         self.clip = CLIP(cfg)
         W = cfg.vision_width
-        self.decoder = nn.ModuleList(GatedBlock(W) for _ in range(cfg.decoder_blocks))
-        self.dense_ln = LayerNorm(W)  # in CLIP mode: a trainable copy of visual.ln_post
-        self.dense_proj = nn.Parameter(W ** -0.5 * torch.randn(W, cfg.embed_dim))  # copy of visual.proj
+        self.decoder = nn.Sequential(*(ResConv(W) for _ in range(cfg.decoder_blocks)))
+        self.dense_ln = LayerNorm(W)
+        self.dense_proj = nn.Parameter(W ** -0.5 * torch.randn(W, cfg.embed_dim))
         self.tag_logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # the tag loss's own
+        if frozen_clip:
+            self.clip.requires_grad_(False)
+            # A frozen CLIP's temperature is OpenAI's fixed 100: ITC gets its own, at CLIP's init
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
-    def dense(self, images, last_self=False):
-        """(B, 3, H, W) normalised images -> (B, h, w, E) patch embeddings (not normalised).
-        last_self: the last ViT block's patches attend to themselves only (see VisionTransformer)."""
-        x, (h, w) = self.clip.visual.tokens(images, last_self)
-        x = x[:, 1:].transpose(1, 2).unflatten(2, (h, w))  # (B, W, h, w), class token dropped
-        for block in self.decoder:
-            x = block(x)
+    @property
+    def itc_logit_scale(self):
+        """The contrastive loss's temperature: CLIP's own while CLIP trains (from scratch), a new
+        one beside a frozen CLIP (TagAlign's InfoNCE has its own, initialised at 1/0.07)."""
+        return self.logit_scale if self.frozen_clip else self.clip.logit_scale
+
+    def init_head_from_clip(self):
+        """Start the head as CLIP's own ln_post and proj, so that before training the model reads
+        the features as CLIP would (TagAlign's trainable copy of CLIP's projection)."""
+        with torch.no_grad():
+            self.dense_ln.load_state_dict(self.clip.visual.ln_post.state_dict())
+            self.dense_proj.copy_(self.clip.visual.proj)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.frozen_clip:
+            self.clip.eval()
+        return self
+
+    def features(self, images, reading=None):
+        """(B, 3, H, W) normalised images -> (B, W, h, w) ViT patch tokens, the decoder's input."""
+        with torch.no_grad() if self.frozen_clip else contextlib.nullcontext():
+            x, (h, w) = self.clip.visual.tokens(images, reading or self.cfg.dense, self.cfg.surgery_blocks)
+        return x[:, 1:].transpose(1, 2).unflatten(2, (h, w))  # class token dropped
+
+    def head(self, x):
+        """(B, W, h, w) patch tokens -> (B, h, w, E) patch embeddings (not normalised)."""
+        x = self.decoder(x)
         return self.dense_ln(x.permute(0, 2, 3, 1)) @ self.dense_proj
+
+    def clip_head(self, x):
+        """(B, W, h, w) -> (B, h, w, E) through CLIP's own frozen ln_post and proj: raw CLIP."""
+        return self.clip.visual.ln_post(x.permute(0, 2, 3, 1)) @ self.clip.visual.proj
+
+    def dense(self, images, reading=None):
+        return self.head(self.features(images, reading))  # (B, h, w, E)
 
     def encode_image(self, images):
         return self.dense(images).mean(dim=(1, 2))  # (B, E)
 
     def encode_text(self, tokens):
-        return self.clip.encode_text(tokens)  # (B, E)
+        with torch.no_grad() if self.frozen_clip else contextlib.nullcontext():
+            return self.clip.encode_text(tokens)  # (B, E)
+
+    def trainable_state_dict(self):
+        """What a checkpoint keeps: everything, or without the frozen CLIP (a file holds that)."""
+        return {k: v for k, v in self.state_dict().items() if not (self.frozen_clip and k.startswith("clip."))}
+
+    def load_trainable_state_dict(self, sd):
+        missing, unexpected = self.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if not (self.frozen_clip and k.startswith("clip."))]
+        if missing or unexpected:
+            raise ValueError(f"state dict does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
-DENSE_PATHS = ("trained", "self")  # dense inference: the trained path, or last block self-only
+# ---------------------------------------------------------------- OpenAI CLIP files
+_CLIP_KEYS = ("visual.conv1.weight", "visual.class_embedding", "visual.positional_embedding",
+              "visual.transformer.resblocks.0.attn.in_proj_weight", "visual.ln_post.weight", "visual.proj",
+              "token_embedding.weight", "positional_embedding", "transformer.resblocks.0.attn.in_proj_weight",
+              "ln_final.weight", "text_projection", "logit_scale")
 
 
+def file_sha256(path, chunk=1 << 24):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_clip_state_dict(path):
+    """OpenAI CLIP ViT weights as a float32 state dict with OpenAI's keys, from the TorchScript
+    archive OpenAI distributes (ViT-B-16.pt: read as torch.jit.load(path).state_dict(), as
+    clip.load does) or a torch.save'd state dict (also under "state_dict" or "model", with or
+    without DDP's "module." prefix). Anything else: SystemExit with one line naming the file."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --clip {path}: no such file")
+    try:
+        sd = torch.jit.load(path, map_location="cpu").state_dict()
+    except Exception:  # not TorchScript: a pickled state dict, or a broken file
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise SystemExit(f"error: --clip {path}: neither a TorchScript archive nor a torch state dict "
+                             f"(truncated or foreign file? {why})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise SystemExit(f"error: --clip {path}: expected a state dict of tensors, got {type(sd).__name__}")
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    if any(k.startswith(("visual.layer1.", "visual.attnpool.")) for k in sd):
+        raise SystemExit(f"error: --clip {path}: a ResNet CLIP; only ViT CLIPs are supported")
+    missing = [k for k in _CLIP_KEYS if k not in sd]
+    if missing:
+        raise SystemExit(f"error: --clip {path}: not an OpenAI CLIP state dict ({len(missing)} of its keys "
+                         f"missing, e.g. {missing[0]})")
+    # CLIP's build_model drops these three entries of the TorchScript archives before loading
+    return {k: v.float() for k, v in sd.items() if k not in ("input_resolution", "context_length", "vocab_size")}
+
+
+def load_clip(path, cfg=None):
+    """A frozen TagAlign around the CLIP in `path`: CLIP's weights loaded as they are, the head
+    initialised from CLIP's ln_post and proj. cfg: the shape to check against (a checkpoint's)."""
+    sd = read_clip_state_dict(path)
+    inferred = Config.from_clip_state_dict(sd)
+    cfg = cfg or inferred
+    shape = ("image_size", "patch_size", "vision_width", "vision_layers", "text_width", "text_layers",
+             "embed_dim", "vocab_size", "context_length")
+    for k in shape:
+        if getattr(cfg, k) != getattr(inferred, k):
+            raise SystemExit(f"error: --clip {path}: {k} is {getattr(inferred, k)}, the checkpoint expects {getattr(cfg, k)}")
+    try:
+        model = TagAlign(cfg, frozen_clip=True)
+    except ValueError as e:
+        raise SystemExit(f"error: --clip {path}: {e}") from None
+    model.clip.load_state_dict(sd, strict=True)
+    model.init_head_from_clip()
+    return model
+
+
+# ---------------------------------------------------------------- the evaluator's interface
 class SegmentationModel:
-    """The evaluator's model interface (eval_seg.py): dense embeddings and text embeddings.
+    """What eval_seg.py reads: dense embeddings (B, E, h, w) and text embeddings (T, E).
 
-    dense: "trained" reads the patch embeddings the losses trained (their mean is the image
-    embedding); "self" lets every patch attend only to itself in the last ViT block, which
-    keeps a patch from voting for the objects it only sees nearby (README, the halo).
+    head "decoder": TagAlign's trained head (the patch embeddings whose mean the losses train);
+    "clip": CLIP's own frozen ln_post + proj on the same tokens (raw CLIP, the zero-shot baseline).
+    reading: how the ViT's patch tokens are read (model.READINGS; default: the model's own).
+    A frozen-CLIP model with the decoder head also gives CLIP's scores of the same tokens
+    (`with_clip`), which TagAlign's evaluation blends in (eval_seg's clip_w).
     """
 
-    def __init__(self, model, tokenizer, device="cpu", dense="trained"):
-        if dense not in DENSE_PATHS:
-            raise ValueError(f"dense must be one of {DENSE_PATHS}, not {dense!r}")
-        self.model, self.tokenizer, self.device = model.eval(), tokenizer, torch.device(device)
-        self.dense = dense
+    def __init__(self, model, tokenizer, device="cpu", reading=None, head="decoder"):
+        if reading is not None and reading not in READINGS:
+            raise ValueError(f"reading must be one of {READINGS}, not {reading!r}")
+        if head not in ("decoder", "clip"):
+            raise ValueError(f"head must be 'decoder' or 'clip', not {head!r}")
+        self.model, self.tokenizer, self.device = model.to(device).eval(), tokenizer, torch.device(device)
+        self.reading, self.head = reading or model.cfg.dense, head
         self.config = dataclasses.asdict(model.cfg)
-        self.logit_scale = model.clip.logit_scale.exp().clamp(max=100).item()  # the ITC temperature
+        self.clip_blend = model.frozen_clip and head == "decoder"
+        scale = model.clip.logit_scale if head == "clip" else model.itc_logit_scale
+        self.logit_scale = scale.exp().clamp(max=100).item()  # the ITC temperature
 
     @torch.no_grad()
-    def encode_dense(self, images):  # (B, 3, H, W) -> (B, E, h, w)
-        return self.model.dense(images.to(self.device), self.dense == "self").permute(0, 3, 1, 2)
+    def encode_dense(self, images, with_clip=False):
+        """(B, 3, H, W) -> (B, E, h, w); with_clip: also raw CLIP's (B, E, h, w) of the same tokens."""
+        x = self.model.features(images.to(self.device), self.reading)
+        head = self.model.clip_head if self.head == "clip" else self.model.head
+        dense = head(x).permute(0, 3, 1, 2)
+        if not with_clip:
+            return dense
+        if not self.clip_blend:
+            raise ValueError("with_clip: only a frozen-CLIP model read through its decoder has a raw CLIP path")
+        return dense, self.model.clip_head(x).permute(0, 3, 1, 2)
 
     @torch.no_grad()
     def encode_text(self, texts):  # list of T strings -> (T, E)
@@ -334,10 +534,29 @@ def read_checkpoint(path):
         raise SystemExit(f"error: {path} is not a tagalign checkpoint ({type(e).__name__}: {e})")
 
 
-def load_model(path, device="cpu", dense="trained"):
+def model_from_checkpoint(ckpt, path, clip=None):
+    """The TagAlign of a checkpoint. A frozen-CLIP (paper-mode) checkpoint holds only what
+    trained: the CLIP comes from `clip` or the file the checkpoint names, and must be the same
+    file (sha256) that it was trained on."""
+    cfg = Config(**ckpt["config"])
+    if not ckpt.get("clip"):
+        model = TagAlign(cfg)
+    else:
+        clip = clip or ckpt["clip"]["path"]
+        if not os.path.isfile(clip):
+            raise SystemExit(f"error: {path} needs its CLIP file {clip}, which does not exist (give it with --clip)")
+        if file_sha256(clip) != ckpt["clip"]["sha256"]:
+            raise SystemExit(f"error: {path} was trained on the CLIP file with sha256 {ckpt['clip']['sha256'][:12]}..., "
+                             f"and {clip} is another file (give the right one with --clip)")
+        model = load_clip(clip, cfg)
+    model.load_trainable_state_dict(ckpt["model"])
+    return model
+
+
+def load_model(path, device="cpu", reading=None, clip=None):
     """A trained checkpoint as the evaluator's SegmentationModel (used by eval_seg.py)."""
     ckpt = read_checkpoint(path)
-    model = TagAlign(Config(**ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
-    tokenizer = data.Tokenizer.from_state_dict(ckpt["tokenizer"])
-    return SegmentationModel(model.to(device), tokenizer, device, dense)
+    model = model_from_checkpoint(ckpt, path, clip)
+    tokenizer = (data.Tokenizer.from_clip() if ckpt["tokenizer"] == "clip"  # CLIP's merges, shipped
+                 else data.Tokenizer.from_state_dict(ckpt["tokenizer"]))
+    return SegmentationModel(model, tokenizer, device, reading)

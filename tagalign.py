@@ -31,7 +31,7 @@ from model import Config, SegmentationModel, TagAlign, read_checkpoint
 
 # ---------------------------------------------------------------- losses
 def compute_loss(model, images, tokens, tag_tokens, targets, args):
-    """Total loss = ITC + tag_weight x tag loss (DESIGN section 4); returns (total, itc, tag).
+    """Total loss = ITC + tag_weight x tag loss, as in the paper; returns (total, itc, tag).
 
     images (B, 3, H, W), tokens (B, L) captions, tag_tokens (K, L) the tag names, targets (B, K)
     multi-hot tags parsed from the captions. In world mode the tag embeddings come from the text
@@ -40,7 +40,7 @@ def compute_loss(model, images, tokens, tag_tokens, targets, args):
     """
     img = F.normalize(model.encode_image(images), dim=-1)  # (B, E)
     txt = F.normalize(model.encode_text(tokens), dim=-1)  # (B, E)
-    scale = model.clip.logit_scale.exp().clamp(max=100)  # CLIP's cap on the temperature
+    scale = model.itc_logit_scale.exp().clamp(max=100)  # CLIP's cap on the temperature
     itc = kernels.clip_loss(img, txt, scale, impl=args.kernels)
     if args.tag_weight == 0:  # the ITC-only baseline: tags are not even embedded
         return itc, itc, torch.zeros_like(itc)
@@ -202,7 +202,7 @@ def train(args):
         bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / t_train:.0f}")
         if step % args.log_every == 0 or step == args.steps - 1:
             row = {"step": step, "loss": loss.item(), "itc": itc.item(), "tag": tag.item(),
-                   "lr": lr_at(step, args), "scale": model.clip.logit_scale.exp().item(),
+                   "lr": lr_at(step, args), "scale": model.itc_logit_scale.exp().item(),
                    "img_per_s": seen / t_train}
             log.write(json.dumps(row) + "\n")
             log.flush()

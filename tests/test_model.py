@@ -6,8 +6,9 @@ from collections import OrderedDict
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from model import CLIP, Config, GatedBlock, LayerNorm, QuickGELU, SegmentationModel, TagAlign
+from model import CLIP, Config, LayerNorm, QuickGELU, ResConv, SegmentationModel, TagAlign
 
 
 def tiny_config(**kw):
@@ -60,11 +61,17 @@ def test_text_takes_the_end_token_position():
     torch.testing.assert_close(model.encode_text(tokens), model.encode_text(padded_differently))
 
 
-def test_decoder_starts_as_identity():
-    """TCL's decoder blocks are gated by a zero-initialised scalar."""
-    block = GatedBlock(8)
+def test_decoder_starts_as_identity_and_its_gates_open():
+    """TCL's decoder blocks are gated by tanh of zero-initialised scalars: the identity at first,
+    and each of the two sub-blocks adds its own term once its gate moves."""
+    block = ResConv(8)
     x = torch.randn(2, 8, 5, 5)
-    torch.testing.assert_close(block(x), x)
+    torch.testing.assert_close(block(x), x, rtol=0, atol=0)
+    with torch.no_grad():
+        block.conv1.gate.fill_(0.5)
+    y1 = x + torch.tanh(torch.tensor(0.5)) * block.conv1.conv(F.gelu(F.layer_norm(
+        x.permute(0, 2, 3, 1), (8,), block.conv1.norm.weight, block.conv1.norm.bias).permute(0, 3, 1, 2)))
+    torch.testing.assert_close(block(x), y1)  # conv2's gate still 0: y1 passes unchanged
 
 
 # ---------------------------------------------------------------- OpenAI CLIP compatibility
@@ -156,10 +163,10 @@ def test_layernorm_computes_in_fp32():
     torch.testing.assert_close(y.float(), nn.functional.layer_norm(x.float(), (16,)), atol=2e-3, rtol=1e-3)
 
 
-def test_dense_self_path_changes_only_the_last_block():
-    """dense(last_self=True): in the last block a patch attends to itself alone. With patchify
+def test_maskclip_reading_changes_only_the_last_block():
+    """The maskclip reading: in the last block a patch attends to itself alone. With patchify
     and two radius-1 blocks, a change in patch (0, 0) reaches (0, 2) through two hops on the
-    trained path, but only (0, 1) when the last hop is removed; the class token is untouched."""
+    plain reading, but only (0, 1) when the last hop is removed; the class token is untouched."""
     model = TagAlign(tiny_config(stem="patch", vision_local=1, decoder_blocks=0)).eval()
     x = torch.randn(1, 3, 32, 32)
     y = x.clone()
@@ -167,20 +174,23 @@ def test_dense_self_path_changes_only_the_last_block():
     with torch.no_grad():
         changed = lambda a, b: (a - b).abs().amax(-1)[0] > 1e-5  # noqa: E731  (h, w) bool
         trained = changed(model.dense(x), model.dense(y))
-        own = changed(model.dense(x, last_self=True), model.dense(y, last_self=True))
+        own = changed(model.dense(x, "maskclip"), model.dense(y, "maskclip"))
         assert trained[0, 2] and trained[2, 2] and not trained[0, 3]
         assert own[0, 0] and own[0, 1] and own[1, 1] and not own[0, 2] and not own[2, 2]
-        cls = [model.clip.visual.tokens(x, s)[0][:, 0] for s in (False, True)]
+        cls = [model.clip.visual.tokens(x, r)[0][:, 0] for r in ("plain", "maskclip")]
     torch.testing.assert_close(cls[0], cls[1])
 
 
-def test_segmentation_model_dense_paths():
+def test_segmentation_model_readings():
     model = TagAlign(tiny_config())
     images = torch.randn(2, 3, 32, 32)
-    seg = SegmentationModel(model, tokenizer=None, dense="self")
-    torch.testing.assert_close(seg.encode_dense(images), model.dense(images, True).permute(0, 3, 1, 2))
-    with pytest.raises(ValueError, match="dense"):
-        SegmentationModel(model, tokenizer=None, dense="value")
+    seg = SegmentationModel(model, tokenizer=None, reading="maskclip")
+    torch.testing.assert_close(seg.encode_dense(images), model.dense(images, "maskclip").permute(0, 3, 1, 2))
+    assert not seg.clip_blend  # trained from scratch: no frozen CLIP to blend in
+    with pytest.raises(ValueError, match="raw CLIP path"):
+        seg.encode_dense(images, with_clip=True)
+    with pytest.raises(ValueError, match="reading"):
+        SegmentationModel(model, tokenizer=None, reading="value")
 
 
 @pytest.mark.parametrize("stem", ["conv", "patch"])

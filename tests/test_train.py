@@ -67,12 +67,12 @@ def test_checkpoint_round_trip(tiny, tmp_path):
     images = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(seg.encode_dense(images), model.eval().dense(images).permute(0, 3, 1, 2))
     assert seg.encode_text(["a red circle.", "grass"]).shape == (2, TINY["embed_dim"])
-    own = load_model(str(tmp_path / "ckpt.pt"), dense="self")
-    torch.testing.assert_close(own.encode_dense(images), model.dense(images, True).permute(0, 3, 1, 2))
-    metrics = eval_seg.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--dense", "self", "--world-images", "4",
+    own = load_model(str(tmp_path / "ckpt.pt"), reading="maskclip")
+    torch.testing.assert_close(own.encode_dense(images), model.dense(images, "maskclip").permute(0, 3, 1, 2))
+    metrics = eval_seg.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--dense", "maskclip", "--world-images", "4",
                              "--n-vis", "0", "--out", str(tmp_path / "self")])
     saved = json.loads((tmp_path / "self" / "metrics.json").read_text())
-    assert saved["args"]["dense"] == "self" and set(data.WORLD_BENCHMARKS) <= set(metrics)
+    assert saved["args"]["dense"] == "maskclip" and set(data.WORLD_BENCHMARKS) <= set(metrics)
 
 
 def test_resume_continues_exactly(tiny, tmp_path, monkeypatch):
