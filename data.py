@@ -241,10 +241,10 @@ class Tokenizer:
 
 
 # ---------------------------------------------------------------- tag parser
-# Rule-based caption tag parser, tag vocabulary and offline tagging (DESIGN.md section 6).
+# Rule-based caption tag parser, tag vocabulary and offline tagging.
 #
 # TagAlign's authors never released their tagger. Ours is a regex tokenizer, word lists written
-# for this project and a small noun-phrase grammar:
+# for this project (words/) and a small noun-phrase grammar:
 #
 #     "A man in a red shirt riding a bike down a busy street."
 #      a/D man/N in/P a/D red/A shirt/N riding/G a/D bike/N down/P a/D busy/J street/N
@@ -268,702 +268,33 @@ class Tokenizer:
 
 
 # ---------------------------------------------------------------- tag parser: word lists
-# Written for this project. Words are separated by white space, lines starting with "#" are
-# comments, "_" joins the words of a multi-word name ("traffic_light"), "goose/geese" gives an
-# irregular plural and "sheep/=" an unchanged one; other plurals are made by rule (_plural).
+# One plain-text file per list in words/ (format, and which list wins for a word in several:
+# words/README.md), so that the parser learns a word without a code change. Each file is read
+# once, at import, by _build_table.
+_WORDS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "words")
+_LIST_WORD = r"[a-z0-9]+(?:['_-][a-z0-9]+)*"  # "traffic_light", "t-shirt", "n't", "3d"
+_LIST_WORD_RE = re.compile(_LIST_WORD)
+_LIST_NOUN_RE = re.compile(rf"{_LIST_WORD}(?:/(?:=|{_LIST_WORD}))?")  # + "goose/geese", "sheep/="
 
-# People, animals and vehicles: objects, and likely subjects of a verb ("a man skis",
-# "dogs play", "a plane flies over").
-_ANIMATE_NOUNS = """
-man/men woman/women person/persons child/children kid boy girl guy lady gentleman/gentlemen
-toddler infant teenager teen youngster family/families couple friend crowd stranger mother
-father mom mum dad parent son daughter brother sister grandmother grandfather grandma grandpa
-grandparent husband wife/wives boyfriend girlfriend bride groom bridesmaid twin player athlete
-skier snowboarder surfer skateboarder skater cyclist biker rider runner jogger swimmer diver
-climber hiker tourist traveler traveller visitor passenger pedestrian driver pilot conductor
-chef cook baker waiter waitress bartender barista farmer fisherman/fishermen worker builder
-doctor nurse surgeon dentist patient teacher student pupil professor scientist soldier officer
-policeman/policemen policewoman/policewomen cop firefighter fireman/firemen guard sailor
-captain cowboy cowgirl clown artist painter musician singer guitarist drummer pianist
-violinist dancer ballerina actor actress model priest monk nun king queen prince princess
-knight warrior pirate wizard witch angel fairy/fairies ghost zombie robot alien monster
-superhero vendor seller customer shopper spectator fan referee umpire catcher batter pitcher
-goalkeeper goalie jockey shepherd businessman/businessmen businesswoman/businesswomen
-executive manager employee mechanic plumber electrician carpenter gardener janitor cashier
-clerk photographer cameraman/cameramen reporter journalist tailor hairdresser barber butcher
-lifeguard astronaut miner lumberjack bodybuilder boxer wrestler golfer gymnast kayaker paddler
-rower archer hunter camper backpacker protester performer magician juggler acrobat snowman/snowmen
-scarecrow mannequin doll mascot puppet passerby/passersby bystander neighbor neighbour owner
-human individual santa santa_claus cheerleader coach instructor trainer vet veterinarian
-graduate schoolgirl schoolboy celebrity/celebrities politician president host presenter rapper
-dj preschooler newborn brunette redhead motorcyclist motorist
-commuter laborer labourer volunteer nanny maid tennis_player baseball_player soccer_player
-football_player basketball_player hockey_player golf_player volleyball_player ski_instructor
-police_officer security_guard construction_worker flight_attendant
-dog puppy pup cat kitten kitty horse pony foal cow calf/calves bull ox/oxen sheep/= lamb goat
-pig piglet chicken hen rooster chick duck duckling goose/geese swan turkey bird parrot pigeon
-dove seagull gull crow raven eagle hawk falcon owl sparrow robin finch hummingbird pelican
-flamingo penguin ostrich peacock heron crane stork kingfisher woodpecker elephant giraffe zebra
-lion lioness tiger leopard cheetah jaguar panther bear cub polar_bear panda koala kangaroo
-monkey ape gorilla chimpanzee orangutan deer/= moose/= elk reindeer/= antelope gazelle camel
-llama alpaca donkey mule rhino rhinoceros hippo hippopotamus buffalo bison/= wolf/wolves fox
-coyote rabbit bunny hare squirrel chipmunk mouse/mice rat hamster guinea_pig hedgehog raccoon
-skunk beaver otter badger bat frog toad turtle tortoise lizard snake crocodile alligator
-iguana gecko chameleon dinosaur dragon unicorn fish/= shark whale dolphin seal sea_lion walrus
-octopus squid jellyfish/= crab lobster shrimp/= starfish/= snail slug worm insect bug
-butterfly moth bee wasp ant spider fly/flies mosquito dragonfly ladybug beetle grasshopper
-caterpillar scorpion animal pet creature poodle terrier bulldog labrador retriever
-golden_retriever husky beagle dachshund chihuahua pug collie sheepdog german_shepherd corgi
-spaniel rottweiler doberman greyhound dalmatian stallion mare ewe ram boar fawn ferret
-parakeet canary cockatoo macaw toucan vulture seahorse goldfish/= trout/= tuna/= oyster clam
-mussel scallop mammal reptile bumblebee hornet firefly/fireflies cricket puffin mallard
-goldfinch bluebird blackbird magpie jay cardinal starling koi/= carp/= cod/= stingray manatee
-lynx bobcat cougar puma hyena warthog meerkat mongoose lemur sloth armadillo porcupine possum
-opossum weasel mink platypus yak piggy doggy
-car truck bus/buses van taxi cab suv jeep pickup pickup_truck limousine limo ambulance
-fire_truck fire_engine police_car motorcycle motorbike scooter moped bicycle bike tricycle
-unicycle train tram trolley streetcar subway metro locomotive engine carriage wagon cart
-stroller pram wheelchair boat ship yacht sailboat canoe kayak raft ferry/ferries submarine
-airplane aeroplane plane jet aircraft/= airliner helicopter glider balloon hot_air_balloon
-blimp rocket spaceship spacecraft/= tractor bulldozer excavator forklift trailer camper rv
-caravan sled sleigh snowmobile skateboard surfboard snowboard ski wakeboard paddleboard kite
-parachute go-kart kart atv segway chariot gondola cable_car vehicle automobile sedan
-convertible coupe minivan hatchback lorry/lorries rickshaw barge tugboat tanker cruise_ship
-speedboat jet_ski hovercraft race_car sports_car school_bus dump_truck tow_truck garbage_truck
-rowboat motorboat houseboat warship battleship
-aardvark albatross anaconda anteater baboon barracuda blue_jay boa
-buzzard capybara caribou cassowary catfish centipede chinchilla cobra
-cockroach condor crane_fly crawfish crayfish cuttlefish dingo dodo dormouse
-dragonfish drake dugong eel egret emu ermine flounder fruit_bat
-gerbil gibbon gila_monster gnat gnu gopher grizzly grizzly_bear grouse guppy
-harbor_seal hawk_moth heifer hermit_crab honeybee hound ibex
-ibis impala jackal jackrabbit kangaroo_rat kestrel killer_whale
-kinkajou kiwi_bird koala_bear komodo_dragon kookaburra krill ladybird lark leech
-lemming limpet locust loon lovebird
-mamba mandrill manta manta_ray marmot marten mastiff mayfly minnow mole mollusk
-mongoose_pup monitor_lizard moray mosquito_fish mountain_goat mountain_lion mudskipper
-mustang narwhal newt nightingale ocelot okapi orca oriole oryx osprey owlet
-parrotfish partridge peahen pekingese
-pheasant pike piranha polecat porpoise prairie_dog
-praying_mantis mantis pronghorn ptarmigan puffer_fish pufferfish python quail
-rattlesnake ray roadrunner
-sailfish salamander sandpiper sea_turtle sea_urchin urchin sea_otter sea_star
-sea_cucumber sea_anemone anemone serval sheep_dog shih_tzu shrew shrimp_fish silkworm skink
-skylark sloth_bear snapping_turtle snow_leopard snowy_owl sparrow_hawk
-spider_monkey springbok squirrel_monkey stag stick_insect stoat
-sturgeon sugar_glider sunbird swallow tadpole tamarin tapir tarantula
-tarsier termite tern terrier_dog thrush tick tiger_shark tree_frog turtle_dove
-vicuna viper vole wallaby warbler wart_hog water_buffalo whale_shark
-wildcat wildebeest wolverine wombat woodchuck woodlouse wren zebu
-labrador_retriever yorkshire_terrier jack_russell border_collie great_dane saint_bernard
-bernese pomeranian shiba_inu akita malamute samoyed whippet basset_hound bloodhound
-schnauzer maltese bichon cocker_spaniel springer_spaniel weimaraner vizsla pit_bull
-staffordshire boxer_dog pointer setter maine_coon siamese_cat persian_cat
-bengal_cat sphynx ragdoll_cat calico tortoiseshell_cat
-clydesdale thoroughbred arabian_horse shetland_pony draft_horse racehorse workhorse
-jersey_cow holstein longhorn angus hog sow ewe_lamb billy_goat nanny_goat kid_goat
-bantam broiler cockerel gander gosling cygnet mallard_duck wood_duck teal_duck
 
-"""
+def _word_list(name, plurals=False):
+    """Entries of words/<name>, "_" turned into spaces. A line holds one entry, "#" starts a
+    comment; plurals: an entry may give its plural ("goose/geese", "sheep/=")."""
+    path = os.path.join(_WORDS_DIR, name)
+    entry_re = _LIST_NOUN_RE if plurals else _LIST_WORD_RE
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            w = line.partition("#")[0].strip()
+            if not w:
+                continue
+            if not entry_re.fullmatch(w):
+                want = "one lower-case word" + (' (or "word/plural", "word/=")' if plurals else "")
+                raise ValueError(f"{path}:{i}: expected {want} a line, '_' joining the words of a "
+                                 f"name; got {w!r}")
+            out.append(w.replace("_", " "))
+    return out
 
-# Other concrete nouns: things, places, stuff. Objects when they head a phrase.
-_OBJECT_NOUNS = """
-# body
-head face hair eye ear nose mouth lip tooth/teeth tongue chin cheek forehead eyebrow eyelash
-beard mustache moustache neck shoulder arm elbow hand wrist finger thumb fingernail nail palm
-fist chest belly stomach waist hip leg knee thigh ankle foot/feet toe heel skin body torso
-skeleton skull bone muscle tattoo wing tail paw claw hoof/hooves horn antler beak feather mane
-whisker fin trunk tusk snout muzzle hump braid ponytail bun curl lap freckle eyelid
-# clothing and accessories
-shirt t-shirt tshirt tee blouse sweater jumper hoodie sweatshirt cardigan jacket coat blazer
-vest waistcoat suit tuxedo uniform dress gown robe skirt sock shoe boot sneaker trainer sandal
-slipper flip-flop clog loafer stiletto hat cap helmet beanie hood scarf/scarves glove mitten
-tie bow_tie necktie belt bag handbag purse backpack wallet watch wristwatch bracelet necklace
-earring ring jewelry jewellery pendant brooch crown tiara veil mask apron bikini swimsuit
-wetsuit raincoat poncho underwear bra lingerie costume outfit garment kimono sari turban
-headscarf hijab bandana headband collar sleeve pocket button zipper ribbon jersey kilt cape
-cloak shawl tunic tank_top polo_shirt dress_shirt bathing_suit leotard tutu sombrero fedora
-bonnet visor earmuff suitcase luggage umbrella parasol rucksack briefcase tote clutch hairband
-hairpin headdress overcoat parka trench_coat windbreaker life_jacket baseball_cap cowboy_hat
-top_hat hard_hat high_heel wedding_dress evening_dress sundress nightgown bathrobe sweatband
-# vehicle parts
-wheel tire tyre windshield windscreen headlight
-taillight bumper steering_wheel dashboard license_plate number_plate handlebar pedal chain
-saddle propeller cockpit mast sail anchor oar paddle rudder hull cabin cargo container rail
-railway railroad track train_track platform antenna side_mirror rearview_mirror seatbelt
-seat_belt car_seat seat
-# street, city and buildings
-street road highway freeway motorway lane alley avenue boulevard path pathway trail sidewalk
-pavement crosswalk intersection roundabout bridge tunnel overpass parking_lot parking_space
-parking_garage garage driveway curb kerb gutter manhole traffic_light traffic_signal stop_light
-stop_sign street_sign road_sign sign signpost billboard banner flag pole lamppost lamp_post
-street_light streetlight street_lamp light_pole utility_pole telephone_pole power_line wire
-cable fence gate wall railing barrier cone traffic_cone bollard hydrant fire_hydrant
-parking_meter bench park_bench trash_can garbage_can bin dumpster mailbox phone_booth bus_stop
-shelter fountain monument sculpture statue figurine tower clock_tower clock building skyscraper
-house apartment condo cottage hut shed barn stable farmhouse mansion palace castle fort
-fortress church cathedral chapel temple mosque pagoda shrine synagogue school
-university/universities college hospital library/libraries museum gallery/galleries theater
-theatre cinema stadium arena gym restaurant cafe coffee_shop bar pub bakery/bakeries shop store
-market supermarket mall office bank hotel motel station train_station bus_station gas_station
-fire_station police_station railway_station subway_station airport terminal runway tarmac
-hangar port harbor harbour dock pier marina wharf boardwalk lighthouse windmill
-factory/factories warehouse plant farm ranch vineyard orchard garden yard backyard courtyard
-patio porch balcony/balconies terrace deck rooftop roof chimney steeple dome spire arch column
-pillar facade entrance exit doorway door window staircase stairway stair step escalator
-elevator lift ramp ladder hallway corridor lobby room kitchen bedroom bathroom classroom studio
-basement attic closet living_room dining_room laundry_room meeting_room waiting_room
-conference_room locker_room dressing_room changing_room fitting_room throne_room control_room
-family_room guest_room sitting_room emergency_room playground park plaza town_square city town
-village downtown neighborhood neighbourhood suburb street_corner campus cemetery graveyard tomb
-grave gravestone tombstone ruin zoo aquarium circus carnival fair amusement_park ferris_wheel
-roller_coaster carousel merry-go-round tent campsite campfire bonfire court tennis_court
-basketball_court field baseball_field soccer_field football_field golf_course race_track
-racetrack pool swimming_pool stage podium booth stall kiosk counter checkout skyline
-construction_site skate_park ski_slope ski_lift slope water_park theme_park shopping_mall
-shopping_center picnic_table picnic_area storefront shop_window greenhouse gazebo pergola
-trellis canopy awning scaffolding silo kennel doghouse birdhouse nest hive beehive coop corral
-trough water_tower dam canal post bleachers dugout home_plate scoreboard hot_tub jacuzzi sauna
-floor ceiling shingle beam paint plank board floorboard banister handrail steps pew altar
-mosaic mural graffiti
-# nature and landscape
-sky cloud sun moon star sunset sunrise lightning rain snow snowflake fog mist smoke steam fire
-flame water sea ocean lake pond river stream creek waterfall wave beach shore coast coastline
-seashore seaside dune desert island cliff rock pebble boulder mountain hill hillside
-mountainside valley/valleys canyon cave volcano/volcanoes glacier iceberg meadow prairie
-grassland pasture farmland forest woods jungle rainforest tree palm_tree pine_tree
-christmas_tree oak_tree apple_tree bush shrub hedge grass lawn weed flower rose tulip
-daisy/daisies sunflower lily/lilies orchid lotus lavender dandelion poppy/poppies blossom
-petal leaf/leaves branch twig root log stump moss vine ivy fern cactus/cacti mushroom seaweed
-algae/= coral_reef reef soil mud puddle swamp marsh wetland bay lagoon horizon shadow
-reflection moonlight planet earth galaxy/galaxies nebula comet meteor icicle snowdrift hay
-haystack pine palm oak maple birch willow cherry_blossom bouquet wreath garland flowerbed
-flower_bed potted_plant houseplant succulent bonsai vegetation foliage/= greenery/= treetop
-hilltop mountaintop peak ridge shoreline riverbank bank waterfront surf rapids/= pine_cone
-acorn seed thorn stem bud clover grain wheat barley tide geyser hot_spring oasis/oases
-savanna savannah tundra crater lava ember seashell shell
-# food and drink
-food meal dish plate bowl pizza sandwich burger hamburger cheeseburger hot_dog hotdog salad
-soup pasta spaghetti noodle rice bread toast bagel croissant muffin cupcake cake pie cookie
-biscuit cracker donut doughnut pastry/pastries dessert ice_cream candy/candies popcorn pretzel
-waffle pancake crepe taco burrito sushi/= dumpling steak meat beef pork bacon ham sausage egg
-omelet omelette cheese butter yogurt yoghurt cereal oatmeal granola wrap kebab fruit apple
-banana grape strawberry/strawberries blueberry/blueberries raspberry/raspberries
-blackberry/blackberries cherry/cherries peach plum pear pineapple mango/mangoes watermelon
-melon kiwi coconut avocado papaya fig pomegranate apricot berry/berries vegetable broccoli/=
-carrot tomato/tomatoes potato/potatoes onion garlic pepper cucumber lettuce cabbage spinach
-corn pea bean zucchini eggplant pumpkin squash celery asparagus cauliflower radish beet olive
-herb basil parsley cilantro nut peanut almond walnut cashew pistachio drink beverage coffee tea
-juice orange_juice milk wine beer cocktail soda smoothie latte cappuccino espresso lemonade
-champagne whiskey vodka liquor bottle can cup mug jar sauce soy_sauce ketchup mustard
-mayonnaise honey jam syrup sugar salt spice flour dough frosting icing whipped_cream topping
-gravy dip hummus tofu curry stew casserole lasagna quesadilla nacho chip crisp snack breakfast
-lunch dinner brunch pepperoni salami meatball ramen dim_sum spring_roll sashimi/= seafood
-chicken_wing chicken_breast drumstick fillet wedding_cake birthday_cake cheesecake brownie
-macaron tart pudding jelly custard marshmallow lollipop candy_bar chocolate_bar cotton_candy
-gingerbread gingerbread_man baguette roll loaf/loaves scone pita tortilla hot_chocolate
-coffee_cup coffee_mug teacup tea_cup wine_glass teapot kettle coffee_pot coffee_maker
-espresso_machine ice_cube ice_cream_cone popsicle sundae milkshake cocoa broth chili salsa
-guacamole pesto vinegar oil olive_oil mayo cream_cheese cottage_cheese feta mozzarella
-parmesan cheddar porridge muesli peanut_butter maple_syrup kale leek ginger turnip artichoke
-okra yam sweet_potato bell_pepper chili_pepper jalapeno scallion shallot pickle lentil
-chickpea grapefruit tangerine clementine nectarine cantaloupe lychee dragon_fruit passion_fruit
-persimmon guava raisin prune cranberry/cranberries currant
-# household, furniture and everyday things
-table dining_table coffee_table side_table end_table desk chair armchair stool highchair
-high_chair sofa couch recliner ottoman bed bunk_bed crib cradle mattress pillow cushion blanket
-quilt duvet comforter bedspread rug carpet mat doormat curtain drape blind lamp chandelier
-lantern candle candlestick vase pot flowerpot planter basket box crate barrel bucket
-shelf/shelves bookshelf/bookshelves bookcase cabinet cupboard drawer dresser wardrobe
-nightstand mirror frame picture_frame photo_frame calendar fireplace mantel mantelpiece
-radiator heater fan air_conditioner windowsill window_sill sill doorknob handle knob lock
-padlock key switch light_switch outlet socket plug cord remote remote_control television tv
-monitor screen computer laptop laptop_computer desktop keyboard mousepad mouse_pad printer
-speaker microphone circuit_board motherboard phone cell_phone cellphone mobile_phone smartphone
-telephone tablet camera
-tripod headset charger battery radio stereo record_player console controller joystick book
-notebook magazine newspaper envelope letter card map pen pencil marker crayon eraser ruler
-stapler tape glue brush paintbrush easel palette toy teddy_bear stuffed_animal stuffed_toy
-ball puzzle die/dice chess chessboard board_game lego gift present package parcel
-wrapping_paper refrigerator fridge freezer oven stove stovetop microwave toaster dishwasher
-sink faucet tap countertop cutting_board chopping_board knife/knives fork spoon chopstick
-spatula ladle whisk pan frying_pan skillet wok saucepan grater peeler colander tray platter
-saucer lid napkin tissue towel dishcloth sponge soap toilet toilet_paper bathtub tub shower
-showerhead toothbrush toothpaste comb hairbrush razor hair_dryer hair_drier hairdryer perfume
-lipstick makeup lotion shampoo scale laundry washing_machine washer dryer ironing_board hanger
-clothesline clothespin broom mop vacuum vacuum_cleaner dustpan hose rake shovel spade hoe
-wheelbarrow lawn_mower lawnmower hammer screw screwdriver wrench drill saw axe ax tool toolbox
-rope hook bolt gear pipe tube valve tank cylinder cube sphere pyramid rectangle oval hexagon
-octagon pentagon triangle circle disk disc dot heart diamond cross plus/pluses spiral arrow
-stripe crescent donut block ring star rack jug pitcher carafe flask thermos canteen lunchbox
-lunch_box cooler shoebox postbox piggy_bank coin money cash banknote bill ticket receipt
-credit_card business_card keychain key_chain badge medal trophy/trophies poster sticker label
-tag chalkboard blackboard whiteboard bulletin_board clipboard folder binder file document
-paper notepad sticky_note post-it calculator globe locker projector drone satellite_dish
-solar_panel wind_turbine turbine generator bulb light_bulb thermostat alarm_clock hourglass
-sundial compass telescope microscope magnifying_glass hearing_aid walking_stick cane crutch
-walker stretcher syringe pill bandage thermometer stethoscope cigarette cigar ashtray lighter
-match matchbox torch flashlight lampshade lamp_shade light_fixture ornament firework confetti
-bow cage birdcage fish_tank terrarium leash litter_box scratching_post feeder rubber_duck
-yo-yo frisbee hula_hoop jump_rope skipping_rope rattle pacifier bib diaper baby_bottle
-baby_carriage playpen rocking_chair rocking_horse swing slide seesaw sandbox sandpit trampoline
-monkey_bars jungle_gym painting picture portrait drawing print photograph sketch
-# more everyday things (LVIS / Open Images-like categories)
-# kitchen and table
-teaspoon tablespoon soup_spoon ladle butter_knife steak_knife cleaver paring_knife bread_knife
-corkscrew bottle_opener can_opener nutcracker rolling_pin measuring_cup mixing_bowl sieve
-strainer funnel baking_sheet baking_tray muffin_tin cake_stand cake_pan pie_dish casserole_dish
-dutch_oven crock_pot slow_cooker pressure_cooker rice_cooker food_processor juicer toaster_oven
-hot_plate griddle grill_pan barbecue_grill grill skewer tongs oven_mitt pot_holder apron
-tablecloth placemat coaster napkin_ring salt_shaker pepper_shaker pepper_mill grinder spice_rack
-sugar_bowl creamer gravy_boat butter_dish cheese_board bread_basket bread_box cookie_jar
-canister tupperware thermos ice_bucket wine_cooler punch_bowl serving_bowl serving_tray
-tureen ramekin goblet tumbler chalice stein straw
-drinking_straw toothpick dish_rack dish_soap scouring_pad trash_bin recycling_bin
-compost_bin bento
-# rooms, furniture, fixtures
-loveseat futon chaise daybed headboard footboard bedframe bed_frame canopy_bed hammock
-beanbag bean_bag rocking_chair folding_chair lawn_chair deck_chair office_chair swivel_chair
-stool footstool  breakfast_bar kitchen_island island console_table coffee_maker
-sideboard buffet hutch credenza armoire chest chest_of_drawers vanity medicine_cabinet
-shelving bookend filing_cabinet file_cabinet display_case showcase
-shutter blinds valance curtain_rod towel_rack towel_bar toilet_brush plunger bath_mat shower_head
-shower_stall bidet urinal soap_dish soap_dispenser tissue_box toilet_roll hand_dryer
-skylight dormer bay_window french_door sliding_door screen_door garage_door trapdoor hatch
-banister newel baseboard molding wainscoting rafter joist truss stairwell landing
-mantle hearth chimney_stack woodstove wood_stove furnace boiler water_heater ceiling_light
-spotlight floodlight lamppost nightlight night_light sconce pendant_light
-doorbell intercom peephole door_knocker welcome_mat
-# electronics and office
-touchscreen touchpad webcam modem router server
-usb_drive flash_drive hard_drive memory_card sd_card power_strip extension_cord adapter
-earpiece headphone earphone speakerphone walkie-talkie pager smartwatch fitness_tracker
-e-reader kindle camcorder video_camera security_camera lens
-selfie_stick gimbal mixer loudspeaker subwoofer jukebox
-typewriter fax_machine photocopier copier scanner shredder paper_shredder laminator
-hole_punch paper_clip binder_clip rubber_band push_pin thumbtack pushpin pencil_case
-pencil_sharpener sharpener protractor set_square compass_set highlighter fountain_pen ink
-inkwell quill stamp_pad rubber_stamp envelope_opener letter_opener desk_organizer in-tray
-legal_pad sketchbook diary journal planner scrapbook photo_album album
-bookmark booklet brochure pamphlet leaflet flyer catalog catalogue menu
-# clothing and accessories
-undershirt singlet camisole crop_top halter bodysuit onesie romper jumpsuit dungarees
-cargo_pants chinos khakis slacks capris culottes tracksuit track_suit sweatsuit
-windcheater anorak puffer_jacket down_jacket gilet poncho shawl wrap
-pashmina muffler balaclava ski_mask earflap trapper_hat beret bowler_hat boater panama_hat
-stetson bucket_hat snapback trucker_hat sun_visor headscarf durag hairnet shower_cap
-wig toupee hair_clip barrette scrunchie hair_tie tiara diadem circlet cufflinks tie_clip
-lapel_pin pocket_square handkerchief bandanna neckerchief ascot cravat suspenders
-garter corset girdle petticoat nightdress nightshirt negligee
-tights stocking knee_sock ankle_sock legwarmer leg_warmer spat gaiter wader galosh
-wellington moccasin espadrille oxford brogue pump mule platform_shoe wedge
-ballet_flat ankle_boot cowboy_boot combat_boot hiking_boot snow_boot rain_boot ugg
-skate_shoe shoelace lace insole heel_strap buckle clasp zipper_pull drawstring
-eyeglass monocle contact_lens lanyard badge_holder id_card name_badge wristband armband
-anklet toe_ring nose_ring lip_ring piercing locket charm charm_bracelet bangle cuff choker
-chain_necklace bead rosary amulet talisman medallion signet_ring engagement_ring
-wedding_ring wedding_band
-# food, more
-baguette brioche ciabatta focaccia sourdough rye pumpernickel flatbread naan chapati roti
-cornbread biscotti shortbread scone crumpet english_muffin pretzel_roll hot_cross_bun
-danish cinnamon_roll eclair profiterole cannoli churro beignet fritter funnel_cake strudel
-baklava tiramisu mousse panna_cotta creme_brulee souffle trifle parfait cobbler crumble
-gelato sorbet snow_cone slushie granita ice_pop fudge toffee caramel nougat
-praline truffle bonbon gumdrop jelly_bean licorice gummy_bear candy_cane lollipop cotton_candy
-pizza_crust calzone stromboli panini hoagie hero_sandwich club_sandwich blt grilled_cheese
-sloppy_joe hamburger_bun slider wrap gyro shawarma falafel pita_bread enchilada
-tamale fajita tostada chimichanga empanada pierogi ravioli tortellini gnocchi penne macaroni
-fettuccine linguine rigatoni lasagne risotto paella pilaf biryani couscous quinoa polenta
-grits hash_brown tater_tot onion_ring mozzarella_stick nugget chicken_nugget
-chicken_tender fish_stick fish_and_chips chowder bisque gazpacho minestrone pho
-udon soba miso_soup tempura teriyaki katsu bibimbap kimchi spring_onion
-meatloaf pot_roast roast brisket rib spare_rib pork_chop lamb_chop veal venison duck_breast
-turkey_leg drumstick wing chicken_leg cutlet schnitzel sirloin ribeye filet_mignon burger_patty
-patty bratwurst chorizo prosciutto pastrami corned_beef jerky
-salmon_steak tuna_steak lobster_tail crab_leg oyster_shell clam_shell calamari
-caviar roe anchovy sardine herring mackerel tilapia halibut swordfish catfish bass_fillet
-egg_yolk egg_white quiche frittata
-pancake_stack waffle_iron french_toast oatmeal_bowl cereal_box granola_bar
-protein_bar energy_bar trail_mix sunflower_seed pumpkin_seed sesame_seed
-pecan hazelnut macadamia chestnut brazil_nut pine_nut coconut_milk almond_milk soy_milk
-oat_milk buttermilk cream_soda root_beer ginger_ale cola iced_tea
-herbal_tea chai matcha mocha americano macchiato frappuccino cold_brew cider
-sangria margarita mojito daiquiri pina_colada martini cosmopolitan mimosa bellini punch
-rum gin tequila brandy cognac sake soju pint keg
-# fruit and vegetables, more
-plantain starfruit jackfruit durian rambutan longan mangosteen kumquat quince loquat
-gooseberry elderberry mulberry boysenberry huckleberry blackcurrant redcurrant cherry_tomato
-grape_tomato heirloom_tomato romaine iceberg_lettuce arugula watercress endive radicchio
-bok_choy napa_cabbage brussels_sprout collard chard swiss_chard mustard_greens dandelion_greens
-parsnip rutabaga kohlrabi fennel jicama taro cassava yucca daikon horseradish wasabi
-bean_sprout snow_pea snap_pea string_bean lima_bean kidney_bean
-edamame soybean corn_cob corn_on_the_cob ear_of_corn pumpkin_pie squash_blossom
-butternut_squash acorn_squash spaghetti_squash zucchini_flower shiitake portobello truffle_mushroom
-chanterelle enoki button_mushroom scallion_bunch garlic_clove ginger_root
-chili chilli paprika cayenne peppercorn cinnamon_stick vanilla_bean nutmeg clove rosemary thyme
-oregano sage dill chive mint_leaf bay_leaf lemongrass tarragon
-# garden, yard and farm
-flower_pot window_box planter_box raised_bed garden_bed vegetable_garden herb_garden
-compost_heap garden_gnome bird_bath birdbath sundial_stone stepping_stone garden_path
-trellis_arch arbor gazebo_roof pergola_beam fence_panel gate_post picket rail_fence
-hedge_row hedgerow shrubbery flower_border lawn_chair patio_umbrella sun_umbrella
-beach_umbrella parasol_stand deckchair sun_lounger lounger hammock_stand swing_set tire_swing
-treehouse tree_house sandpit kiddie_pool paddling_pool garden_hose sprinkler_head hose_reel
-watering_can wheelbarrow_load leaf_blower hedge_trimmer chainsaw pruning_shears shears
-secateurs trowel pitchfork hayfork scythe sickle plow plough harrow tiller cultivator
-hay_bale haybale straw_bale silo_tower feed_trough water_trough hay_wagon grain_bin
-tractor_trailer combine_harvester harvester baler chicken_coop hen_house rabbit_hutch hutch
-pigpen pigsty sty stall_door horse_stall horseshoe saddle_blanket bridle reins stirrup harness
-halter lead_rope hitching_post cowbell sheepfold fold beehive_box scarecrow_post
-# tools and workshop
-toolkit tool_belt workbench vise vice clamp anvil chisel rasp sandpaper
-sander lathe jigsaw circular_saw hacksaw handsaw bandsaw tape_measure
-measuring_tape spirit_level plumb_line crowbar pry_bar sledgehammer mallet
-hatchet pickaxe shovel_blade putty_knife caulk_gun glue_gun staple_gun nail_gun
-soldering_iron multimeter headlamp head_torch
-extension_ladder stepladder step_ladder scaffold sawhorse
-hinge latch hasp keyring key_ring coil cable_tie
-zip_tie duct_tape masking_tape twine knitting_needle
-crochet_hook sewing_machine sewing_kit thimble pincushion spool bobbin
-loom spinning_wheel
-# toys, games, hobbies
-action_figure toy_soldier toy_robot toy_truck toy_boat toy_plane toy_gun water_gun
-squirt_gun nerf_gun slingshot kaleidoscope spinning_top jacks
-domino playing_card deck_of_cards poker_chip checkers checkerboard
-backgammon mahjong game_piece pawn chess_piece rook
-jigsaw_puzzle rubik's_cube rubiks_cube building_blocks lego_brick toy_block stuffed_bear
-plush plushie plush_toy rag_doll barbie dollhouse doll_house toy_kitchen play_tent
-teepee tipi hobby_horse pogo_stick roller_skate roller_skates inline_skate
-rollerblade skateboard_deck snowboard_binding kite_string model_airplane model_car
-model_train train_set remote_control_car rc_car drone_controller video_game game_controller
-gamepad joypad arcade_machine pinball_machine slot_machine claw_machine foosball
-foosball_table pool_table billiard_table pool_cue cue_stick billiard_ball bowling_alley
-dartboard_cabinet ping_pong_table ping_pong_paddle paddle_ball shuttlecock badminton_racket
-badminton_net volleyball_net tennis_net basketball_net hockey_puck hockey_net goal_net
-lacrosse_stick cricket_bat cricket_ball wicket rugby_ball golf_tee golf_bag caddie
-fishing_net fishing_line fishing_hook fishing_lure bait tackle_box life_preserver
-surf_leash water_ski kneeboard bodyboard boogie_board skimboard
-snorkel diving_mask flipper scuba_tank oxygen_tank wetsuit_top swim_cap
-swimming_goggles pool_noodle float inner_tube beach_towel beach_bag
-sandcastle sand_castle sand_bucket
-# vehicles, transport, road
-hubcap rim spare_tire tire_track tread mudflap mud_flap fender grille grill_guard hood_ornament
-windshield_wiper wiper side_window rear_window sunroof roof_rack bike_rack luggage_rack
-trailer_hitch tow_bar towbar tailgate truck_bed flatbed cab_roof sidecar kickstand
-bicycle_seat bike_seat bicycle_helmet bike_helmet bike_lock bicycle_lock bike_chain
-bike_bell bicycle_basket bike_basket training_wheels
-gas_pump fuel_pump petrol_pump charging_station car_wash toll_booth tollbooth traffic_island
-speed_bump median guardrail guard_rail crash_barrier road_barrier jersey_barrier sandbag
-road_marking lane_marking zebra_crossing pedestrian_crossing bike_lane bus_lane cycle_path
-footpath footbridge walkway overpass_bridge viaduct aqueduct railway_bridge railroad_crossing
-level_crossing signal_box railway_signal train_signal platform_sign departure_board
-ticket_machine ticket_booth turnstile subway_entrance metro_station tram_stop taxi_stand
-cab_stand bus_bench street_name_sign one_way_sign yield_sign speed_limit_sign
-road_work_sign detour_sign parking_sign no_parking_sign exit_sign arrow_sign
-shop_sign storefront_sign marquee
-# buildings and places, more
-bungalow chalet villa lodge inn hostel guesthouse guest_house resort spa
-high-rise highrise tower_block townhouse row_house terrace_house duplex
-apartment_building office_building office_tower department_store
-boutique grocery_store convenience_store corner_shop liquor_store pharmacy drugstore
-bookstore bookshop toy_store shoe_store florist flower_shop butcher_shop fish_market
-flea_market bazaar souk food_court food_stall market_stall street_market
-night_market hawker_centre diner cafeteria canteen bistro brasserie tavern saloon nightclub
-club_house clubhouse casino arcade opera_house
-concert_hall auditorium lecture_hall gymnasium sports_hall locker ice_rink
-skating_rink hockey_rink ski_resort ski_lodge boathouse boat_ramp slipway
-shipyard dockyard container_port container_ship cargo_ship freighter oil_tanker tanker_truck
-oil_rig watchtower bell_tower church_tower minaret belfry cupola rotunda
-colonnade portico veranda verandah loggia cloister crypt vault catacomb mausoleum
-obelisk stupa totem_pole totem statue_of_liberty triumphal_arch archway gateway
-city_gate town_hall city_hall courthouse capitol parliament embassy consulate
-post_office police_box fire_house firehouse barracks castle_wall battlement
-rampart moat drawbridge turret dungeon
-# nature, more
-creek_bed riverbed stream_bank river_bank lakeshore lakeside seabed sea_floor ocean_floor
-sandbar sand_bar spit cove inlet estuary delta fjord_cliff headland cape peninsula isthmus
-archipelago atoll islet reef_flat tide_pool rock_pool boulder_field scree talus rockface
-rock_face crag bluff mesa butte plateau gorge ravine gully arroyo wadi gulch chasm
-sinkhole crevasse ice_cave ice_field snowfield snow_field ice_sheet ice_shelf ice_floe
-permafrost frost dew raindrop rain_drop dewdrop hail hailstone sleet drizzle snowbank
-snowball snow_angel snowdrop mudflat mud_puddle quicksand salt_flat
-spring_water waterhole watering_hole lily_pad lilypad reed
-cattail bulrush rush sedge papyrus marsh_grass sea_grass seagrass kelp plankton driftwood
-deadwood brushwood firewood kindling woodpile log_pile timber lumber branchlet
-bough limb tree_trunk tree_stump tree_root pine_needle conifer
-evergreen deciduous_tree sapling seedling sprout shoot tendril leaflet frond palm_frond
-coconut_tree banana_tree olive_tree fig_tree lemon_tree orange_tree cherry_tree peach_tree
-plum_tree pear_tree magnolia dogwood redwood sequoia cedar cypress fir spruce hemlock larch
-juniper yew holly boxwood laurel eucalyptus acacia baobab mangrove banyan bamboo_grove
-birch_tree maple_tree willow_tree oak_leaf maple_leaf
-rosebush rose_bush hydrangea azalea rhododendron camellia gardenia jasmine hibiscus peony
-chrysanthemum carnation marigold zinnia petunia pansy geranium begonia
-snapdragon foxglove lupine delphinium daffodil crocus hyacinth bluebell
-buttercup primrose forget-me-not cornflower thistle heather gorse bracken
-wildflower wild_flower dandelion_clock seed_head pinecone
-# sports and music
-soccer_ball football basketball tennis_ball golf_ball volleyball beach_ball bowling_ball
-bowling_pin racket racquet tennis_racket tennis_racquet bat baseball_bat baseball_glove
-baseball_mitt mitt net goal hoop puck stick hockey_stick club golf_club golf_cart dumbbell
-barbell kettlebell treadmill cleat whistle base fishing_rod fishing_pole rod reel target dart
-dartboard sword shield spear gun rifle pistol cannon bullet ski_pole boxing_glove punching_bag
-life_vest life_ring buoy guitar piano violin cello double_bass drum drum_kit drumstick trumpet
-saxophone flute clarinet harp accordion banjo ukulele harmonica trombone tuba xylophone
-tambourine bell cymbal gong organ music_stand amplifier amp turntable record vinyl cd dvd
-cassette
-"""
-
-# Nouns that only exist in the plural keep that form as their lemma.
-_PLURALIA = """
-people glasses sunglasses eyeglasses goggles scissors pants trousers jeans shorts leggings
-tights pajamas pyjamas overalls binoculars tongs pliers tweezers clippers clothes headphones
-earphones earbuds stairs cattle police livestock french_fries fries sweatpants sprinkles
-groceries high_heels woods
-"""
-
-# Materials: an attribute before a head ("stone wall"), an object as a head ("a pile of stones").
-_MATERIAL_NOUNS = """
-wood metal plastic glass stone brick concrete marble granite leather paper cardboard ceramic
-porcelain steel iron rubber cotton wool silk denim velvet lace linen fur wicker bamboo straw
-clay tin aluminum aluminium copper bronze brass chrome crystal gold silver canvas fabric cloth
-suede satin nylon polyester foam cork cobblestone gravel ivory pearl jade ice dirt sand wax
-tile rattan burlap tweed fleece corduroy plywood terracotta stucco slate sandstone limestone cement
-asphalt mesh chalk charcoal neon
-"""
-
-# Nouns that are also a colour, shape, age or pattern: same split as materials
-# ("orange cat" vs "an orange", "baby elephant" vs "a baby", "square table" vs "a red square").
-_DUAL_NOUNS = "orange coral cream rainbow emerald ruby sapphire square light baby adult tabby"
-
-# Nouns that are never objects: abstract, time and event words.
-_ABSTRACT_NOUNS = """
-time day night dawn dusk twilight daybreak nightfall morning afternoon evening noon midnight today
-tonight yesterday tomorrow week
-weekend month year decade century hour minute moment season summer winter spring autumn fall
-christmas halloween easter thanksgiving holiday vacation birthday anniversary wedding
-party/parties event ceremony celebration festival concert show performance game match race
-competition tournament championship practice training lesson class meeting conference protest
-parade trip journey tour travel adventure life/lives lifestyle love fun joy happiness beauty
-nature world environment concept idea business success teamwork health fitness exercise sport
-sports tennis baseball soccer golf hockey rugby yoga art music dance fashion style design
-color colour size pattern texture
-sight area region space place spot location position direction distance
-surface way thing something nothing anything everything someone somebody anyone anybody
-everyone everybody air wind weather heat sound noise text word name title message quote trick
-stunt jump turn ride walk run swim look pose smile kiss hug laugh display order use work job
-activity action motion speed attention traffic daylight sunlight sunshine shade darkness
-silhouette picnic barbecue bbq safari hike climb dive flight landing takeoff wilderness
-outdoors indoors home decoration decor copy copyspace copy_space quality
-fantasy dream memory story/stories history culture religion science technology education
-industry economy finance marketing communication network internet website app software data
-information service medicine treatment therapy diet nutrition skincare detail version mid_air
-midair chance luck peace war freedom hope faith power energy force reason fact part_of
-mood atmosphere vibe theme opportunity occasion visit stroll ecosystem habitat species/= concept
-process method system solution strategy problem issue risk project plan goal future past
-caption description explanation manner expression emotion feeling reaction reflex attitude
-behavior behaviour habit skill talent experience knowledge opinion choice decision question
-answer news newscast broadcast report interview speech discussion conversation argument
-agreement contract deal price cost value amount total result effect impact benefit advantage
-example sample type category list series episode chapter rush
-horseback trade tradition custom ritual arrival departure
-welcome greeting invitation occasion anniversary evening_out night_out
-"""
-
-_POSITION_NOUNS = """
-top bottom front back rear side middle center centre edge end left right inside outside tip
-corner base underside backside
-"""
-
-_MEDIUM_NOUNS = """
-photo photograph photography picture image illustration vector drawing painting portrait sketch
-print artwork render rendering graphic graphics icon logo clipart clip_art animation screenshot
-snapshot shot closeup close-up close_up selfie stock stock_photo stock_image stock_vector
-footage video film still collage infographic diagram chart template mockup mock-up wallpaper
-engraving etching lithograph caricature doodle emblem symbol pic photoshoot depiction
-representation rendition view aerial_view top_view side_view front_view panorama
-panoramic_view birds_eye_view fish_eye fisheye fish-eye background foreground backdrop scene
-scenery landscape seascape
-cityscape interior exterior
-"""
-# These are things in a scene unless followed by "of"
-# ("a painting hanging on the wall" vs "a painting of a ship").
-_MEDIUM_OR_OBJECT = "picture painting drawing portrait poster sketch print"
-
-# Quantity frames: dropped with their adjectives before "of" ("a large group of people");
-# alone, the first list are objects ("a young couple") and the second nothing.
-_QUANTITY_OR_OBJECT = "couple crowd family/families pack slice sheet stack pile heap row"
-_QUANTITY_NOUNS = """
-group bunch pair lot lots number amount kind type sort variety assortment collection selection
-set series array range herd flock swarm team squad crew bundle cluster dozen plenty handful mix
-mixture batch
-load piece bit part portion chunk line queue strip drop spoonful scoop cupful mouthful armful
-majority
-"""
-# Weak heads: "a heart shape" -> heart; alone ("a red shape") they are the object.
-_WEAK_NOUNS = "shape object item figure form"
-
-# Attribute adjectives, by the visual class they describe.
-_ATTRIBUTES = """
-# colour
-red green blue yellow purple violet white black pink gray grey brown cyan magenta beige tan
-maroon navy teal indigo crimson scarlet burgundy khaki lilac aqua azure golden silvery blond
-blonde auburn ginger turquoise colorful colourful multicolored multicoloured multicolor
-multi-colored multi-coloured multi-color pastel dark pale bright vivid monochrome monochromatic
-transparent translucent opaque shiny glossy matte metallic sparkly sparkling glittery
-iridescent fluorescent reddish bluish greenish yellowish brownish pinkish grayish greyish
-whitish blackish purplish orangish darker darkest brighter brightest paler
-# size (with comparative and superlative forms)
-small little tiny big large huge giant enormous massive gigantic miniature mini tall short long
-wide narrow thick thin fat skinny slim slender petite oversized jumbo deep shallow chubby plump
-high low smaller smallest bigger biggest larger largest taller tallest longer longest shorter
-shortest wider widest thicker thickest thinner thinnest tinier tiniest higher highest lower
-lowest deeper huger
-# shape
-round rectangular circular triangular oval spherical cylindrical curved curly straight wavy
-flat pointed pointy spiky jagged crooked bent twisted hexagonal octagonal heart-shaped
-star-shaped angular conical cubic geometric
-# material
-wooden metal plastic glass stone brick concrete marble leather paper cardboard ceramic
-porcelain steel iron rubber cotton woolen woollen silk denim velvet lace linen fur wicker
-bamboo straw clay copper bronze brass chrome crystal silver gold canvas knit knitted woven
-crocheted stainless rattan suede satin tweed
-# pattern
-striped stripy plaid checkered checked chequered spotted dotted polka-dot polka_dot
-polka-dotted floral flowered patterned camouflage camo paisley tartan speckled mottled dappled
-textured embroidered sequined tie-dye tie-dyed leopard-print leopard_print animal_print
-herringbone houndstooth gingham argyle
-# age
-old young new elderly ancient antique vintage retro modern older younger oldest youngest newer
-newest aged middle-aged
-teenage newborn contemporary futuristic medieval victorian
-# physical state
-wet dry empty full open closed broken clean dirty messy cluttered torn ripped rusty rusted
-frozen melted sliced chopped diced minced cooked raw fried deep-fried grilled baked roasted
-burnt burned boiled steamed toasted poached scrambled mashed peeled ripe unripe rotten dead
-withered wilted dried folded wrinkled crumpled lit unlit illuminated glowing blurry blurred
-hazy foggy misty snowy sunny cloudy overcast rainy stormy dusty muddy sandy grassy rocky leafy
-bare naked nude shirtless barefoot bald bearded shaved shaven tattooed masked uniformed hooded
-sleeveless tanned sunlit shady shaded dim frosty icy smoky steamy flooded overgrown fluffy
-furry hairy feathered scaly cracked dented chipped shattered bloody half-empty half-full blank
-upturned inflated deflated puffy mossy wooded forested cloudless starry moonlit snowcapped
-snow-capped
-# visual style
-cartoon animated abstract realistic photorealistic 3d 2d hand-drawn handdrawn sepia grayscale
-greyscale black-and-white pixelated minimalist isometric watercolor watercolour psychedelic
-low-poly pixel
-"""
-
-# Adjectives that are not attributes: judgements, feelings, non-visual properties.
-_OTHER_ADJECTIVES = """
-beautiful pretty cute lovely nice good great best better amazing awesome adorable gorgeous
-stunning happy sad funny fun cool hot cold warm busy crowded favorite favourite perfect
-delicious tasty yummy healthy fancy elegant stylish fashionable trendy famous popular typical
-traditional local professional simple different various same other own certain main whole
-entire real actual natural special unique strange weird interesting boring scary creepy angry
-excited serious confident attractive handsome sexy hungry tired lonely alone peaceful quiet
-calm romantic cozy cosy luxury luxurious expensive cheap rich poor important free public
-private personal social national international urban rural tropical exotic wild domestic
-industrial residential commercial outdoor indoor early late next last first second third
-fourth fifth final recent daily annual digital electric human male female fresh organic
-homemade festive seasonal spicy sweet sour salty bitter crispy crunchy juicy creamy soft hard
-smooth rough heavy lightweight strong weak fast slow quick easy difficult serene tranquil
-idyllic picturesque scenic majestic magnificent spectacular impressive incredible wonderful
-fantastic fabulous glorious magical mysterious dramatic charming lively vibrant cheerful
-playful friendly curious shy proud brave sleepy asleep awake alive ready able unable likely
-possible impossible full-size life-size sized medium medium-sized vertical horizontal diagonal
-upright upside-down upside sideways parallel central western eastern northern southern
-american european asian african british english french italian spanish german chinese
-japanese indian mexican russian greek thai korean canadian australian irish scottish dutch
-swiss turkish arabic brazilian christian jewish muslim catholic royal military official
-classic classical iconic historic historical religious spiritual cultural creative artistic
-decorative ornamental ornate plain basic ordinary normal common rare unusual similar identical
-matching single double triple extra additional assorted mixed live living dying pregnant
-nervous worried scared frightened surprised shocked bored relaxed joyful fit sick ill injured
-hurt safe dangerous lucky brand-new latest current former future past present everyday casual
-formal sporty athletic muscular successful wealthy homeless welcome open-air comfortable
-uncomfortable neat tidy organized well-dressed dressed seamless isolated free-standing handmade
-hand-made high-quality premium deluxe vast endless holy sacred secret hidden visible invisible
-exposed deserted abandoned remote distant nearby close far faraway underwater aerial panoramic
-wide-angle top-down macro daytime nighttime springtime summertime wintertime autumnal wintry
-electronic mechanical automatic manual wireless portable mobile virtual kawaii silly crazy
-goofy quirky odd bizarre surreal epic legendary royalty-free various own adult-only
-"""
-
-# Closed classes. Determiners and numbers start a phrase; prepositions and the other words end
-# one; negators drop the next phrase.
-_DETERMINERS = """
-a an the this these those some any each every all both either another other others such
-whatever whichever my your his her its our their one two three four five six seven eight nine
-ten eleven twelve thirteen fourteen fifteen twenty thirty forty fifty hundred thousand million
-several many few much more most plenty various numerous multiple half dozens hundreds thousands
-"""
-_PREPOSITIONS = """
-in on at of with by for from into onto over under above below beneath beside besides between
-among amongst through across along around behind near next inside outside against toward
-towards upon within off down up past via like as than during atop underneath amid amidst
-throughout before after about beyond opposite alongside thru aboard despite except including
-per versus vs unlike
-"""
-# Words after which a noun-or-verb word is the verb ("he skis", "to ski", "can ski").
-_SUBJECT_WORDS = """
-i you he she it we they who which that to can could will would shall should may might must
-"""
-_OTHER_WORDS = """
-me him us them myself yourself himself herself itself ourselves themselves whom whose what
-where when why how whether while whilst if because since though although unless until till so
-then there here now also too very really quite rather just only even still almost nearly
-already yet again ever always often sometimes usually once twice together away apart ahead
-forward forwards backward backwards aside out upstairs downstairs somewhere everywhere anywhere
-elsewhere overhead is are was were be been being am do does did done doing have has had having
-let lets please yes ok okay oh hey wow seemingly apparently perhaps maybe probably possibly
-definitely certainly clearly simply mostly mainly partly fully completely totally entirely
-slightly highly extremely incredibly somewhat kinda sorta alot well s
-"""
-_NEGATORS = "no not without never nor neither none nobody n't isnt arent dont doesnt cannot"
-
-# Verbs (base forms); -s, -ed and -ing forms are made by rule (_verb_forms).
-_VERBS = """
-be have do go get make take give put set see look watch stare gaze view show display sit stand
-lie lay rest lean kneel squat crouch sleep nap wake walk run jog sprint race hurry rush stroll
-wander hike climb jump hop leap skip dance spin twirl swim dive float sink splash surf ski
-skate snowboard skateboard sled sail row paddle fly soar glide hover land drive ride steer park
-stop wait cross pass turn head come arrive leave enter exit approach follow chase lead guide
-pull push drag carry hold grab grip catch throw toss pitch hit swing kick strike punch bat
-serve shoot aim score block tackle bounce roll slide fall drop lift raise pick place hang mount
-attach tie wrap cover fill empty pour spill mix stir cook bake fry grill roast boil chop slice
-cut peel eat bite chew drink sip lick taste feed share offer sell buy shop pay order prepare
-arrange decorate paint draw write read study learn teach talk speak say tell ask answer call
-shout yell sing play perform practice train exercise stretch pose smile laugh grin cry frown
-wink wave point gesture clap cheer celebrate hug kiss cuddle pet stroke brush comb wash clean
-scrub wipe dry fold iron sew knit build construct repair fix work operate use type text browse
-photograph film record capture frame focus blur reflect shine glow burn melt freeze grow bloom
-sprout blossom graze herd fish hunt nest perch roost crawl creep slither bark meow growl roar
-chirp sniff scratch groom shake wag tug fetch gnaw surround line border face overlook touch
-contain include feature depict illustrate represent combine match wear dress undress try fit
-model search find discover explore visit travel tour camp relax enjoy love like want need hate
-seem appear become remain stay keep let help assist protect guard save rescue fight battle
-compete win lose beat gather meet greet crowd queue rally march protest vote load unload
-deliver pack unpack ship post mail open close shut lock unlock ring knock sign check count
-measure weigh balance juggle flip sweep mop vacuum plant water dig rake mow harvest milk shear
-tow haul transport connect stack pile sort reach bend tilt drift flow rain snow rise sunbathe
-tan bathe shower shave style trim braid curl blow pop burst inflate smoke dine feast toast gulp
-slurp devour nibble munch scream whisper listen hear observe spot notice examine inspect marry
-wed propose graduate age wilt die kill attack sting pour serve hand pose doze snuggle nuzzle
-start begin continue finish try establish create produce provide allow enable support
-consider choose decide plan design develop prepare gather collect invite join share post
-check compare cause affect improve increase reduce protect describe explain discuss
-kneel bow peek peer glance grimace yawn stretch wade skid drip soak dangle hang tower loom sag
-sprawl lounge rest recline huddle cluster crowd swarm flock fill occupy await cook clean
-"""
-# Irregular verb forms that the rules do not make; all end a phrase.
-_IRREGULAR_VERB_FORMS = """
-went gone got gotten made took taken gave given saw seen showed shown sat stood lain laid slept
-woke woken ran swam swum dove flew flown drove driven rode ridden came left led held caught
-threw thrown swung struck shot fell fallen hung fed sold bought paid spoke spoken said told
-taught sang sung wore worn built brought thought kept found grew grown froze shone bit bitten
-won lost beaten met sought knelt leapt leant dreamt spread split spun slid stuck wove woven
-sewn shook shaken tore broke sank sunk blew blown drew drawn wrote written began begun
-"""
 
 # ---------------------------------------------------------------- tag parser: word table
 # Word classes: noun, attribute adjective, other adjective, participle (-ing/-ed), determiner,
@@ -1047,63 +378,55 @@ def _verb_forms(v):
     return s, ed, ing
 
 
-def _items(text):
-    """Words of a word list: comment lines dropped, "_" turned into spaces."""
-    for line in text.splitlines():
-        if not line.lstrip().startswith("#"):
-            for w in line.split():
-                yield w.replace("_", " ")
-
-
 def _build_table():
     """Map every known surface form (and multi-word name) to its entry
     (class, lemma, noun kind, attribute reading or None, flags)."""
     table = {}
     verb = {}  # surface -> verb flag
-    for v in _items(_VERBS):
+    for v in _word_list("verbs.txt"):
         s, ed, ing = _verb_forms(v)
         verb[v] = verb.get(v, 0) | _VB_BASE
         verb[s] = verb.get(s, 0) | _VB_S
         for f in ed + ing:
             verb[f] = verb.get(f, 0) | _VB_PART
-    for f in _items(_IRREGULAR_VERB_FORMS):
+    for f in _word_list("irregular_verb_forms.txt"):
         verb[f] = verb.get(f, 0) | _VB_PART
     for f, fl in verb.items():  # finite forms end a phrase, participles may sit inside one
         table[f] = (_X, f, 0, None, _VERB) if fl & (_VB_BASE | _VB_S) else (_G, f, 0, None, 0)
-    for w in _items(_OTHER_ADJECTIVES):
+    for w in _word_list("other_adjectives.txt"):
         table[w] = (_J, w, 0, None, 0)
 
     # Nouns, in rising precedence. Plurals are written first and singulars after, so a listed
     # word ("woods", "glasses") wins over another word's plural.
     nouns = []  # (word, plural or None, kind, attribute reading, flags)
 
-    def add(text, kind, attr=False, flags=0, plural=True):
-        for item in _items(text):
+    def add(name, kind, attr=False, flags=0, plural=True):
+        for item in _word_list(name, plurals=plural):
             w, _, p = item.partition("/")
             p = w if p == "=" else (p or (_plural(w) if plural else None))
             nouns.append((w, p, kind, w if attr else None, flags))
 
-    add(_ANIMATE_NOUNS, _OBJ, flags=_ANIM)
-    add(_OBJECT_NOUNS, _OBJ)
-    add(_PLURALIA, _OBJ, flags=_PL, plural=False)
-    add(_ABSTRACT_NOUNS, _ABS)
-    add(_POSITION_NOUNS, _POS)
-    add(_MEDIUM_NOUNS, _MED)
-    add(_MEDIUM_OR_OBJECT, _MED_OBJ)
-    add(_QUANTITY_NOUNS, _QTY)
-    add(_QUANTITY_OR_OBJECT, _QTY_OBJ, flags=_ANIM)
-    add(_WEAK_NOUNS, _WEAK)
+    add("animate_nouns.txt", _OBJ, flags=_ANIM)
+    add("object_nouns.txt", _OBJ)
+    add("plural_only_nouns.txt", _OBJ, flags=_PL, plural=False)
+    add("abstract_nouns.txt", _ABS)
+    add("position_nouns.txt", _POS)
+    add("medium_nouns.txt", _MED)
+    add("medium_or_object_nouns.txt", _MED_OBJ)
+    add("quantity_nouns.txt", _QTY)
+    add("quantity_or_object_nouns.txt", _QTY_OBJ, flags=_ANIM)
+    add("weak_nouns.txt", _WEAK)
     for w, p, kind, attr, fl in nouns:
         if p is not None and p != w:
             table[p] = (_N, w, kind, None, fl | _PL)
     for w, p, kind, attr, fl in nouns:
         table[w] = (_N, w, kind, attr, fl | (_PL if p == w and p is not None else 0))
-    size = _ATTRIBUTES.index("# size")
-    sizes = set(_items(_ATTRIBUTES[size:_ATTRIBUTES.index("# shape")]))
-    for w in _items(_ATTRIBUTES):
-        table[w] = (_A, w, 0, w, _SIZE if w in sizes else 0)
+    for w in _word_list("attributes.txt"):
+        table[w] = (_A, w, 0, w, 0)
+    for w in _word_list("attributes_size.txt"):  # dropped on a quantity frame (_close)
+        table[w] = (_A, w, 0, w, _SIZE)
     # Materials and colour nouns: an attribute as a modifier, an object as a head.
-    for w in _items(_MATERIAL_NOUNS + " " + _DUAL_NOUNS):
+    for w in _word_list("material_nouns.txt") + _word_list("dual_nouns.txt"):
         fl = table[w][4] if w in table and table[w][0] == _N else 0
         table[w] = (_N, w, _OBJ, w, fl & _ANIM)
         p = _plural(w)
@@ -1116,15 +439,15 @@ def _build_table():
             table[f] = e[:4] + (e[4] | fl,)
 
     # Closed classes last: they win over everything.
-    for w in _items(_DETERMINERS):
+    for w in _word_list("determiners.txt"):
         table[w] = (_D, w, 0, None, 0)
-    for w in _items(_PREPOSITIONS):
+    for w in _word_list("prepositions.txt"):
         table[w] = (_P, w, 0, None, 0)
-    for w in _items(_OTHER_WORDS):
+    for w in _word_list("other_words.txt"):
         table[w] = (_X, w, 0, None, 0)
-    for w in _items(_SUBJECT_WORDS):
+    for w in _word_list("subject_words.txt"):
         table[w] = (_P if w == "to" else _X, w, 0, None, _SUBJ)
-    for w in _items(_NEGATORS):
+    for w in _word_list("negators.txt"):
         table[w] = (_NEG, w, 0, None, 0)
     for w in ("and", "but", "&", "/", "+"):
         table[w] = (_C, w, 0, None, 0)

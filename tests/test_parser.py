@@ -6,6 +6,9 @@ pin one rule each, on captions that are not in the gold set.
 """
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -205,6 +208,54 @@ def test_fast_and_regex_tokenizers_agree():
 def test_empty_and_punctuation_only_captions():
     assert data.parse_caption("") == ([], [])
     assert data.parse_caption(" ,. -- !! ") == ([], [])
+
+
+# ---------------------------------------------------------------- word lists (words/)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_parser_follows_an_edit_of_the_word_files(tmp_path):
+    # A copy of data.py and words/ with three made-up words added, imported by a fresh process
+    # from another folder: the parser must read its lists from the files next to data.py, and
+    # the size rule from attributes_size.txt wherever the word sits in it.
+    copy = tmp_path / "repo"
+    copy.mkdir()
+    shutil.copy(os.path.join(REPO, "data.py"), copy)
+    shutil.copytree(os.path.join(REPO, "words"), copy / "words")
+    with open(copy / "words" / "object_nouns.txt", "a", encoding="utf-8") as f:
+        f.write("\n# made up for a test, with an irregular plural\nfrobnive/frobnivi\n")
+    with open(copy / "words" / "attributes.txt", "a", encoding="utf-8") as f:
+        f.write("glorpy\n")
+    with open(copy / "words" / "attributes_size.txt", "r+", encoding="utf-8") as f:
+        f.write(f.read().replace("\nsmall\n", "\nvasty  # made up for a test\nsmall\n", 1))
+    captions = ["a red frobnive", "two frobnivi on a table", "a vasty dog", "a vasty group of dogs",
+                "a glorpy group of dogs"]
+    code = ("import json, data\n"
+            f"print(data.__file__)\nprint(json.dumps([data.parse_caption(c) for c in {captions!r}]))")
+    env = dict(os.environ, PYTHONPATH=str(copy))
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    path, got = out.stdout.splitlines()
+    assert path == str(copy / "data.py")
+    want = [[["frobnive"], ["red"]], [["frobnive", "table"], []], [["dog"], ["vasty"]],
+            [["dog"], []],  # a size adjective is dropped on a quantity frame ...
+            [["dog"], ["glorpy"]]]  # ... another attribute is kept
+    assert json.loads(got) == want
+    # The same captions with the repository's lists: none of the three words is known.
+    assert [list(map(list, data.parse_caption(c))) for c in captions] == [
+        [[], ["red"]], [["frobnivi", "table"], []], [["dog"], []], [["dog"], []], [["dog"], []]]
+
+
+@pytest.mark.parametrize("line, plurals", [("traffic light", True), ("family/", True),
+                                           ("goose/geese", False), ("Red", False)])
+def test_malformed_word_list_line_names_the_file(tmp_path, monkeypatch, line, plurals):
+    (tmp_path / "test_list.txt").write_text(f"# a header\n\nbus\n{line}\n", encoding="utf-8")
+    monkeypatch.setattr(data, "_WORDS_DIR", str(tmp_path))
+    with pytest.raises(ValueError) as info:
+        data._word_list("test_list.txt", plurals=plurals)
+    msg = str(info.value)
+    assert msg.startswith(f"{tmp_path / 'test_list.txt'}:4: ") and repr(line) in msg and "\n" not in msg
 
 
 # ---------------------------------------------------------------- vocabulary
