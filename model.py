@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -416,6 +417,19 @@ class TagAlign(nn.Module):
             raise ValueError(f"state dict does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
+def trainable_parameters(model):
+    """Counts of the parameters that train, by part: decoder, head (dense_ln, dense_proj),
+    scales (the two temperatures), clip (when it trains), and their total."""
+    parts = {"decoder": 0, "head": 0, "scales": 0, "clip": 0}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            part = ("clip" if name.startswith("clip.") else "decoder" if name.startswith("decoder.")
+                    else "scales" if name.endswith("logit_scale") else "head")
+            parts[part] += p.numel()
+    parts = {k: v for k, v in parts.items() if v or k != "clip"}
+    return {**parts, "total": sum(parts.values())}
+
+
 # ---------------------------------------------------------------- OpenAI CLIP files
 _CLIP_KEYS = ("visual.conv1.weight", "visual.class_embedding", "visual.positional_embedding",
               "visual.transformer.resblocks.0.attn.in_proj_weight", "visual.ln_post.weight", "visual.proj",
@@ -439,7 +453,9 @@ def read_clip_state_dict(path):
     if not os.path.isfile(path):
         raise SystemExit(f"error: --clip {path}: no such file")
     try:
-        sd = torch.jit.load(path, map_location="cpu").state_dict()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit is deprecated, and is how OpenAI ships CLIP
+            sd = torch.jit.load(path, map_location="cpu").state_dict()
     except Exception:  # not TorchScript: a pickled state dict, or a broken file
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)

@@ -1,14 +1,14 @@
 """The hand-written ViT, text transformer and TagAlign head: shapes, causal masking, and
 OpenAI CLIP state-dict compatibility against an independent re-statement of CLIP's architecture
 (nn.MultiheadAttention, sequence-first layout, an additive causal mask), as in CLIP's model.py."""
-from collections import OrderedDict
-
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import CLIP, Config, LayerNorm, QuickGELU, ResConv, SegmentationModel, TagAlign
+from _clip import make_ref_clip, ref_dense_tokens, write_clip
+from model import (CLIP, Config, LayerNorm, ResConv, SegmentationModel, TagAlign, load_clip,
+                   read_clip_state_dict, trainable_parameters)
 
 
 def tiny_config(**kw):
@@ -75,75 +75,13 @@ def test_decoder_starts_as_identity_and_its_gates_open():
 
 
 # ---------------------------------------------------------------- OpenAI CLIP compatibility
-class RefBlock(nn.Module):
-    """OpenAI CLIP's residual block, restated: nn.MultiheadAttention on (L, B, W)."""
-
-    def __init__(self, width, heads, mask=None):
-        super().__init__()
-        self.attn = nn.MultiheadAttention(width, heads)
-        self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.mlp = nn.Sequential(OrderedDict([("c_fc", nn.Linear(width, 4 * width)), ("gelu", QuickGELU()),
-                                              ("c_proj", nn.Linear(4 * width, width))]))
-        self.mask = mask
-
-    def forward(self, x):
-        h = self.ln_1(x)
-        x = x + self.attn(h, h, h, need_weights=False, attn_mask=self.mask)[0]
-        return x + self.mlp(self.ln_2(x))
-
-
-class RefTransformer(nn.Module):
-    def __init__(self, width, layers, heads, mask=None):
-        super().__init__()
-        self.resblocks = nn.Sequential(*[RefBlock(width, heads, mask) for _ in range(layers)])
-
-
-class RefVisual(nn.Module):
-    def __init__(self, res, patch, width, layers, heads, out):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, width, patch, patch, bias=False)
-        self.class_embedding = nn.Parameter(torch.randn(width))
-        self.positional_embedding = nn.Parameter(torch.randn((res // patch) ** 2 + 1, width))
-        self.ln_pre, self.ln_post = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.transformer = RefTransformer(width, layers, heads)
-        self.proj = nn.Parameter(torch.randn(width, out) * width ** -0.5)
-
-    def forward(self, x):
-        x = self.conv1(x).flatten(2).permute(0, 2, 1)
-        cls = self.class_embedding + torch.zeros(x.shape[0], 1, x.shape[-1])
-        x = self.ln_pre(torch.cat([cls, x], dim=1) + self.positional_embedding)
-        x = self.transformer.resblocks(x.permute(1, 0, 2)).permute(1, 0, 2)  # (L, B, W) inside
-        return self.ln_post(x[:, 0]) @ self.proj
-
-
-class RefCLIP(nn.Module):
-    def __init__(self, vocab=60, ctx=10, width=64, layers=2, res=32, patch=8, out=24):
-        super().__init__()
-        self.visual = RefVisual(res, patch, 64, 2, 1, out)  # 64 wide: CLIP's heads = width // 64
-        mask = torch.full((ctx, ctx), float("-inf")).triu(1)
-        self.transformer = RefTransformer(width, layers, 1, mask)
-        self.token_embedding = nn.Embedding(vocab, width)
-        self.positional_embedding = nn.Parameter(torch.randn(ctx, width) * 0.01)
-        self.ln_final = nn.LayerNorm(width)
-        self.text_projection = nn.Parameter(torch.randn(width, out) * width ** -0.5)
-        self.logit_scale = nn.Parameter(torch.tensor(2.0))
-
-    def encode_text(self, tokens):
-        x = self.token_embedding(tokens) + self.positional_embedding
-        x = self.ln_final(self.transformer.resblocks(x.permute(1, 0, 2)).permute(1, 0, 2))
-        return x[torch.arange(x.shape[0]), tokens.argmax(-1)] @ self.text_projection
-
-
 def test_openai_state_dict_loads_as_is_and_matches():
-    torch.manual_seed(0)
-    ref = RefCLIP().eval()
-    for p in ref.parameters():  # LayerNorm weights away from 1/0 so that a misplaced one shows
-        p.data.add_(0.05 * torch.randn_like(p))
+    ref = make_ref_clip(vocab=60, ctx=10, vision_layers=2)
     sd = ref.state_dict()
     cfg = Config.from_clip_state_dict(sd)
     assert (cfg.image_size, cfg.patch_size, cfg.vision_width, cfg.vision_layers, cfg.vision_heads) == (32, 8, 64, 2, 1)
     assert (cfg.vocab_size, cfg.context_length, cfg.text_width, cfg.text_layers, cfg.embed_dim) == (60, 10, 64, 2, 24)
-    assert cfg.stem == "patch" and cfg.quick_gelu
+    assert cfg.stem == "patch" and cfg.quick_gelu and cfg.vision_local == -1
     ours = CLIP(cfg).eval()
     missing, unexpected = ours.load_state_dict(sd, strict=True)  # every key, as it is
     assert not missing and not unexpected
@@ -153,6 +91,100 @@ def test_openai_state_dict_loads_as_is_and_matches():
     with torch.no_grad():
         torch.testing.assert_close(ours.encode_image(images), ref.visual(images), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(ours.encode_text(tokens), ref.encode_text(tokens), rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def small_clip(tmp_path_factory):
+    """An 8-block CLIP ViT (so that surgery's last 6 blocks exist) in the three file formats."""
+    ref = make_ref_clip(vision_layers=8)
+    root = tmp_path_factory.mktemp("clip")
+    return ref, {fmt: write_clip(ref, root / f"{fmt}.pt", fmt) for fmt in ("torchscript", "fp16", "wrapped")}
+
+
+@pytest.fixture(scope="module")
+def small_model(small_clip):
+    return load_clip(small_clip[1]["fp16"])
+
+
+def test_clip_files_load_to_the_same_model(small_clip):
+    """OpenAI's TorchScript archive, an fp16 state dict and a wrapped fp32 one: the same float32
+    weights, and a model whose outputs match the re-statement of OpenAI's forward."""
+    ref, paths = small_clip
+    sds = {fmt: read_clip_state_dict(p) for fmt, p in paths.items()}
+    for fmt, sd in sds.items():
+        assert set(sd) == set(ref.state_dict()), fmt  # build_model's three int entries dropped
+        for k, v in ref.state_dict().items():
+            assert sd[k].dtype == torch.float32 and torch.equal(sd[k], v), (fmt, k)
+    model = load_clip(paths["torchscript"])
+    assert model.frozen_clip and not any(p.requires_grad for p in model.clip.parameters())
+    images, tokens = torch.randn(2, 3, 32, 32), torch.randint(1, 49000, (3, 16))
+    tokens[:, 9] = 49407
+    with torch.no_grad():
+        d_img = (model.clip.encode_image(images) - ref.visual(images)).abs().max().item()
+        d_txt = (model.clip.encode_text(tokens) - ref.encode_text(tokens)).abs().max().item()
+    assert d_img < 1e-4 and d_txt < 1e-4, (d_img, d_txt)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (48, 32), (24, 40)])  # square, and interpolated positions
+@pytest.mark.parametrize("reading", ["surgery", "maskclip", "plain"])
+def test_dense_readings_match_the_official_algorithm(small_clip, small_model, size, reading):
+    ref, model = small_clip[0], small_model
+    images = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        ours, (h, w) = model.clip.visual.tokens(images, reading, surgery_blocks=6)
+        want = ref_dense_tokens(ref.visual, images, reading, k=6)
+    assert (h, w) == (size[0] // 8, size[1] // 8)
+    diff = (ours - want).abs().max().item()
+    assert diff < 1e-4, f"{reading} {size}: max |diff| {diff:.2e}"
+    if reading == "surgery":  # the class token is the original path's, the patches are not
+        plain = model.clip.visual.tokens(images, "plain")[0]
+        torch.testing.assert_close(ours[:, 0], plain[:, 0])
+        assert (ours[:, 1:] - plain[:, 1:]).abs().max() > 1e-2
+
+
+def test_paper_head_starts_as_raw_clip(small_clip):
+    """The decoder is the identity at initialisation and the head a copy of CLIP's ln_post and
+    proj, so a fresh paper-mode model reads exactly as raw CLIP on the surgery tokens; the
+    copies are separate parameters (training them leaves CLIP's untouched)."""
+    model = load_clip(small_clip[1]["wrapped"])
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        x = model.features(images)
+        torch.testing.assert_close(model.head(x), model.clip_head(x), rtol=0, atol=0)
+        model.dense_proj.add_(1.0)
+    assert not torch.equal(model.dense_proj, model.clip.visual.proj)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in trainable if not n.startswith("clip.")} and "logit_scale" in trainable
+    assert set(model.trainable_state_dict()) == {k for k in model.state_dict() if not k.startswith("clip.")}
+
+
+def test_vit_b16_trainable_parameters():
+    """ViT-B/16's shapes, built on the meta device: TCL's decoder 4 x (768 * 768 * 9 + 768 +
+    2 * 768 + 1) = 21,242,884, the head's LayerNorm and 768 x 512 projection 394,752, two scales."""
+    cfg = Config(image_size=224, patch_size=16, stem="patch", vision_width=768, vision_layers=12,
+                 vision_heads=12, vision_local=-1, vocab_size=49408, context_length=77, text_width=512,
+                 text_layers=12, text_heads=8, embed_dim=512, dense="surgery", decoder_blocks=2, quick_gelu=True)
+    with torch.device("meta"):
+        model = TagAlign(cfg, frozen_clip=True)
+    counts = trainable_parameters(model)
+    assert counts == {"decoder": 21_242_884, "head": 394_752, "scales": 2, "total": 21_637_638}, counts
+
+
+def test_clip_file_errors(tmp_path, small_clip):
+    ref, paths = small_clip
+    resnet = {**{k: v for k, v in ref.state_dict().items() if not k.startswith("visual.")},
+              "visual.conv1.weight": torch.zeros(32, 3, 3, 3), "visual.layer1.0.conv1.weight": torch.zeros(1),
+              "visual.attnpool.c_proj.weight": torch.zeros(1)}
+    torch.save(resnet, tmp_path / "rn50.pt")
+    data = open(paths["torchscript"], "rb").read()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    torch.save({"encoder.weight": torch.zeros(2)}, tmp_path / "foreign.pt")
+    cases = {"rn50.pt": "ResNet CLIP", "cut.pt": "truncated or foreign", "foreign.pt": "not an OpenAI CLIP",
+             "absent.pt": "no such file"}
+    for name, message in cases.items():
+        with pytest.raises(SystemExit, match=message) as e:
+            read_clip_state_dict(str(tmp_path / name))
+        assert str(tmp_path / name) in str(e.value) and "\n" not in str(e.value)
 
 
 def test_layernorm_computes_in_fp32():
