@@ -1165,33 +1165,56 @@ def read_tags(out_dir):
 # pure function of (seed, split, index): nothing is stored, and the validation images are the
 # same for every training seed. Ground truth is exact, so segmentation can be scored.
 #
-# Design choices. A prototype with 8 shapes x 8 colours learned colour and ground in minutes
-# but never shape; measured here (tagalign's image tower, direct multi-label supervision of the
-# mean-pooled embedding, batch 64): colour is learned in ~150 steps, shape needs ~1,000, while
-# the same tower with MAX pooling learns shape in ~300. The mean over 64 patches dilutes the few
-# patches an object covers (a multiple-instance problem), and TagAlign's image embedding IS that
-# mean. So the world gives the short CPU budget the best chance without changing the model:
-# - four shapes that differ in silhouette (a ring is hollow, a cross has arms, a triangle has
-#   points), drawn big (radius 12-24% of the side) and turned by up to 17 degrees;
-# - each shape also has its own surface marking (stripes on triangles, a checkerboard on
-#   crosses, circles and rings plain), as real objects have texture as well as outline;
-# - six object colours, well apart from each other and from the six ground textures;
-# - "binding" scenes (30%): objects share a colour or a shape with another one in the same image
-#   (a red circle, a red cross and a blue circle), so colour alone cannot place "red circle".
-# SHAPES may be any subset of the shapes _shape_mask draws (square and star as well).
+# The world is built to give shape, the hard part, its best chance on a CPU budget without
+# changing the model (RESULTS.md has the measurements behind each choice): TagAlign's image
+# embedding is the MEAN of the patch embeddings, which dilutes the few patches an object covers,
+# so the shapes are few, big and distinct (a ring is hollow, a cross has arms, a triangle has
+# points), each with its own surface marking; colours are well apart from each other and from
+# the grounds; "binding" scenes give objects a shared colour or shape, so that colour alone
+# cannot place "red circle"; and the training split comes in contrast pairs (World.sample).
 
-SHAPES = ("circle", "triangle", "cross", "ring")
+SHAPES = ("circle", "triangle", "cross", "ring")  # the default world's; _shape_mask also draws square, star
 COLOURS = {  # name -> RGB
     "red": (215, 35, 35), "green": (40, 190, 70), "blue": (35, 75, 225),
     "yellow": (245, 215, 30), "purple": (150, 55, 195), "black": (20, 20, 20),
+    "orange": (245, 135, 20), "white": (245, 245, 245),  # not in the default world
 }
-COLOUR_NAMES = tuple(COLOURS)
+COLOUR_NAMES = ("red", "green", "blue", "yellow", "purple", "black")  # the default world's
 STUFF = ("grass", "sand", "water", "snow", "sky", "road")
 SIZES = {"small": (0.12, 0.15), "big": (0.19, 0.24)}  # object radius as a fraction of the side
-PATTERNS = True  # shapes carry a surface marking as well as a silhouette (see _pattern)
-OBJECTS = (0.3, 0.4, 0.3)  # probability of 1, 2, 3, ... objects in a scene
-_OBJECT_CDF = np.cumsum(OBJECTS)[:-1]
-ROTATION = 0.3  # objects turn by up to this many radians either way
+
+
+@dataclass
+class WorldConfig:
+    """The world's settings, each settable from the command line (`--set world.pairs=false`)."""
+    shapes: tuple = SHAPES          # object shapes, any of circle, square, triangle, star, cross, ring
+    colours: tuple = COLOUR_NAMES   # object colours, names from COLOURS
+    patterns: bool = True           # shapes carry a surface marking as well as a silhouette (_pattern)
+    objects: tuple = (0.3, 0.4, 0.3)  # probability of 1, 2, 3, ... objects in a scene
+    rotation: float = 0.3           # objects turn by up to this many radians either way
+    binding: float = 0.3            # probability of a binding scene (shared colour or shape)
+    pairs: bool = True              # the training split comes in contrast pairs (World.sample)
+    drop_object: float = 0.1        # probability that a caption leaves one object out
+    name_ground: float = 0.7        # probability that a caption names the ground
+    name_colour: float = 0.9        # probability that a caption names an object's colour
+    synonyms: bool = True           # captions also say disk, donut, lawn, beach, sea, street ...
+
+    def check(self):
+        """Raise ValueError with one line naming the setting when the world cannot be made."""
+        for k, names, known in (("shapes", self.shapes, ("circle", "square", "triangle", "star", "cross", "ring")),
+                                ("colours", self.colours, tuple(COLOURS))):
+            bad = [n for n in names if n not in known]
+            if bad or not names or len(set(names)) != len(names):
+                raise ValueError(f"world.{k}={','.join(names)}: expected distinct names from {','.join(known)}")
+        if self.pairs and len(self.shapes) < 2:
+            raise ValueError("world.pairs: contrast pairs need at least two shapes")
+        if not self.objects or min(self.objects) < 0 or abs(sum(self.objects) - 1) > 1e-6:
+            raise ValueError(f"world.objects={self.objects}: probabilities of 1, 2, ... objects, summing to 1")
+        for k in ("binding", "drop_object", "name_ground", "name_colour"):
+            if not 0 <= getattr(self, k) <= 1:
+                raise ValueError(f"world.{k}={getattr(self, k)}: a probability in [0, 1]")
+        return self
+
 
 # Caption words. Synonyms make the tag vocabulary realistic: "disk" and "circle" become two tags
 # that name the same thing, as web captions do.
@@ -1204,6 +1227,12 @@ _SHAPE_WORDS = {
     "ring": (("ring", "rings"), ("ring", "rings"), ("donut", "donuts")),
 }
 _SIZE_WORDS = {"small": ("small", "little", "tiny"), "big": ("big", "large", "huge")}
+# Without synonyms (WorldConfig.synonyms false) a stuff is named by these phrases only.
+_PLAIN_STUFF_PHRASES = {
+    "grass": ("on grass", "on the grass"), "sand": ("on sand", "on the sand"),
+    "water": ("on water", "in the water"), "snow": ("in the snow", "on snow", "lying in the snow"),
+    "sky": ("in the sky", "against the sky", "up in the sky"), "road": ("on a road", "on the road"),
+}
 _STUFF_PHRASES = {
     "grass": ("on grass", "on the grass", "on a lawn", "in a field"),
     "sand": ("on sand", "on the sand", "on the beach", "in the desert"),
@@ -1224,7 +1253,7 @@ class Scene:
     caption: str
     objects: np.ndarray  # (H, W) uint8: 0 background, 1 + shape index
     stuff: np.ndarray    # (H, W) uint8: stuff index on the ground, len(STUFF) + shape on objects
-    attr: np.ndarray     # (H, W) uint8: 0 background, 1 + colour * len(SHAPES) + shape
+    attr: np.ndarray     # (H, W) uint8: 0 background, 1 + colour * len(shapes) + shape
 
 
 def _smooth(x, passes):
@@ -1307,13 +1336,14 @@ class World:
     ((64, 64, 3), 'a big red circle and a blue star on the beach')
     """
 
-    def __init__(self, seed=0, image_size=64, split="train", pairs=None):
+    def __init__(self, seed=0, image_size=64, split="train", cfg=None):
         self.seed, self.S, self.split = seed, image_size, split
-        # Contrast pairs (training split by default): indices 2k and 2k + 1 show the same scene,
+        self.cfg = c = (cfg or WorldConfig()).check()
+        self.shapes, self.colours = tuple(c.shapes), tuple(c.colours)
+        # Contrast pairs (the training split only): indices 2k and 2k + 1 show the same scene,
         # the odd one with every object's shape swapped for another (see sample).
-        self.pairs = (split == "train") if pairs is None else pairs
-        if self.pairs and len(SHAPES) < 2:
-            raise ValueError("contrast pairs need at least two SHAPES")
+        self.pairs = c.pairs and split == "train"
+        self.object_cdf = np.cumsum(c.objects)[:-1]
         # Textures are the world's physics: fixed, whatever the training seed.
         trng = np.random.default_rng(1234)
         self.textures = [np.stack([_texture(k, image_size, trng) for _ in range(8)]) for k in STUFF]
@@ -1342,9 +1372,9 @@ class World:
         stuff = int(layout.integers(len(STUFF)))
         placed = self._place(layout)
         if self.pairs:
-            swap = layout.permutation(len(SHAPES))  # drawn by both scenes of a pair, used by the odd
-            while np.any(swap == np.arange(len(SHAPES))):  # a derangement: every shape changes
-                swap = layout.permutation(len(SHAPES))
+            swap = layout.permutation(len(self.shapes))  # drawn by both scenes of a pair, used by the odd
+            while np.any(swap == np.arange(len(self.shapes))):  # a derangement: every shape changes
+                swap = layout.permutation(len(self.shapes))
             if index % 2:
                 placed = [(int(swap[o[0]]), *o[1:]) for o in placed]
         caption = self._caption(words, placed, stuff)
@@ -1365,21 +1395,21 @@ class World:
             # Only the bounding box is evaluated; the object frame is rotated a little.
             y0, y1, x0, x1 = (max(int(cy - r) - 1, 0), min(int(cy + r) + 2, S),
                               max(int(cx - r) - 1, 0), min(int(cx + r) + 2, S))
-            th = rng.uniform(-ROTATION, ROTATION)
+            th = rng.uniform(-self.cfg.rotation, self.cfg.rotation)
             dy, dx = (cy - yy[y0:y1, x0:x1]) / r, (xx[y0:y1, x0:x1] - cx) / r
             u, v = dx * math.cos(th) - dy * math.sin(th), dx * math.sin(th) + dy * math.cos(th)
-            m = _shape_mask(SHAPES[shape], u, v)
-            rgb = np.array(COLOURS[COLOUR_NAMES[colour]], np.float32) + rng.normal(0, 10, 3)
+            m = _shape_mask(self.shapes[shape], u, v)
+            rgb = np.array(COLOURS[self.colours[colour]], np.float32) + rng.normal(0, 10, 3)
             shade = 1 + 0.08 * v[..., None]  # light from above: a hint of 3-D
             face = rgb * shade
-            if PATTERNS:  # each shape's surface marking, in the object's frame (turns with it)
-                mark = _pattern(SHAPES[shape], u * r, v * r)[..., None]
+            if self.cfg.patterns:  # each shape's surface marking, in the object's frame (turns with it)
+                mark = _pattern(self.shapes[shape], u * r, v * r)[..., None]
                 dark = rgb.mean() < 80  # a black object is marked lighter, the others darker
                 face = np.where(mark, face + 90 if dark else face * 0.55, face)
             patch = img[y0:y1, x0:x1]
             img[y0:y1, x0:x1] = np.where(m[..., None], face, patch)
             objects[y0:y1, x0:x1][m] = 1 + shape
-            attr[y0:y1, x0:x1][m] = 1 + colour * len(SHAPES) + shape
+            attr[y0:y1, x0:x1][m] = 1 + colour * len(self.shapes) + shape
         ny, nx = rng.integers(S, size=2)
         img = img + self.noise[ny:ny + S, nx:nx + S]  # sensor noise
         image = np.clip(img, 0, 255).astype(np.uint8)
@@ -1388,17 +1418,17 @@ class World:
 
     def _place(self, rng):
         """1-3 non-overlapping objects: (shape, colour, size, cy, cx, radius in px)."""
-        S, n = self.S, 1 + int(np.searchsorted(_OBJECT_CDF, rng.uniform()))
-        shapes = rng.integers(len(SHAPES), size=n)
-        colours = rng.integers(len(COLOURS), size=n)
-        if n >= 2 and rng.uniform() < 0.3:
+        S, n = self.S, 1 + int(np.searchsorted(self.object_cdf, rng.uniform()))
+        shapes = rng.integers(len(self.shapes), size=n)
+        colours = rng.integers(len(self.colours), size=n)
+        if n >= 2 and rng.uniform() < self.cfg.binding:
             # Binding scene: the second object shares the first one's colour with another shape,
             # the third (if any) its shape with another colour.
-            shapes[1] = (shapes[0] + rng.integers(1, len(SHAPES))) % len(SHAPES)
+            shapes[1] = (shapes[0] + rng.integers(1, len(self.shapes))) % len(self.shapes)
             colours[1] = colours[0]
             if n == 3:
                 shapes[2] = shapes[0]
-                colours[2] = (colours[0] + rng.integers(1, len(COLOURS))) % len(COLOURS)
+                colours[2] = (colours[0] + rng.integers(1, len(self.colours))) % len(self.colours)
         placed = []
         for shape, colour in zip(shapes, colours):
             size = int(rng.integers(2))
@@ -1413,7 +1443,7 @@ class World:
     def _caption(self, rng, placed, stuff):
         """A caption from a varied grammar; the only supervision the model gets."""
         objs = list(placed)
-        if len(objs) >= 2 and rng.uniform() < 0.1:  # sometimes an object goes unmentioned
+        if len(objs) >= 2 and rng.uniform() < self.cfg.drop_object:  # sometimes an object goes unmentioned
             objs.pop(int(rng.integers(len(objs))))
         rng.shuffle(objs)
         # Identical shape and colour are counted ("two red circles").
@@ -1426,10 +1456,11 @@ class World:
             sizes = {m[2] for m in members}
             if len(sizes) == 1 and rng.uniform() < 0.5:
                 words.append(_pick(rng, _SIZE_WORDS[("small", "big")[sizes.pop()]]))
-            if rng.uniform() < 0.9:
-                words.append(COLOUR_NAMES[colour])
-            forms = _SHAPE_WORDS[SHAPES[shape]]  # one draw whatever the shape: pairs stay in step
-            words.append(forms[int(rng.uniform() * len(forms))][len(members) > 1])
+            if rng.uniform() < self.cfg.name_colour:
+                words.append(self.colours[colour])
+            forms = _SHAPE_WORDS[self.shapes[shape]]  # one draw whatever the shape: pairs stay in step
+            form = forms[int(rng.uniform() * len(forms))] if self.cfg.synonyms else forms[0]
+            words.append(form[len(members) > 1])
             phrases.append((" ".join(words), members))
         text = phrases[0][0]
         for i, (phrase, members) in enumerate(phrases[1:]):
@@ -1442,8 +1473,9 @@ class World:
                 text = phrase + link + text
             else:
                 text = text + _pick(rng, _LINKS) + phrase
-        if rng.uniform() < 0.7:
-            text += " " + _pick(rng, _STUFF_PHRASES[STUFF[stuff]])
+        if rng.uniform() < self.cfg.name_ground:
+            phrases = _STUFF_PHRASES if self.cfg.synonyms else _PLAIN_STUFF_PHRASES
+            text += " " + _pick(rng, phrases[STUFF[stuff]])
         prefix = _pick(rng, _PREFIXES)
         if prefix == "there is " and not text.startswith("a "):
             prefix = "there are "
@@ -1475,17 +1507,18 @@ class WorldBenchmark:
                   finds the circle but calls it blue, or finds red but calls it a star, scores 0.
     """
 
-    def __init__(self, name, n_images=500, seed=0, image_size=64):
+    def __init__(self, name, n_images=500, seed=0, image_size=64, cfg=None):
+        self.world = World(seed, image_size, split="val", cfg=cfg)
+        shapes, colours = self.world.shapes, self.world.colours
         if name == "world-object":
-            self.classes, self.background = ["background", *SHAPES], True
+            self.classes, self.background = ["background", *shapes], True
         elif name == "world-stuff":
-            self.classes, self.background = [*STUFF, *SHAPES], False
+            self.classes, self.background = [*STUFF, *shapes], False
         elif name == "world-attr":
-            self.classes, self.background = [f"{c} {s}" for c in COLOUR_NAMES for s in SHAPES], False
+            self.classes, self.background = [f"{c} {s}" for c in colours for s in shapes], False
         else:
             raise ValueError(f"unknown world benchmark {name!r} ({', '.join(WORLD_BENCHMARKS)})")
         self.name, self.n = name, n_images
-        self.world = World(seed, image_size, split="val")
         self.mean, self.std, self.templates = WORLD_MEAN, WORLD_STD, list(WORLD_TEMPLATES)
 
     def __len__(self):
@@ -1502,5 +1535,5 @@ class WorldBenchmark:
         return s.image, label, f"{self.name}-{i:05d}"
 
 
-def world_benchmark(name, n_images=500, seed=0, image_size=64):
-    return WorldBenchmark(name, n_images, seed, image_size)
+def world_benchmark(name, n_images=500, seed=0, image_size=64, cfg=None):
+    return WorldBenchmark(name, n_images, seed, image_size, cfg)

@@ -64,7 +64,7 @@ def test_contrast_pairs_differ_in_shape_alone(world):
             assert len(sa[c]) == len(sb[c]) and (len(sa[c]) > 1 or sa[c] != sb[c]), (a.caption, b.caption)
     val = World(seed=0, split="val")
     assert not val.pairs and _shapes_blanked(val.caption(0)) != _shapes_blanked(val.caption(1))
-    assert World(seed=0, pairs=False).caption(1) != world.caption(1)
+    assert World(seed=0, cfg=data.WorldConfig(pairs=False)).caption(1) != world.caption(1)
 
 
 def test_images_and_maps_have_the_documented_form(scenes):
@@ -96,7 +96,7 @@ def test_objects_have_their_colour(scenes):
         for a in np.unique(s.attr[s.attr > 0]):
             colour = COLOUR_NAMES[(a - 1) // len(SHAPES)]
             pixels = s.image[s.attr == a].reshape(-1, 3).astype(float)
-            if data.PATTERNS and data._pattern(SHAPES[(a - 1) % len(SHAPES)], np.arange(12), np.arange(12)).any():
+            if data._pattern(SHAPES[(a - 1) % len(SHAPES)], np.arange(12), np.arange(12)).any():
                 luma = pixels.mean(1)
                 half = luma <= np.median(luma) if colour == "black" else luma >= np.median(luma)
                 pixels = pixels[half]
