@@ -8,6 +8,7 @@ Sections, top to bottom:
 """
 import gzip
 import html
+import io
 import json
 import math
 import multiprocessing
@@ -859,7 +860,7 @@ def _caption_format(path):
 
 
 def _json_caption(raw):
-    """The "caption" string of a JSON object given as bytes, or raise ValueError."""
+    """The "caption" string of a JSON object given as bytes, and the object; or ValueError."""
     try:
         obj = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -867,7 +868,7 @@ def _json_caption(raw):
     cap = obj.get("caption") if isinstance(obj, dict) else None
     if not isinstance(cap, str):
         raise ValueError("no 'caption' string")
-    return cap
+    return cap, obj
 
 
 def _tsv_caption_column(path, header_line):
@@ -878,93 +879,113 @@ def _tsv_caption_column(path, header_line):
     return names.index("caption")
 
 
+def _key_column(names):
+    """The column (or field) that names a sample: "key", else "image", else None."""
+    return next((c for c in ("key", "image") if c in names), None)
+
+
 def iter_captions(path):
-    """The samples of one caption file, in order: (caption, None), or (None, reason) for a
-    malformed one, so that row i of the tag file is sample i of the input.
+    """The samples of one caption file, in order, as (key, caption, None), or (key, None, reason)
+    for a malformed one, so that row i of the tag file is sample i of the input.
 
     .txt: one caption a line. .tsv: a header line naming a "caption" column, then one row a
     sample. .jsonl: one {"caption": ...} object a line. .tar (webdataset): one sample per key,
     its caption in KEY.txt, else in the "caption" field of KEY.json; a key with neither (an
-    image alone) is a malformed sample. Non-UTF-8 text and empty captions are malformed."""
+    image alone) is a malformed sample. Non-UTF-8 text and empty captions are malformed.
+    The key: the tar key; a "key" (else "image") column or field of .tsv / .jsonl rows; else
+    the line number."""
     fmt = _caption_format(path)
     if fmt == "tar":
         yield from _iter_tar_captions(path)
         return
     with open(path, "rb") as f:
-        col = _tsv_caption_column(path, f.readline()) if fmt == "tsv" else None
+        col = key_col = None
+        if fmt == "tsv":
+            header = f.readline()
+            col = _tsv_caption_column(path, header)
+            names = [h.strip().lower() for h in header.decode("utf-8", "replace").rstrip("\r\n").split("\t")]
+            key_col = names.index(_key_column(names)) if _key_column(names) else None
         for n, raw in enumerate(f, 2 if fmt == "tsv" else 1):
-            where = f"{path}:{n}"
+            where, key = f"{path}:{n}", str(n)
             raw = raw.rstrip(b"\r\n")
             if not raw.strip():
-                yield None, f"{where}: empty line"
+                yield key, None, f"{where}: empty line"
                 continue
             try:
                 if fmt == "jsonl":
-                    cap = _json_caption(raw)
+                    cap, obj = _json_caption(raw)
+                    k = _key_column(obj)
+                    key = str(obj[k]) if k else key
                 else:
                     line = raw.decode("utf-8")
                     if fmt == "tsv":
                         fields = line.split("\t")
+                        if key_col is not None and len(fields) > key_col:
+                            key = fields[key_col]
                         if len(fields) <= col:
                             raise ValueError("missing caption column")
                         line = fields[col]
                     cap = line
             except UnicodeDecodeError:
-                yield None, f"{where}: not UTF-8"
+                yield key, None, f"{where}: not UTF-8"
                 continue
             except ValueError as e:
-                yield None, f"{where}: {e}"
+                yield key, None, f"{where}: {e}"
                 continue
             cap = cap.strip()
-            yield (cap, None) if cap else (None, f"{where}: empty caption")
+            yield (key, cap, None) if cap else (key, None, f"{where}: empty caption")
+
+
+def tar_groups(tf):
+    """The samples of an open tar in the webdataset layout: consecutive members with the same
+    key (the path up to the first dot of the file name) form one sample. Yields (key,
+    {extension: TarInfo}); a broken tar raises tarfile.TarError, EOFError or OSError."""
+    key, members = None, {}
+    for m in tf:
+        if not m.isfile():
+            continue
+        d, base = os.path.split(m.name)
+        stem, _, ext = base.partition(".")
+        k = f"{d}/{stem}" if d else stem
+        if k != key:
+            if key is not None:
+                yield key, members
+            key, members = k, {}
+        members[ext.lower()] = m
+    if key is not None:
+        yield key, members
+
+
+def caption_of(txt, js):
+    """The caption of a webdataset sample from its .txt (preferred) or .json bytes; ValueError
+    (UnicodeDecodeError included) when there is none."""
+    if txt is not None:
+        cap = txt.decode("utf-8").strip()
+    elif js is not None:
+        cap = _json_caption(js)[0].strip()
+    else:
+        raise ValueError("no .txt or .json caption")
+    if not cap:
+        raise ValueError("empty caption")
+    return cap
 
 
 def _iter_tar_captions(path):
-    def sample(key, txt, js):
-        where = f"{path}:{key}"
-        try:
-            if txt is not None:
-                cap = txt.decode("utf-8").strip()
-            elif js is not None:
-                cap = _json_caption(js).strip()
-            else:
-                return None, f"{where}: no .txt or .json caption"
-        except UnicodeDecodeError:
-            return None, f"{where}: not UTF-8"
-        except ValueError as e:
-            return None, f"{where}: {e}"
-        return (cap, None) if cap else (None, f"{where}: empty caption")
-
     try:
         tf = tarfile.open(path, "r:*")
     except tarfile.TarError as e:
         raise ValueError(f"{path}: not a readable tar file ({e})") from None
-    key = txt = js = None
+    key = None
     with tf:
         try:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                # webdataset: the key is the path up to the first dot of the file name
-                d, base = os.path.split(m.name)
-                stem, _, ext = base.partition(".")
-                k = f"{d}/{stem}" if d else stem
-                if k != key:
-                    if key is not None:
-                        yield sample(key, txt, js)
-                    key, txt, js = k, None, None
-                ext = ext.lower()
-                if ext == "txt" or ext == "json":
-                    data = tf.extractfile(m).read()
-                    if ext == "txt":
-                        txt = data
-                    else:
-                        js = data
+            for key, members in tar_groups(tf):
+                read = lambda ext: tf.extractfile(members[ext]).read() if ext in members else None  # noqa: E731
+                try:
+                    yield key, caption_of(read("txt"), read("json")), None
+                except ValueError as e:
+                    yield key, None, f"{path}:{key}: {'not UTF-8' if isinstance(e, UnicodeDecodeError) else e}"
         except (tarfile.TarError, EOFError, OSError) as e:
-            yield None, f"{path}: truncated or corrupt tar after key {key!r} ({e.__class__.__name__})"
-            return
-        if key is not None:
-            yield sample(key, txt, js)
+            yield None, None, f"{path}: truncated or corrupt tar after key {key!r} ({e.__class__.__name__})"
 
 
 def _tag_chunk(captions):
@@ -1017,8 +1038,10 @@ def tag_files(paths, out_dir, top_objects=9000, top_attributes=1000, min_count=5
     """The `tags` command: parse every caption of the files, build the vocabulary, and write
 
         out_dir/vocab.json        TagVocab.save: tags, kinds, counts, params, the input files
+                                  (path, name, bytes, first_row, samples, malformed)
         out_dir/tag_offsets.npy   int64 (N+1,): sample i has tags ids[offsets[i]:offsets[i+1]]
         out_dir/tag_ids.npy       uint16 (int32 if K > 65535) tag indices, objects first
+        out_dir/tag_keys.npy      bytes (N,): sample i's key (see iter_captions)
 
     with one row per input sample in input order (files in the given order; a malformed
     sample gets an empty row and is counted). Streams: the captions are read once, parsed on
@@ -1041,13 +1064,25 @@ def tag_files(paths, out_dir, top_objects=9000, top_attributes=1000, min_count=5
                 _tsv_caption_column(p, f.readline())
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
-    files = [{"path": p, "samples": 0, "malformed": 0} for p in paths]
+    # What the rows were read from, so that training can join its samples to them and refuse
+    # tags of other data: each file's name, size and first row.
+    files = [{"path": os.path.abspath(p), "name": os.path.basename(p), "bytes": os.path.getsize(p),
+              "first_row": 0, "samples": 0, "malformed": 0} for p in paths]
     examples = []  # the first few malformed samples, "file:line: reason"
+    tmp_keys = os.path.join(out_dir, "tag_keys.tmp")
+    longest_key = 1
 
-    def captions():
+    def captions(f_keys):
+        nonlocal longest_key
+        row = 0
         for rec in files:
-            for cap, why in iter_captions(rec["path"]):
+            rec["first_row"] = row
+            for key, cap, why in iter_captions(rec["path"]):
                 rec["samples"] += 1
+                row += 1
+                k = (key or "").encode("utf-8")
+                longest_key = max(longest_key, len(k))
+                f_keys.write(k.replace(b"\n", b" ") + b"\n")
                 if cap is None:
                     rec["malformed"] += 1
                     if len(examples) < 5:
@@ -1061,8 +1096,8 @@ def tag_files(paths, out_dir, top_objects=9000, top_attributes=1000, min_count=5
     tmp_ids, tmp_lens = os.path.join(out_dir, "tag_ids.tmp"), os.path.join(out_dir, "tag_lens.tmp")
     bar = tqdm(desc="tagging", unit=" captions", unit_scale=True, disable=not progress)
     try:
-        with open(tmp_ids, "wb") as f_ids, open(tmp_lens, "wb") as f_lens:
-            for chunk_keys, ids, lens in _map_ordered(_tag_chunk, _chunks(captions(), chunk_size), workers):
+        with open(tmp_ids, "wb") as f_ids, open(tmp_lens, "wb") as f_lens, open(tmp_keys, "wb") as f_keys:
+            for chunk_keys, ids, lens in _map_ordered(_tag_chunk, _chunks(captions(f_keys), chunk_size), workers):
                 remap = np.array([keys.setdefault(k, len(keys)) for k in chunk_keys], np.int32)
                 g = remap[np.frombuffer(ids, np.int32)] if ids else np.zeros(0, np.int32)
                 if len(keys) > len(counts):
@@ -1073,7 +1108,7 @@ def tag_files(paths, out_dir, top_objects=9000, top_attributes=1000, min_count=5
                 f_lens.write(lens)
                 bar.update(len(lens) // 4)
     except BaseException:
-        for p in (tmp_ids, tmp_lens):
+        for p in (tmp_ids, tmp_lens, tmp_keys):
             if os.path.exists(p):
                 os.remove(p)
         raise
@@ -1113,10 +1148,17 @@ def tag_files(paths, out_dir, top_objects=9000, top_attributes=1000, min_count=5
     offsets.flush()
     tag_ids.flush()
     del offsets, tag_ids
-    for name in ("tag_offsets.npy", "tag_ids.npy"):
+    # The sample keys, fixed-width bytes, row by row (what training checks its samples against).
+    keys = np.lib.format.open_memmap(os.path.join(out_dir, "tag_keys.npy.tmp"), "w+", f"S{longest_key}", (n,))
+    with open(tmp_keys, "rb") as f_keys:
+        for i, line in enumerate(f_keys):
+            keys[i] = line.rstrip(b"\n")
+    keys.flush()
+    del keys
+    for name in ("tag_offsets.npy", "tag_ids.npy", "tag_keys.npy"):
         os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
-    os.remove(tmp_ids)
-    os.remove(tmp_lens)
+    for p in (tmp_ids, tmp_lens, tmp_keys):
+        os.remove(p)
     vocab_path = os.path.join(out_dir, "vocab.json")
     vocab.save(vocab_path)
     seconds = time.perf_counter() - t0
@@ -1128,6 +1170,7 @@ def tag_files(paths, out_dir, top_objects=9000, top_attributes=1000, min_count=5
         "seconds": seconds, "captions_per_s": n / seconds if seconds > 0 else 0.0,
         "workers": workers, "files": files, "vocab": vocab_path,
         "offsets": os.path.join(out_dir, "tag_offsets.npy"), "ids": os.path.join(out_dir, "tag_ids.npy"),
+        "keys": os.path.join(out_dir, "tag_keys.npy"),
     }
 
 
@@ -1143,21 +1186,301 @@ def format_tag_stats(stats):
         f"malformed samples: {stats['malformed']:,} (empty rows in the tag file)",
     ]
     lines += [f"  {w}" for w in stats["malformed_examples"]]
-    lines.append(f"wrote {stats['vocab']}, {stats['offsets']}, {stats['ids']}")
+    lines.append(f"wrote {stats['vocab']}, {stats['offsets']}, {stats['ids']}, {stats['keys']}")
     return "\n".join(lines)
 
 
-def read_tags(out_dir):
+def read_tags(out_dir, keys=False):
     """The per-sample tags written by tag_files: (offsets int64 (N+1,), ids (nnz,)), memory-
-    mapped. Sample i's tag indices into vocab.json's tags are ids[offsets[i]:offsets[i+1]]."""
-    paths = [os.path.join(out_dir, f) for f in ("tag_offsets.npy", "tag_ids.npy")]
+    mapped. Sample i's tag indices into vocab.json's tags are ids[offsets[i]:offsets[i+1]].
+    keys: also the (N,) sample keys."""
+    names = ("tag_offsets.npy", "tag_ids.npy") + (("tag_keys.npy",) if keys else ())
+    paths = [os.path.join(out_dir, f) for f in names]
     for p in paths:
         if not os.path.isfile(p):
             raise FileNotFoundError(f"tag file not found: {p} (run `python tagalign.py tags`)")
-    offsets, ids = (np.load(p, mmap_mode="r") for p in paths)
+    arrays = [np.load(p, mmap_mode="r") for p in paths]
+    offsets, ids = arrays[:2]
     if offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != len(ids):
         raise ValueError(f"{paths[0]}: offsets do not match {paths[1]} ({len(ids)} ids)")
-    return offsets, ids
+    if keys and len(arrays[2]) != len(offsets) - 1:
+        raise ValueError(f"{paths[2]}: {len(arrays[2])} keys for {len(offsets) - 1} rows")
+    return tuple(arrays)
+
+
+# ---------------------------------------------------------------- image-text shards (paper mode)
+# Training data as CC12M is distributed: webdataset tar shards (KEY.jpg|jpeg|png|webp beside
+# KEY.txt or KEY.json), or a folder with captions.tsv / captions.jsonl naming image files. The
+# stream is exactly resumable: a worker's state is small (where it is in its shards, the
+# shuffle buffer as references into the shards, its random generator) and travels with every
+# batch, so a checkpoint can hold the state of the batches it has consumed.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the official training norm
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+SKIPS = ("unpaired", "bad_image", "bad_caption", "truncated")  # what the stream skips and counts
+
+
+def _braces(pattern):
+    """Brace expansion as the shell and webdataset do: "a{00..02}b" -> a00b a01b a02b (zero
+    padding kept), "{x,y}" -> x y; nested and repeated braces expand left to right."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if not m:
+        return [pattern]
+    head, body, tail = pattern[:m.start()], m.group(1), pattern[m.end():]
+    r = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if r:
+        lo, hi = int(r.group(1)), int(r.group(2))
+        width = len(r.group(1)) if r.group(1).startswith("0") else 0
+        items = [str(i).zfill(width) for i in range(lo, hi + 1)]
+    else:
+        items = body.split(",")
+    return [x for item in items for x in _braces(head + item + tail)]
+
+
+def expand_shards(spec):
+    """--data as a list of sources: tar shards given by brace lists and globs (several specs
+    separated by spaces or given as a list), or a folder holding captions.tsv / captions.jsonl
+    (with an "image" column or field: image paths relative to the folder)."""
+    import glob
+    specs = spec.split() if isinstance(spec, str) else list(spec)
+    sources = []
+    for one in specs:
+        if os.path.isdir(one):
+            table = next((os.path.join(one, f) for f in ("captions.tsv", "captions.jsonl")
+                          if os.path.isfile(os.path.join(one, f))), None)
+            if table is None:
+                raise ValueError(f"--data {one}: a folder needs captions.tsv or captions.jsonl")
+            sources.append(table)
+            continue
+        for p in _braces(one):
+            found = sorted(glob.glob(p)) if glob.has_magic(p) else ([p] if os.path.isfile(p) else [])
+            if not found:
+                raise ValueError(f"--data {one}: no file matches {p}")
+            sources += found
+    if not sources:
+        raise ValueError(f"--data {spec!r}: no shards")
+    return sources
+
+
+class ShardTags:
+    """The `tags` command's output, joined to training samples by (file, key): a source's
+    sample j is tag row first_row + j, and its key must be the one `tags` read there. Tags
+    built from other files, or from a file that has changed since, are refused."""
+
+    def __init__(self, tags_dir, sources):
+        self.vocab = TagVocab.load(os.path.join(tags_dir, "vocab.json"))
+        self.offsets, self.ids, self.keys = read_tags(tags_dir, keys=True)
+        files = {f["name"]: f for f in self.vocab.meta.get("corpus", {}).get("files", [])}
+        self.first_row = []
+        for src in sources:
+            f = files.get(os.path.basename(src))
+            if f is None or "first_row" not in f:
+                raise ValueError(f"--tags {tags_dir} was built from other files: {os.path.basename(src)} "
+                                 f"is not among them (run `tagalign.py tags` on the training data)")
+            if f["bytes"] != os.path.getsize(src):
+                raise ValueError(f"--tags {tags_dir}: {src} has {os.path.getsize(src)} bytes, "
+                                 f"{f['bytes']} when it was tagged (re-run `tagalign.py tags`)")
+            self.first_row.append(f["first_row"])
+
+    def row(self, source, j, key):
+        row = self.first_row[source] + j
+        if row >= len(self.keys) or self.keys[row].decode("utf-8", "replace") != key:
+            got = self.keys[row].decode("utf-8", "replace") if row < len(self.keys) else "nothing"
+            raise ValueError(f"tags do not match the data: sample {j} of source {source} has key {key!r}, "
+                             f"the tags have {got!r} (re-run `tagalign.py tags` on these files)")
+        return row
+
+    def targets(self, rows, device=None):
+        """(B,) rows -> (B, K) bool multi-hot targets."""
+        t = torch.zeros(len(rows), len(self.vocab), dtype=torch.bool)
+        for i, r in enumerate(rows.tolist()):
+            t[i, torch.from_numpy(self.ids[self.offsets[r]:self.offsets[r + 1]].astype(np.int64))] = True
+        return t.to(device)
+
+
+def random_resized_crop(width, height, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """(x, y, w, h) of torchvision's RandomResizedCrop: up to 10 tries at an area fraction in
+    `scale` and a log-uniform aspect ratio in `ratio`, else the centre crop clamped to `ratio`."""
+    area = width * height
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
+    aspect = width / height
+    w, h = (width, round(width / ratio[0])) if aspect < ratio[0] else \
+        (round(height * ratio[1]), height) if aspect > ratio[1] else (width, height)
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def train_transform(image, size, rng, mean, std):
+    """A PIL image -> (3, size, size) float32: random resized crop, horizontal flip, normalised
+    (the official training transform without its colour jitter, RandAugment and erasing)."""
+    from PIL import Image
+    x, y, w, h = random_resized_crop(image.width, image.height, rng)
+    image = image.resize((size, size), Image.BILINEAR, box=(x, y, x + w, y + h))
+    a = np.asarray(image, np.float32) / 255
+    if rng.uniform() < 0.5:
+        a = a[:, ::-1]
+    a = (a - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
+
+
+class ImageTextStream(torch.utils.data.IterableDataset):
+    """Endless batches of (image, caption, tag row) from shards, for a DataLoader with
+    batch_size=None: each worker yields whole batches.
+
+    Split without duplicates: each epoch the sources are shuffled (seed, epoch) and source i
+    goes to slot i mod (ranks x workers); a slot with one source fewer than others starts its
+    next epoch that much earlier. A worker scans its sources into a shuffle buffer of
+    references (source, tag row, key, byte ranges or an image path) and reads and decodes a
+    sample only when it leaves the buffer. Skipped and counted, never fatal: a sample without
+    its image or caption ("unpaired"), an image that does not decode ("bad_image"), a caption
+    that is not UTF-8 or is empty ("bad_caption"), a tar that ends early ("truncated": the
+    rest of that shard is lost).
+
+    Batch: {"images" (B, 3, S, S), "tokens" (B, L), "rows" (B,) tag rows (-1 without tags),
+    "epochs" (B,), "worker": its logical worker, "state": that worker's state after the batch}.
+    Batch g of the stream comes from worker g mod W (the DataLoader's round robin), so
+    resume(states, g) restarts every worker where the batches consumed so far left it.
+    """
+
+    def __init__(self, sources, tags, tokenizer, context_length, batch_size, image_size=224,
+                 seed=0, buffer=1000, mean=IMAGENET_MEAN, std=IMAGENET_STD, rank=0, world_size=1, workers=0):
+        super().__init__()
+        self.sources, self.tags, self.tokenizer = sources, tags, tokenizer
+        self.context_length, self.batch_size, self.image_size = context_length, batch_size, image_size
+        self.seed, self.buffer, self.mean, self.std = seed, max(buffer, 1), mean, std
+        self.rank, self.world_size, self.workers = rank, world_size, max(workers, 1)
+        self.states, self.step = {}, 0
+        if len(sources) < self.world_size * self.workers:
+            raise ValueError(f"--data has {len(sources)} shards for {self.world_size} ranks x {self.workers} "
+                             f"workers: give fewer --workers or more shards")
+        for p in sources:
+            if not p.endswith(".tar"):
+                with open(p, "rb") as f:
+                    head = f.readline().decode("utf-8", "replace").lower()
+                fields = head.rstrip("\r\n").split("\t") if p.endswith(".tsv") else json.loads(head or "{}")
+                if "image" not in fields or "key" in fields:
+                    raise ValueError(f"--data {p}: a captions table needs an 'image' column (the image path, "
+                                     f"relative to its folder, is the sample's key) and no 'key' column")
+        self._tables = {}
+
+    def resume(self, states, step):
+        """Continue from the worker states of a checkpoint taken after `step` batches."""
+        self.states, self.step = {int(k): v for k, v in states.items()}, step
+
+    # -- reading sources
+    def _refs(self, i, resume, counts):
+        """References to the samples of source i, each with the position to resume after it:
+        (source, row in source, key, image, caption). A tar's image and caption are byte ranges;
+        a table's image is a path and its caption the text. Unpaired samples are counted."""
+        path = self.sources[i]
+        if not path.endswith(".tar"):
+            if i not in self._tables:  # read once per worker
+                self._tables[i] = [(k, c) for k, c, _ in iter_captions(path)]
+            for j, (key, cap) in enumerate(self._tables[i][resume or 0:], resume or 0):
+                if cap is None:
+                    counts["bad_caption"] += 1
+                else:
+                    yield (i, j, key, os.path.join(os.path.dirname(path), key), cap), j + 1
+            return
+        offset, j, skip = resume or (0, 0, False)  # skip: the group at offset was taken before
+        with open(path, "rb") as f:
+            f.seek(offset)
+            try:
+                for key, members in tar_groups(tarfile.open(fileobj=f, mode="r:")):
+                    here = (min(m.offset for m in members.values()), j, True)  # resume after this one
+                    j += 1
+                    if skip:
+                        skip = False
+                        continue
+                    img = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
+                    cap = members.get("txt") or members.get("json")
+                    if img is None or cap is None:
+                        counts["unpaired"] += 1
+                        continue
+                    ext = "txt" if "txt" in members else "json"
+                    yield (i, j - 1, key, (img.offset_data, img.size), (cap.offset_data, cap.size, ext)), here
+            except (tarfile.TarError, EOFError, OSError):
+                counts["truncated"] += 1
+
+    def _load(self, ref, rng):
+        """A reference -> (image tensor, caption), or the name of the skip count it falls under."""
+        from PIL import Image
+        i, _, _, img, cap = ref
+        if not isinstance(img, str):  # a tar: read both byte ranges
+            with open(self.sources[i], "rb") as f:
+                f.seek(img[0])
+                raw = f.read(img[1])
+                f.seek(cap[0])
+                text = f.read(cap[1])
+            try:
+                cap = caption_of(text, None) if cap[2] == "txt" else caption_of(None, text)
+            except ValueError:
+                return "bad_caption"
+            img = io.BytesIO(raw)
+        try:
+            with Image.open(img) as image:
+                return train_transform(image.convert("RGB"), self.image_size, rng, self.mean, self.std), cap
+        except Exception:  # corrupt, truncated, missing or not an image
+            return "bad_image"
+
+    def _collate(self, batch, logical, state):
+        images, captions, rows, epochs = zip(*batch)
+        return {"images": torch.stack(images), "tokens": self.tokenizer(list(captions), self.context_length),
+                "rows": torch.tensor(rows), "epochs": torch.tensor(epochs), "worker": logical, "state": state}
+
+    # -- the stream
+    def _slot(self, logical):
+        return self.rank * self.workers + logical
+
+    def _my_sources(self, epoch, logical):
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.sources))
+        return order[self._slot(logical)::self.world_size * self.workers].tolist()
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        if (info.num_workers if info else 1) != self.workers:
+            raise ValueError(f"ImageTextStream made for {self.workers} workers, read by {info.num_workers if info else 1}")
+        logical = ((info.id if info else 0) + self.step) % self.workers  # the round robin goes on
+        st = self.states.get(logical) or {
+            "epoch": 0, "cursor": 0, "resume": None, "buffer": [], "counts": dict.fromkeys(SKIPS, 0),
+            "rng": np.random.default_rng([self.seed, self._slot(logical)]).bit_generator.state}
+        rng = np.random.default_rng()
+        rng.bit_generator.state = st["rng"]
+        epoch, cursor, resume, counts = st["epoch"], st["cursor"], st["resume"], dict(st["counts"])
+        buffer = [tuple(x) for x in st["buffer"]]  # (reference with its tag row, epoch)
+        batch, idle = [], 0
+        while True:
+            sources, pushed, tried, loaded = self._my_sources(epoch, logical), 0, 0, 0
+            for cursor in range(cursor, len(sources)):
+                i = sources[cursor]
+                for ref, resume in self._refs(i, resume, counts):
+                    row = self.tags.row(i, ref[1], ref[2]) if self.tags is not None else -1
+                    buffer.append(((i, row, *ref[2:]), epoch))
+                    pushed += 1
+                    while len(buffer) >= self.buffer:  # full: one leaves at random
+                        ref_out, e = buffer.pop(int(rng.integers(len(buffer))))
+                        sample = self._load(ref_out, rng)
+                        tried += 1
+                        if isinstance(sample, str):
+                            counts[sample] += 1
+                            continue
+                        loaded += 1
+                        batch.append((*sample, ref_out[1], e))
+                        if len(batch) == self.batch_size:
+                            state = {"epoch": epoch, "cursor": cursor, "resume": resume, "counts": dict(counts),
+                                     "buffer": [[list(r), e] for r, e in buffer], "rng": rng.bit_generator.state}
+                            yield self._collate(batch, logical, state)
+                            batch = []
+                resume = None
+            epoch, cursor = epoch + 1, 0
+            idle = 0 if pushed and (loaded or not tried) else idle + 1
+            if idle >= 2:  # two epochs without a usable sample: fail rather than hang
+                raise RuntimeError(f"worker {logical}: its shards gave no usable sample in a whole epoch "
+                                   f"(skipped: {counts})")
 
 
 # ---------------------------------------------------------------- the synthetic world
@@ -1480,6 +1803,29 @@ class World:
         if prefix == "there is " and not text.startswith("a "):
             prefix = "there are "
         return prefix + text
+
+
+def write_world_shards(out_dir, scenes, per_shard=1000, seed=0, image_size=64, cfg=None, start=0):
+    """The world's training split as webdataset shards, as CC12M is distributed: out_dir/
+    world-00000.tar ..., scene i as KEY.png (lossless) and KEY.txt, KEY = its index, zero-padded.
+    Scenes start .. start + scenes - 1; contrast pairs stay together in a shard when per_shard
+    is even. Returns the shard paths."""
+    from PIL import Image
+    os.makedirs(out_dir, exist_ok=True)
+    world, paths = World(seed, image_size, "train", cfg), []
+    for first in range(start, start + scenes, per_shard):
+        path = os.path.join(out_dir, f"world-{len(paths):05d}.tar")
+        with tarfile.open(path + ".tmp", "w") as tf:
+            for i in range(first, min(first + per_shard, start + scenes)):
+                s, buf = world.sample(i), io.BytesIO()
+                Image.fromarray(s.image).save(buf, format="PNG")
+                for ext, payload in (("png", buf.getvalue()), ("txt", s.caption.encode())):
+                    info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                    info.size, info.mtime = len(payload), 0
+                    tf.addfile(info, io.BytesIO(payload))
+        os.replace(path + ".tmp", path)
+        paths.append(path)
+    return paths
 
 
 # ---------------------------------------------------------------- world batches and benchmarks

@@ -74,14 +74,49 @@ def lr_at(step, args):
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
+# ---------------------------------------------------------------- settings from the command line
+def parse_value(text, current):
+    """text parsed as the type of the setting's current value: bool, int, float, str, or a
+    comma-separated tuple of the type of its first element."""
+    if isinstance(current, bool):
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError("expected true or false")
+        return text.lower() in ("true", "1", "yes")
+    if isinstance(current, tuple):
+        kind = type(current[0]) if current else str
+        return tuple(parse_value(x.strip(), kind()) for x in text.split(",") if x.strip())
+    return type(current)(text)  # int, float or str: int("2.5") fails, as it should
+
+
+def apply_settings(settings, cfg, world):
+    """nanoGPT's configurator with validation: each --set key=value changes a Config field
+    (vision_layers=2) or a world setting (world.pairs=false), parsed as the field's type.
+    An unknown key, a bad value or a shape that cannot be built: one line naming it."""
+    for item in settings:
+        key, sep, text = item.partition("=")
+        target, field = (world, key[len("world."):]) if key.startswith("world.") else (cfg, key)
+        names = [f.name for f in dataclasses.fields(target)]
+        if not sep or field not in names:
+            raise SystemExit(f"error: --set {item}: unknown setting; model: {', '.join(f.name for f in dataclasses.fields(cfg))}; "
+                             f"world: {', '.join('world.' + f.name for f in dataclasses.fields(world))}")
+        try:
+            setattr(target, field, parse_value(text, getattr(target, field)))
+        except ValueError as e:
+            raise SystemExit(f"error: --set {item}: {e}") from None
+    try:
+        cfg.check(), world.check()
+    except ValueError as e:
+        raise SystemExit(f"error: --set: {e}") from None
+    return cfg, world
+
+
 # ---------------------------------------------------------------- world data: tokenizer, tags, batches
-def build_world_text(args, cfg):
+def build_world_text(args, world):
     """Tokenizer and tag vocabulary learned from a corpus of world captions (the training split).
 
     Tags come from the tag parser run on the captions, exactly as on real data; nothing is read
     from the world's internals.
     """
-    world = data.World(args.seed, cfg.image_size)
     corpus = [world.caption(i) for i in range(args.corpus)]
     tokenizer = data.Tokenizer.train(corpus, vocab_size=args.vocab_size)
     vocab = data.build_vocab(corpus, top_objects=args.top_tags, top_attributes=args.top_tags,
@@ -107,12 +142,12 @@ def tag_texts(vocab):
 
 
 # ---------------------------------------------------------------- checkpoints
-def save_checkpoint(path, model, optimizer, step, cfg, args, tokenizer, vocab):
+def save_checkpoint(path, model, optimizer, step, args, tokenizer, vocab, world):
     """Everything --resume needs, written atomically: a crash mid-write leaves the old file."""
     state = {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-        "config": dataclasses.asdict(cfg), "args": vars(args),
+        "config": dataclasses.asdict(model.cfg), "world": dataclasses.asdict(world.cfg), "args": vars(args),
         "tokenizer": tokenizer.state_dict(), "tags": vocab.tags,
     }
     tmp = path + ".tmp"
@@ -122,7 +157,7 @@ def save_checkpoint(path, model, optimizer, step, cfg, args, tokenizer, vocab):
 
 # ---------------------------------------------------------------- training
 RESUME_MUST_MATCH = ("steps", "batch_size", "lr", "warmup", "weight_decay", "seed", "tag_weight",
-                     "tag_loss", "tag_grad", "corpus", "vocab_size", "top_tags", "min_tag_count")
+                     "tag_loss", "tag_grad", "corpus", "vocab_size", "top_tags", "min_tag_count", "set")
 
 
 def train(args):

@@ -76,7 +76,25 @@ def test_tags_all_formats_alignment_counts_and_malformed(corpus, tmp_path):
                       "red": 2, "white": 2, "big": 1, "black": 1, "blue": 1, "green": 1, "yellow": 1}
     assert vocab.kinds == ["object"] * 7 + ["attribute"] * 7
     assert vocab.meta["corpus"]["samples"] == 20 and vocab.meta["params"]["min_count"] == 1
-    assert sorted(p.name for p in out.iterdir()) == ["tag_ids.npy", "tag_offsets.npy", "vocab.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["tag_ids.npy", "tag_keys.npy", "tag_offsets.npy", "vocab.json"]
+    # Keys: line numbers (no key or image column here), tar keys; the files' first rows and sizes.
+    keys = [k.decode() for k in data.read_tags(str(out), keys=True)[2]]
+    assert keys == ["1", "2", "3", "4", "5", "2", "3", "4", "5", "1", "2", "3", "4", "5", "6",
+                    "s/0001", "s/0002", "s/0003", "s/0004", "s/0005"]
+    files = vocab.meta["corpus"]["files"]
+    assert [f["first_row"] for f in files] == [0, 5, 9, 15]
+    assert [f["name"] for f in files] == ["a.txt", "b.tsv", "c.jsonl", "d.tar"]
+    assert all(f["bytes"] == (tmp_path / f["name"]).stat().st_size for f in files)
+
+
+def test_tags_keys_from_key_and_image_columns(tmp_path):
+    tsv = tmp_path / "caps.tsv"
+    tsv.write_text("image\tcaption\nimg/a.jpg\ta red car\nimg/b.jpg\ta dog\n")
+    jsonl = tmp_path / "caps.jsonl"
+    jsonl.write_text('{"key": "k1", "image": "x.jpg", "caption": "a cat"}\n{"image": "y.jpg", "caption": "a dog"}\n')
+    data.tag_files([str(tsv), str(jsonl)], str(tmp_path / "out"), min_count=1, workers=1, progress=False)
+    keys = [k.decode() for k in data.read_tags(str(tmp_path / "out"), keys=True)[2]]
+    assert keys == ["img/a.jpg", "img/b.jpg", "k1", "y.jpg"]  # "key" wins over "image"
 
 
 def test_tags_workers_give_identical_files(corpus, tmp_path):
