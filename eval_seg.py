@@ -306,10 +306,11 @@ class FolderBenchmark:
         return image, label, image_id
 
 
-def load_benchmark(name, data_root=None, n_images=None):
+def load_benchmark(name, data_root=None, n_images=None, world=None):
     """A world benchmark from data.py, or a standard one read from its layout under data_root."""
     if name in WORLD:
-        return data.world_benchmark(name, **({} if n_images is None else {"n_images": n_images}))
+        return data.world_benchmark(name, **({} if n_images is None else {"n_images": n_images}),
+                                    **({} if world is None else {"cfg": world}))
     if data_root is None:
         raise SystemExit(f"eval_seg: benchmark {name} needs --data-root")
     folders, reader, classes, rzl, bg, n_val = BENCHMARKS[name]
@@ -617,30 +618,34 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 # ----------------------------------------------------------------------------- entry points
-def protocol_for(name, bench, overrides=None):
-    """The preset for a benchmark (world: mean/std/templates from data.py), then overrides."""
+def protocol_for(name, bench, overrides=None, norm=None):
+    """The preset for a benchmark (world: mean/std/templates from data.py), the model's own
+    normalisation if it has one (norm: (mean, std) it was trained with), then overrides."""
     if name in WORLD:
         p = dataclasses.replace(PRESETS["world"], mean=tuple(bench.mean), std=tuple(bench.std),
                                 templates=tuple(bench.templates))
     else:
         p = PRESETS["tcl"]
+    if norm is not None:
+        p = dataclasses.replace(p, mean=tuple(norm[0]), std=tuple(norm[1]))
     return dataclasses.replace(p, **(overrides or {}))
 
 
 def run_benchmarks(model, names=WORLD, data_root=None, out_dir="out", n_vis=4, batch_size=16,
-                   extra=None, overrides=None, n_images=None, limit=None, preds_dir=None):
+                   extra=None, overrides=None, n_images=None, limit=None, preds_dir=None, world=None):
     """Evaluate `model` (or saved predictions in preds_dir when model is None) on `names`,
     print the tables, write out_dir/metrics.json and out_dir/vis/*.png; returns the metrics:
     {name: {"mIoU", "mAcc", "aAcc", "IoU": {class: value}, ...}, "mean": {"mIoU": ..}, **extra}.
     overrides: Protocol fields to change (e.g. {"bg_thresh": 0.5, "pamr": True});
-    n_images: world benchmark size (data.py's default when None); limit: first N images only."""
+    n_images: world benchmark size (data.py's default when None); limit: first N images only;
+    world: the data.WorldConfig of the world benchmarks (the default world when None)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    benches = {k: load_benchmark(k, data_root, n_images) for k in names}  # fail early on bad paths
+    benches = {k: load_benchmark(k, data_root, n_images, world) for k in names}  # fail early on bad paths
     results, metrics = {}, {}
     for k, bench in benches.items():
         if preds_dir is None:
-            protocol = protocol_for(k, bench, overrides)
+            protocol = protocol_for(k, bench, overrides, getattr(model, "norm", None))
             protocol = dataclasses.replace(protocol, clip_w=effective_clip_w(model, protocol))
             r = evaluate(model, bench, protocol, k, batch_size, n_vis, out_dir / "vis", limit)
             r["protocol"] = protocol
@@ -732,9 +737,10 @@ def main(argv=None):
         raise SystemExit(f"eval_seg: --preds {args.preds}: no such folder")
     if model is not None:
         extra["config"] = model.config
+        extra["world"] = getattr(model, "world", None)
     out = args.out or (str(Path(args.ckpt).parent) if args.ckpt else "out")
     return run_benchmarks(model, names, args.data_root, out, args.n_vis, args.batch_size, extra,
-                          overrides, args.world_images, args.limit, args.preds)
+                          overrides, args.world_images, args.limit, args.preds, getattr(model, "world", None))
 
 
 if __name__ == "__main__":

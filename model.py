@@ -517,6 +517,7 @@ class SegmentationModel:
             raise ValueError(f"head must be 'decoder' or 'clip', not {head!r}")
         self.model, self.tokenizer, self.device = model.to(device).eval(), tokenizer, torch.device(device)
         self.reading, self.head = reading or model.cfg.dense, head
+        self.norm, self.world = None, None  # (mean, std) the model expects, if not the protocol's; its world
         self.config = dataclasses.asdict(model.cfg)
         self.clip_blend = model.frozen_clip and head == "decoder"
         scale = model.clip.logit_scale if head == "clip" else model.itc_logit_scale
@@ -575,4 +576,9 @@ def load_model(path, device="cpu", reading=None, clip=None):
     model = model_from_checkpoint(ckpt, path, clip)
     tokenizer = (data.Tokenizer.from_clip() if ckpt["tokenizer"] == "clip"  # CLIP's merges, shipped
                  else data.Tokenizer.from_state_dict(ckpt["tokenizer"]))
-    return SegmentationModel(model, tokenizer, device, reading)
+    seg = SegmentationModel(model, tokenizer, device, reading)
+    if ckpt.get("world"):  # world benchmarks are made with the world the model was trained on
+        seg.world = data.WorldConfig(**ckpt["world"])
+    if ckpt.get("clip"):  # the normalisation it was trained with
+        seg.norm = (data.CLIP_MEAN, data.CLIP_STD) if ckpt["args"].get("norm") == "clip" else (data.IMAGENET_MEAN, data.IMAGENET_STD)
+    return seg

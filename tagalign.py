@@ -11,6 +11,7 @@ The model is in model.py, the evaluator in eval_seg.py, the data in data.py.
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -26,17 +27,18 @@ from tqdm import tqdm
 import data
 import eval_seg
 import kernels
+import model as model_lib
 from model import Config, SegmentationModel, TagAlign, read_checkpoint
 
 
 # ---------------------------------------------------------------- losses
-def compute_loss(model, images, tokens, tag_tokens, targets, args):
+def compute_loss(model, images, tokens, targets, args, tag_tokens=None, tag_emb=None):
     """Total loss = ITC + tag_weight x tag loss, as in the paper; returns (total, itc, tag).
 
-    images (B, 3, H, W), tokens (B, L) captions, tag_tokens (K, L) the tag names, targets (B, K)
-    multi-hot tags parsed from the captions. In world mode the tag embeddings come from the text
-    encoder being trained, embedded afresh each step (in CLIP mode they are frozen CLIP text
-    embeddings).
+    images (B, 3, H, W), tokens (B, L) captions, targets (B, K) multi-hot tags parsed from the
+    captions. The tag embeddings: tag_tokens (K, L), the tag names embedded afresh each step by
+    the text tower being trained (the world, from scratch), or tag_emb (K, E), fixed (a frozen
+    CLIP's, computed once). A frozen text tower embeds the captions without gradients.
     """
     img = F.normalize(model.encode_image(images), dim=-1)  # (B, E)
     txt = F.normalize(model.encode_text(tokens), dim=-1)  # (B, E)
@@ -44,32 +46,36 @@ def compute_loss(model, images, tokens, tag_tokens, targets, args):
     itc = kernels.clip_loss(img, txt, scale, impl=args.kernels)
     if args.tag_weight == 0:  # the ITC-only baseline: tags are not even embedded
         return itc, itc, torch.zeros_like(itc)
-    # --tag-grad image is the paper's wiring: tag embeddings are targets the tag loss does not move,
-    # as frozen CLIP's are. From scratch (the default, both) the tag loss also teaches the text
-    # tower the tag words: ITC alone leaves "a triangle." and "a cross." at cosine 0.98 on the
-    # world, and a detached tag loss cannot then tell the two shapes apart (README, results).
-    with torch.no_grad() if args.tag_grad == "image" else contextlib.nullcontext():
-        tag_emb = F.normalize(model.encode_text(tag_tokens), dim=-1)  # (K, E)
+    if tag_emb is None:
+        # --tag-grad image is the paper's wiring: tag embeddings are targets the tag loss does not
+        # move, as frozen CLIP's are. From scratch (the default, both) the tag loss also teaches
+        # the text tower the tag words: ITC alone leaves "a triangle." and "a cross." at cosine
+        # 0.98 on the world, and a detached tag loss cannot then tell the two shapes apart.
+        with torch.no_grad() if args.tag_grad == "image" else contextlib.nullcontext():
+            tag_emb = F.normalize(model.encode_text(tag_tokens), dim=-1)  # (K, E)
     tag_scale = model.tag_logit_scale.exp().clamp(max=100)
-    tag = kernels.tag_loss(img, tag_emb, targets, tag_scale, kind=args.tag_loss, impl=args.kernels)
+    tag = kernels.tag_loss(img, tag_emb.to(img.dtype), targets, tag_scale, kind=args.tag_loss, impl=args.kernels)
     return itc + args.tag_weight * tag, itc, tag
 
 
 # ---------------------------------------------------------------- optimizer
 def make_optimizer(model, args):
-    """AdamW as the paper: eps 1e-6, weight decay 0.05 on matrices only (no decay on 1-d params)."""
+    """AdamW as the paper: eps 1e-6, weight decay on matrices only (no decay on 1-d params),
+    over the parameters that train (a frozen CLIP's are left out)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), eps=1e-6)
 
 
 def lr_at(step, args):
-    """Linear warmup, then cosine decay to 10% (the paper keeps it constant over 30k steps; a
-    few thousand steps from scratch converge better with a decay)."""
+    """Linear warmup over a fraction of the steps, then constant (the paper) or cosine decay to
+    10% (the world default: a few thousand steps from scratch converge better with a decay)."""
     warmup = max(1, int(args.warmup * args.steps))
     if step < warmup:
         return args.lr * (step + 1) / warmup
+    if args.schedule == "constant":
+        return args.lr
     t = (step - warmup) / max(1, args.steps - warmup)
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
@@ -88,17 +94,19 @@ def parse_value(text, current):
     return type(current)(text)  # int, float or str: int("2.5") fails, as it should
 
 
-def apply_settings(settings, cfg, world):
+def apply_settings(settings, cfg, world, allowed=None):
     """nanoGPT's configurator with validation: each --set key=value changes a Config field
     (vision_layers=2) or a world setting (world.pairs=false), parsed as the field's type.
-    An unknown key, a bad value or a shape that cannot be built: one line naming it."""
+    allowed: the keys that may be set (default: all). An unknown or refused key, a bad value,
+    or a shape that cannot be built: SystemExit with one line naming it. Returns (cfg, world)."""
+    cfg, world = dataclasses.replace(cfg), dataclasses.replace(world)
+    keys = [f.name for f in dataclasses.fields(cfg)] + ["world." + f.name for f in dataclasses.fields(world)]
+    keys = [k for k in keys if allowed is None or k in allowed]
     for item in settings:
         key, sep, text = item.partition("=")
+        if not sep or key not in keys:
+            raise SystemExit(f"error: --set {item}: unknown setting here; choose from {', '.join(keys) or 'none'}")
         target, field = (world, key[len("world."):]) if key.startswith("world.") else (cfg, key)
-        names = [f.name for f in dataclasses.fields(target)]
-        if not sep or field not in names:
-            raise SystemExit(f"error: --set {item}: unknown setting; model: {', '.join(f.name for f in dataclasses.fields(cfg))}; "
-                             f"world: {', '.join('world.' + f.name for f in dataclasses.fields(world))}")
         try:
             setattr(target, field, parse_value(text, getattr(target, field)))
         except ValueError as e:
@@ -137,27 +145,118 @@ def world_batch(world, step, batch_size, tokenizer, vocab, cfg):
     return images, tokens, targets
 
 
-def tag_texts(vocab):
-    return [data.WORLD_TEMPLATES[0].format(t) for t in vocab.tags]
+def tag_texts(vocab, template=data.WORLD_TEMPLATES[0]):
+    return [template.format(t) for t in vocab.tags]
+
+
+def world_setup(args, ckpt):
+    """The world from scratch: (model, tokenizer, vocab, world, tag tokens)."""
+    if ckpt:
+        cfg, wcfg = Config(**ckpt["config"]), data.WorldConfig(**ckpt["world"])
+        world = data.World(args.seed, cfg.image_size, cfg=wcfg)
+        tokenizer = data.Tokenizer.from_state_dict(ckpt["tokenizer"])
+        vocab = data.TagVocab.from_tags(ckpt["tags"])
+    else:
+        cfg, wcfg = apply_settings(args.set, Config(), data.WorldConfig())
+        world = data.World(args.seed, cfg.image_size, cfg=wcfg)
+        t0 = time.time()
+        tokenizer, vocab = build_world_text(args, world)
+        cfg.vocab_size = tokenizer.vocab_size
+        print(f"world text: {args.corpus} captions, {tokenizer.vocab_size} tokens, {len(vocab.tags)} tags "
+              f"({time.time() - t0:.1f}s): {' '.join(vocab.tags)}")
+    model = TagAlign(cfg)
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+    return model, tokenizer, vocab, world, tokenizer(tag_texts(vocab), cfg.context_length)  # (K, L)
+
+
+# ---------------------------------------------------------------- paper mode: frozen CLIP, shards, cached text
+def tag_embeddings(model, tokenizer, vocab, tags_dir, clip_sha256, template, device):
+    """(K, E) L2-normalised tag embeddings from the frozen text tower on `template`, computed
+    once and kept in tags_dir/tag_embeddings.pt; reused while the CLIP file, the tags and the
+    template are the same, recomputed (and rewritten) otherwise."""
+    path = os.path.join(tags_dir, "tag_embeddings.pt")
+    key = {"clip_sha256": clip_sha256, "template": template,
+           "tags_sha256": hashlib.sha256("\n".join(vocab.tags).encode()).hexdigest()}
+    if os.path.isfile(path):
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+        if {k: cached.get(k) for k in key} == key:
+            print(f"tag embeddings: {len(vocab)} from {path}")
+            return cached["embeddings"].to(device)
+        print(f"tag embeddings: {path} was made for another CLIP, template or vocabulary: recomputing")
+    tokens = tokenizer(tag_texts(vocab, template), model.cfg.context_length)
+    with torch.no_grad():
+        emb = torch.cat([model.encode_text(tokens[i:i + 1024].to(device)).float() for i in range(0, len(tokens), 1024)])
+    emb = F.normalize(emb, dim=-1).cpu()
+    torch.save({**key, "embeddings": emb}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    print(f"tag embeddings: {len(vocab)} computed with {template!r}, saved to {path}")
+    return emb.to(device)
+
+
+def paper_setup(args, ckpt, device):
+    """OpenAI CLIP frozen, TagAlign's decoder on top, trained on image-text shards: (model,
+    tokenizer, vocab, shard tags, the shard stream, CLIP file identity)."""
+    clip_path = args.clip
+    sha = model_lib.file_sha256(clip_path) if os.path.isfile(clip_path) else None
+    if ckpt and ckpt["clip"]["sha256"] != sha:
+        raise SystemExit(f"error: --resume: {args.out}/ckpt.pt was trained on the CLIP file with sha256 "
+                         f"{ckpt['clip']['sha256'][:12]}..., --clip {clip_path} is another file")
+    model = model_lib.load_clip(clip_path, Config(**ckpt["config"]) if ckpt else None)
+    if ckpt:
+        model.load_trainable_state_dict(ckpt["model"])
+    elif args.set:  # the paper's head with other settings: build it anew
+        cfg, _ = apply_settings(args.set, model.cfg, data.WorldConfig(), allowed=PAPER_SETTINGS)
+        model = model_lib.load_clip(clip_path, cfg)
+    tokenizer = data.Tokenizer.from_clip()
+    if model.cfg.vocab_size != tokenizer.vocab_size:
+        raise SystemExit(f"error: --clip {clip_path}: {model.cfg.vocab_size} token embeddings, CLIP's tokenizer "
+                         f"has {tokenizer.vocab_size} ids")
+    try:
+        sources = data.expand_shards(args.data)
+        tags = data.ShardTags(args.tags, sources) if args.tags else None
+        mean, std = (data.CLIP_MEAN, data.CLIP_STD) if args.norm == "clip" else (data.IMAGENET_MEAN, data.IMAGENET_STD)
+        stream = data.ImageTextStream(sources, tags, tokenizer, model.cfg.context_length, args.batch_size,
+                                      model.cfg.image_size, args.seed, args.shuffle_buffer, mean, std,
+                                      workers=args.workers)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if ckpt:
+        if ckpt["data"]["workers"] != args.workers:
+            raise SystemExit(f"error: --resume: the run read its shards with --workers {ckpt['data']['workers']}; "
+                             f"the stream continues exactly only with the same number")
+        stream.resume(ckpt["data"]["states"], ckpt["step"] + 1)
+    vocab = tags.vocab if tags else data.TagVocab([], [], [])
+    print(f"data: {len(sources)} shards ({args.data}), tags: {args.tags or 'none'} ({len(vocab)} tags)")
+    return model.to(device), tokenizer, vocab, tags, stream, {"path": os.path.abspath(clip_path), "sha256": sha}
 
 
 # ---------------------------------------------------------------- checkpoints
-def save_checkpoint(path, model, optimizer, step, args, tokenizer, vocab, world):
-    """Everything --resume needs, written atomically: a crash mid-write leaves the old file."""
-    state = {
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-        "config": dataclasses.asdict(model.cfg), "world": dataclasses.asdict(world.cfg), "args": vars(args),
-        "tokenizer": tokenizer.state_dict(), "tags": vocab.tags,
-    }
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+def save_checkpoint(path, state):
+    """Write a checkpoint atomically: a crash mid-write leaves the old file."""
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def checkpoint_state(model, optimizer, scaler, step, args):
+    """What every checkpoint holds: what trains, the optimizer, the step, the RNGs, the config
+    and the arguments (the mode adds its own: tokenizer, tags, world or CLIP file, data)."""
+    return {"model": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "step": step,
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "config": dataclasses.asdict(model.cfg), "args": vars(args)}
 
 
 # ---------------------------------------------------------------- training
-RESUME_MUST_MATCH = ("steps", "batch_size", "lr", "warmup", "weight_decay", "seed", "tag_weight",
-                     "tag_loss", "tag_grad", "corpus", "vocab_size", "top_tags", "min_tag_count", "set")
+RESUME_MUST_MATCH = ("steps", "batch_size", "lr", "warmup", "schedule", "beta2", "weight_decay", "seed",
+                     "tag_weight", "tag_loss", "tag_grad", "corpus", "vocab_size", "top_tags", "min_tag_count",
+                     "set", "data", "tags", "norm", "template", "shuffle_buffer")
+
+
+def autocast(device, precision):
+    if precision in ("bf16", "fp16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return contextlib.nullcontext()
 
 
 def train(args):
@@ -170,37 +269,70 @@ def train(args):
     if args.resume:
         ckpt = read_checkpoint(ckpt_path)
         for k in RESUME_MUST_MATCH:  # a resumed run must be the same run
-            if ckpt["args"][k] != getattr(args, k):
+            if ckpt["args"].get(k) != getattr(args, k, None):
                 raise SystemExit(f"error: {ckpt_path} was trained with --{k.replace('_', '-')} "
-                                 f"{ckpt['args'][k]}, this command says {getattr(args, k)}")
+                                 f"{ckpt['args'].get(k)}, this command says {getattr(args, k, None)}")
+    device = torch.device(args.device)
 
-    cfg = Config(**ckpt["config"]) if ckpt else Config()
-    if ckpt:
-        tokenizer = data.Tokenizer.from_state_dict(ckpt["tokenizer"])
-        vocab = data.TagVocab.from_tags(ckpt["tags"])
+    paper = args.clip is not None
+    if paper:
+        model, tokenizer, vocab, tags, stream, clip_file = paper_setup(args, ckpt, device)
+        tag_emb = (tag_embeddings(model, tokenizer, vocab, args.tags, clip_file["sha256"], args.template, device)
+                   if args.tag_weight and len(vocab) else None)
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.workers,
+                                             pin_memory=device.type == "cuda",
+                                             timeout=600 if args.workers else 0)
+        batches, states = iter(loader), dict(ckpt["data"]["states"]) if ckpt else {}
+        counts = {}
+
+        def next_batch(step):
+            b = next(batches)
+            states[b["worker"]] = b["state"]  # the state after the last batch consumed, per worker
+            counts.update({k: sum(s["counts"][k] for s in states.values()) for k in data.SKIPS})
+            targets = (tags.targets(b["rows"]) if tags else torch.zeros(len(b["rows"]), 0, dtype=torch.bool))
+            return b["images"], b["tokens"], targets
+
+        def mode_state():
+            return {"clip": clip_file, "tokenizer": "clip", "tags": vocab.tags,
+                    "data": {"states": dict(states), "workers": args.workers}}
     else:
-        t0 = time.time()
-        tokenizer, vocab = build_world_text(args, cfg)
-        cfg.vocab_size = tokenizer.vocab_size
-        print(f"world text: {args.corpus} captions, {tokenizer.vocab_size} tokens, {len(vocab.tags)} tags "
-              f"({time.time() - t0:.1f}s): {' '.join(vocab.tags)}")
-    world = data.World(args.seed, cfg.image_size)
-    tag_tokens = tokenizer(tag_texts(vocab), cfg.context_length)  # (K, L)
+        model, tokenizer, vocab, world, tag_tokens = world_setup(args, ckpt)
+        model, tag_emb, counts = model.to(device), None, {}
+        # The next batch is drawn in a thread while this one trains: world generation is numpy
+        # and Python, and torch releases the GIL inside its kernels, so the two overlap.
+        prefetch = ThreadPoolExecutor(1)
+        fetch = lambda s: world_batch(world, s, args.batch_size, tokenizer, vocab, model.cfg)  # noqa: E731
+        pending = {}
 
-    model = TagAlign(cfg)
+        def next_batch(step):
+            batch = (pending.pop(step) if step in pending else fetch(step))
+            if step + 1 < args.steps:
+                pending[step + 1] = prefetch.submit(fetch, step + 1)
+            return batch if isinstance(batch, tuple) else batch.result()
+
+        def mode_state():
+            return {"tokenizer": tokenizer.state_dict(), "tags": vocab.tags, "world": dataclasses.asdict(world.cfg)}
+
     optimizer = make_optimizer(model, args)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     start = 0
     if ckpt:
-        model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"]) if ckpt.get("scaler") else None
         torch.set_rng_state(ckpt["rng"]["torch"])
         np.random.set_state(ckpt["rng"]["numpy"])
         random.setstate(ckpt["rng"]["python"])
         start = ckpt["step"] + 1
         print(f"resumed from {ckpt_path} at step {start}")
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params / 1e6:.2f}M parameters, grid {cfg.image_size // cfg.patch_size}^2, "
-          f"tag weight {args.tag_weight} ({args.tag_loss}), kernels {args.kernels}")
+    if paper:
+        n = model_lib.trainable_parameters(model)
+        print(f"model: CLIP {model.cfg.vision_width}w x {model.cfg.vision_layers} frozen ({model.cfg.dense} features), "
+              f"trainable {n['total']:,} = decoder {n['decoder']:,} + head {n['head']:,} + scales {n['scales']}; "
+              f"batch {args.batch_size}, lr {args.lr:.3g} ({args.schedule}), {args.precision} on {device}")
+    else:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"model: {n_params / 1e6:.2f}M parameters, grid {model.cfg.image_size // model.cfg.patch_size}^2, "
+              f"tag weight {args.tag_weight} ({args.tag_loss}), kernels {args.kernels}")
 
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=args.quiet,
                dynamic_ncols=True)
@@ -212,64 +344,94 @@ def train(args):
     log = open(log_path, "w")
     log.writelines(rows)
     t_train, seen = 0.0, 0
-    # The next batch is drawn in a thread while this one trains: world generation is numpy and
-    # Python, and torch releases the GIL inside its kernels, so the two overlap.
-    prefetch = ThreadPoolExecutor(1)
-    fetch = lambda s: world_batch(world, s, args.batch_size, tokenizer, vocab, cfg)  # noqa: E731
-    pending = prefetch.submit(fetch, start)
+    tag_tokens = None if paper else tag_tokens.to(device)
+    model.train()
     for step in bar:
         t0 = time.time()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
-        images, tokens, targets = pending.result()
-        if step + 1 < args.steps:
-            pending = prefetch.submit(fetch, step + 1)
-        loss, itc, tag = compute_loss(model, images, tokens, tag_tokens, targets, args)
+        try:
+            images, tokens, targets = next_batch(step)
+        except (ValueError, RuntimeError) as e:  # the stream refused its data (the message says why)
+            raise SystemExit(f"error: data at step {step}: {str(e).strip().splitlines()[-1]}") from None
+        images, tokens, targets = (x.to(device, non_blocking=True) for x in (images, tokens, targets))
+        with autocast(device, args.precision):
+            loss, itc, tag = compute_loss(model, images, tokens, targets, args, tag_tokens, tag_emb)
         if not torch.isfinite(loss):
             raise SystemExit(f"error: loss is {loss.item()} at step {step} (itc {itc.item()}, "
                              f"tag {tag.item()}); lower --lr or check the data")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         t_train += time.time() - t0
         seen += args.batch_size
-        bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / t_train:.0f}")
+        skipped = sum(counts.values())
+        bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / t_train:.0f}", **({"skipped": skipped} if paper else {}))
         if step % args.log_every == 0 or step == args.steps - 1:
             row = {"step": step, "loss": loss.item(), "itc": itc.item(), "tag": tag.item(),
                    "lr": lr_at(step, args), "scale": model.itc_logit_scale.exp().item(),
-                   "img_per_s": seen / t_train}
+                   "img_per_s": seen / t_train, **({"skipped": dict(counts)} if paper else {})}
             log.write(json.dumps(row) + "\n")
             log.flush()
             if args.quiet or step % (10 * args.log_every) == 0:
                 tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
         if args.ckpt_every and step > start and step % args.ckpt_every == 0:
-            save_checkpoint(ckpt_path, model, optimizer, step, cfg, args, tokenizer, vocab)
+            save_checkpoint(ckpt_path, {**checkpoint_state(model, optimizer, scaler, step, args), **mode_state()})
     bar.close()
     log.close()
-    prefetch.shutdown()
+    if not paper:
+        prefetch.shutdown()
     if start <= args.steps:  # the final checkpoint (a finished run resumed has nothing to add)
-        save_checkpoint(ckpt_path, model, optimizer, args.steps, cfg, args, tokenizer, vocab)
+        save_checkpoint(ckpt_path, {**checkpoint_state(model, optimizer, scaler, args.steps, args), **mode_state()})
     if t_train:
-        print(f"trained {args.steps - start} steps in {t_train:.0f}s ({seen / t_train:.0f} images/s)")
-    if args.eval_images:
-        seg = SegmentationModel(model, tokenizer)
-        eval_seg.run_benchmarks(seg, list(data.WORLD_BENCHMARKS), out_dir=args.out, n_images=args.eval_images,
-                                extra={"config": dataclasses.asdict(cfg), "args": vars(args)})
+        print(f"trained {args.steps - start} steps in {t_train:.0f}s ({seen / t_train:.0f} images/s)"
+              + (f"; skipped samples: {counts}" if paper else ""))
+    names = eval_seg.parse_names(args.eval_benchmarks) if args.eval_benchmarks else []
+    if args.eval_images and names:
+        seg = SegmentationModel(model, tokenizer, device)
+        if paper:
+            seg.norm = (data.CLIP_MEAN, data.CLIP_STD) if args.norm == "clip" else (data.IMAGENET_MEAN, data.IMAGENET_STD)
+        extra = {"config": dataclasses.asdict(model.cfg), "args": vars(args)}
+        extra.update({} if paper else {"world": dataclasses.asdict(world.cfg)})
+        eval_seg.run_benchmarks(seg, names, data_root=args.data_root, out_dir=args.out, n_images=args.eval_images,
+                                extra=extra, world=None if paper else world.cfg)
     return model
 
 
 # ---------------------------------------------------------------- command line
+# Defaults that differ between the world (from scratch) and the paper (--clip: frozen CLIP on
+# shards; the paper's settings: AdamW betas (0.9, 0.999), lr 1e-3 at a global batch of 4096,
+# constant, no warm-up, 30k steps at 512 per GPU).
+MODE_DEFAULTS = {
+    "world": {"steps": 1500, "batch_size": 64, "warmup": 0.05, "schedule": "cosine", "beta2": 0.98,
+              "eval_benchmarks": ",".join(data.WORLD_BENCHMARKS)},
+    "paper": {"steps": 30000, "batch_size": 512, "warmup": 0.0, "schedule": "constant", "beta2": 0.999,
+              "eval_benchmarks": ""},
+}
+PAPER_SETTINGS = ("dense", "surgery_blocks", "decoder_blocks")  # what --set may change beside a CLIP file
+
+
 def build_parser():
-    """The command line: `train` and `tags`, with their flags and defaults."""
-    parser = argparse.ArgumentParser(description="TagAlign: train, or tag a caption corpus.")
+    """The command line: `train`, `tags` and `shards`, with their flags and defaults."""
+    parser = argparse.ArgumentParser(description="TagAlign: train, tag a caption corpus, or write world shards.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train (default: from scratch on the synthetic world) and evaluate")
-    p.add_argument("--steps", type=int, default=1500, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=64, help="images (and captions) per step")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of AdamW")
-    p.add_argument("--warmup", type=float, default=0.05, help="fraction of the steps spent warming up the lr")
+    p = sub.add_parser("train", help="train (default: from scratch on the synthetic world; --clip: the paper's "
+                                     "decoder on a frozen CLIP) and evaluate")
+    p.add_argument("--clip", help="paper mode: an OpenAI CLIP file (ViT-B-16.pt or a state dict), frozen")
+    p.add_argument("--data", help="paper mode: webdataset shards ('shards/{00000..00999}.tar', globs) or a "
+                                  "folder with captions.tsv/.jsonl")
+    p.add_argument("--tags", help="paper mode: the `tags` command's output folder for those shards")
+    p.add_argument("--steps", type=int, help="optimizer steps (world: 1500; paper: 30000)")
+    p.add_argument("--batch-size", type=int, help="images (and captions) per step (world: 64; paper: 512)")
+    p.add_argument("--lr", type=float, help="learning rate of AdamW (world: 1e-3; paper: 1e-3 x batch / 4096)")
+    p.add_argument("--warmup", type=float, help="fraction of the steps spent warming up the lr (world: 0.05; paper: 0)")
+    p.add_argument("--schedule", choices=("cosine", "constant"), help="lr after the warm-up (world: cosine to "
+                                                                     "10%%; paper: constant)")
+    p.add_argument("--beta2", type=float, help="AdamW's beta2 (world: 0.98; paper: 0.999)")
     p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay on matrices")
     p.add_argument("--grad-clip", type=float, default=5.0, help="clip the gradient norm to this")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and of the training stream")
@@ -277,14 +439,28 @@ def build_parser():
     p.add_argument("--tag-loss", choices=("softmax", "bce"), default="softmax",
                    help="softmax: soft-target CE over all tags (the paper); bce: per-tag binary CE (ablation)")
     p.add_argument("--tag-grad", choices=("both", "image"), default="both",
-                   help="which towers the tag loss trains: both (the text tower learns the tag words too), "
-                        "or image (tag embeddings detached, like the paper's frozen CLIP ones)")
+                   help="world: which towers the tag loss trains: both (the text tower learns the tag words "
+                        "too), or image (tag embeddings detached, like the paper's frozen CLIP ones)")
+    p.add_argument("--template", default="a photo of a {}.", help="paper mode: the prompt that embeds each tag")
+    p.add_argument("--norm", choices=("imagenet", "clip"), default="imagenet",
+                   help="paper mode: image normalisation (the official code's ImageNet mean/std, or CLIP's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change a model setting (Config field, e.g. vision_layers=2) or a world setting "
+                        "(world.pairs=false); repeat for several; paper mode: dense, surgery_blocks, decoder_blocks")
     p.add_argument("--kernels", choices=("auto", "triton", "torch"), default="auto",
                    help="loss implementation: fused Triton kernels, the PyTorch reference, or auto (Triton on CUDA)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="autocast (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="training device")
+    p.add_argument("--workers", type=int, default=0, help="paper mode: DataLoader workers reading the shards")
+    p.add_argument("--shuffle-buffer", type=int, default=1000, help="paper mode: samples in each worker's shuffle buffer")
     p.add_argument("--corpus", type=int, default=20000, help="world captions used to learn the tokenizer and tag vocabulary")
     p.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary size learned on the world captions")
     p.add_argument("--top-tags", type=int, default=10000, help="most frequent objects (and as many attributes) kept as tags")
     p.add_argument("--min-tag-count", type=int, default=5, help="a tag must occur this often in the corpus")
+    p.add_argument("--eval-benchmarks", help="benchmarks evaluated at the end, comma-separated (world: the three "
+                                             "world ones; paper: none); see eval_seg.py")
+    p.add_argument("--data-root", help="folder of the standard benchmarks for --eval-benchmarks")
     p.add_argument("--eval-images", type=int, default=500, help="validation images per world benchmark (0: no evaluation)")
     p.add_argument("--out", default="out", help="output folder: ckpt.pt, log.jsonl, metrics.json, vis/")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt exactly where it stopped")
@@ -296,13 +472,47 @@ def build_parser():
     p.add_argument("--captions", nargs="+", required=True, metavar="FILE",
                    help="caption files: .txt (one caption a line), .tsv (header with a 'caption' column), "
                         ".jsonl ({\"caption\": ...} a line) or webdataset .tar shards (KEY.txt / KEY.json)")
-    p.add_argument("--out", required=True, help="output folder: vocab.json, tag_offsets.npy, tag_ids.npy")
+    p.add_argument("--out", required=True, help="output folder: vocab.json, tag_offsets.npy, tag_ids.npy, tag_keys.npy")
     p.add_argument("--top-objects", type=int, default=9000, help="most frequent objects kept as tags")
     p.add_argument("--top-attributes", type=int, default=1000, help="most frequent attributes kept as tags")
     p.add_argument("--min-count", type=int, default=5, help="a tag must occur in at least this many captions")
     p.add_argument("--workers", type=int, default=None, help="parser processes (default: all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("shards", help="write the world's training split as webdataset shards (PNG + caption)")
+    p.add_argument("--out", required=True, help="output folder for world-NNNNN.tar")
+    p.add_argument("--scenes", type=int, default=20000, help="scenes to write")
+    p.add_argument("--per-shard", type=int, default=1000, help="scenes per shard (even: contrast pairs stay together)")
+    p.add_argument("--seed", type=int, default=0, help="world seed")
+    p.add_argument("--image-size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--set", action="append", default=[], metavar="world.KEY=VALUE", help="a world setting")
     return parser
+
+
+def finish_train_args(parser, args):
+    """Mode defaults, derived values and checks of `train`'s arguments."""
+    mode = "paper" if args.clip else "world"
+    for k, v in MODE_DEFAULTS[mode].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.lr is None:
+        args.lr = 1e-3 * args.batch_size / 4096 if args.clip else 1e-3
+    if args.precision == "auto":
+        args.precision = "bf16" if args.device.startswith("cuda") else "fp32"
+    if args.clip and not args.data:
+        parser.error("--clip needs --data (the image-text shards to train on)")
+    if (args.data or args.tags) and not args.clip:
+        parser.error("--data and --tags train the paper's decoder: give --clip PATH as well")
+    if args.clip and not args.tags and args.tag_weight:
+        parser.error("--clip: give --tags DIR (the `tags` command's output), or --tag-weight 0 for ITC alone")
+    for flag in ("steps", "batch_size", "corpus", "vocab_size", "shuffle_buffer"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.lr <= 0 or args.tag_weight < 0 or args.workers < 0:
+        parser.error("--lr must be positive, --tag-weight and --workers non-negative")
+    if args.precision != "fp32" and not args.device.startswith("cuda"):
+        parser.error(f"--precision {args.precision} needs a CUDA device (fp32 on CPU)")
+    return args
 
 
 def main(argv=None):
@@ -317,13 +527,14 @@ def main(argv=None):
             raise SystemExit(f"error: {e}")
         print(data.format_tag_stats(stats))
         return stats
+    if args.command == "shards":
+        _, wcfg = apply_settings(args.set, Config(), data.WorldConfig(),
+                                 allowed=["world." + f.name for f in dataclasses.fields(data.WorldConfig)])
+        paths = data.write_world_shards(args.out, args.scenes, args.per_shard, args.seed, args.image_size, wcfg)
+        print(f"wrote {args.scenes} world scenes in {len(paths)} shards: {paths[0]} ... {paths[-1]}")
+        return paths
     if args.command == "train":
-        for flag in ("steps", "batch_size", "corpus", "vocab_size"):
-            if getattr(args, flag) < 1:
-                parser.error(f"--{flag.replace('_', '-')} must be at least 1")
-        if args.lr <= 0 or args.tag_weight < 0:
-            parser.error("--lr must be positive and --tag-weight non-negative")
-        return train(args)
+        return train(finish_train_args(parser, args))
 
 
 if __name__ == "__main__":

@@ -159,7 +159,7 @@ def test_tag_grad_chooses_the_towers_the_tag_loss_trains(tag_grad):
     images, tokens = torch.randn(4, 3, 32, 32), torch.randint(1, 60, (4, 28))
     tag_tokens, targets = torch.randint(1, 60, (5, 28)), torch.rand(4, 5) < 0.5
     args = argparse.Namespace(kernels="torch", tag_weight=1.0, tag_loss="softmax", tag_grad=tag_grad)
-    _, _, tag = tagalign.compute_loss(model, images, tokens, tag_tokens, targets, args)
+    _, _, tag = tagalign.compute_loss(model, images, tokens, targets, args, tag_tokens=tag_tokens)
     tag.backward()
     text_grad = model.clip.token_embedding.weight.grad
     image_grad = model.clip.visual.conv1.weight.grad
