@@ -37,6 +37,8 @@ Sim2Mask is sigmoid(w cos + b) with w, b learned; TagAlign freezes them at TCL's
 Another commit of TagAlign's repo, 70914ae, uses softmax(30 cos) over the classes, stride 56 and
 per-dataset thresholds; we follow the released configs, which match TCL's protocol.) The model
 is used as given: put it in eval mode.
+ImageNet-S is read as mmseg's ImageNetSDataset reads it (see ImageNetS: images over 1000 x 1000
+pixels downsampled first, the argmax resized to the full-size label, nearest).
 mIoU is mmseg's (see IoU below). Optional PAMR (Araslanov & Roth, CVPR 2020) as in TCL.
 """
 import argparse
@@ -103,6 +105,57 @@ ADE20K = (  # mmseg writes "bed " with a trailing space; CLIP's tokenizer makes 
     "food,step,tank,trade name,microwave,pot,animal,bicycle,lake,dishwasher,screen,blanket,"
     "sculpture,hood,sconce,vase,traffic light,tray,ashcan,fan,pier,crt screen,plate,monitor,"
     "bulletin board,shower,radiator,glass,clock,flag").split(",")
+# ImageNet-S (mmseg/datasets/imagenets.py, 0.x: ImageNetSDataset.CLASSES50 / CLASSES300, in the
+# order of the class ids, which sort the ImageNet wnids), class 0 named "background" instead of
+# mmseg's "others", as in TagAlign's vendored copy (mmsegmentation_obsolete/mmseg/datasets/
+# imagenets.py): TagAlign treats a dataset whose first class is "background" as one with the
+# constant background score.
+IMAGENET_S50 = (
+    "background,goldfish,tiger shark,goldfinch,tree frog,kuvasz,red fox,siamese cat,"
+    "american black bear,ladybug,sulphur butterfly,wood rabbit,hamster,wild boar,gibbon,"
+    "african elephant,giant panda,airliner,ashcan,ballpoint,beach wagon,boathouse,bullet train,"
+    "cellular telephone,chest,clog,container ship,digital watch,dining table,golf ball,"
+    "grand piano,iron,lab coat,mixing bowl,motor scooter,padlock,park bench,purse,streetcar,"
+    "table lamp,television,toilet seat,umbrella,vase,water bottle,water tower,yawl,street sign,"
+    "lemon,carbonara,agaric").split(",")
+IMAGENET_S300 = (
+    "background,tench,goldfish,tiger shark,hammerhead,electric ray,ostrich,goldfinch,house finch,"
+    "indigo bunting,kite,common newt,axolotl,tree frog,tailed frog,mud turtle,banded gecko,"
+    "american chameleon,whiptail,african chameleon,komodo dragon,american alligator,triceratops,"
+    "thunder snake,ringneck snake,king snake,rock python,horned viper,harvestman,scorpion,"
+    "garden spider,tick,african grey,lorikeet,red-breasted merganser,wallaby,koala,jellyfish,"
+    "sea anemone,conch,fiddler crab,american lobster,spiny lobster,isopod,bittern,crane,limpkin,"
+    "bustard,albatross,toy terrier,afghan hound,bluetick,borzoi,irish wolfhound,whippet,"
+    "ibizan hound,staffordshire bullterrier,border terrier,yorkshire terrier,lakeland terrier,"
+    "giant schnauzer,standard schnauzer,scotch terrier,lhasa,english setter,clumber,"
+    "english springer,welsh springer spaniel,kuvasz,kelpie,doberman,miniature pinscher,malamute,"
+    "pug,leonberg,great pyrenees,samoyed,brabancon griffon,cardigan,coyote,red fox,kit fox,"
+    "grey fox,persian cat,siamese cat,cougar,lynx,tiger,american black bear,sloth bear,ladybug,"
+    "leaf beetle,weevil,bee,cicada,leafhopper,damselfly,ringlet,cabbage butterfly,"
+    "sulphur butterfly,sea cucumber,wood rabbit,hare,hamster,wild boar,hippopotamus,bighorn,ibex,"
+    "badger,three-toed sloth,orangutan,gibbon,colobus,spider monkey,squirrel monkey,"
+    "madagascar cat,indian elephant,african elephant,giant panda,barracouta,eel,coho,"
+    "academic gown,accordion,airliner,ambulance,analog clock,ashcan,backpack,balloon,ballpoint,"
+    "barbell,barn,bassoon,bath towel,beach wagon,bicycle-built-for-two,binoculars,boathouse,"
+    "bonnet,bookcase,bow,brass,breastplate,bullet train,cannon,can opener,carpenter's kit,"
+    "cassette,cellular telephone,chain saw,chest,china cabinet,clog,combination lock,"
+    "container ship,corkscrew,crate,crock pot,digital watch,dining table,dishwasher,doormat,"
+    "dutch oven,electric fan,electric locomotive,envelope,file,folding chair,football helmet,"
+    "freight car,french horn,fur coat,garbage truck,goblet,golf ball,grand piano,half track,"
+    "hamper,hard disc,harmonica,harvester,hook,horizontal bar,horse cart,iron,jack-o'-lantern,"
+    "lab coat,ladle,letter opener,liner,mailbox,megalith,military uniform,milk can,mixing bowl,"
+    "monastery,mortar,mosquito net,motor scooter,mountain bike,mountain tent,mousetrap,necklace,"
+    "nipple,ocarina,padlock,palace,parallel bars,park bench,pedestal,pencil sharpener,pickelhaube,"
+    "pillow,planetarium,plastic bag,polaroid camera,pole,pot,purse,quilt,radiator,radio,"
+    "radio telescope,rain barrel,reflex camera,refrigerator,rifle,rocking chair,rubber eraser,"
+    "rule,running shoe,sewing machine,shield,shoji,ski,ski mask,slot,soap dispenser,soccer ball,"
+    "sock,soup bowl,space heater,spider web,spindle,sports car,steel arch bridge,stethoscope,"
+    "streetcar,submarine,swimming trunks,syringe,table lamp,tank,teddy,television,throne,"
+    "tile roof,toilet seat,trench coat,trimaran,typewriter keyboard,umbrella,vase,volleyball,"
+    "wardrobe,warplane,washer,water bottle,water tower,whiskey jug,wig,wine bottle,wok,wreck,yawl,"
+    "yurt,street sign,traffic light,consomme,ice cream,bagel,cheeseburger,hotdog,mashed potato,"
+    "spaghetti squash,bell pepper,cardoon,granny smith,strawberry,lemon,carbonara,burrito,cup,"
+    "coral reef,yellow lady's slipper,buckeye,agaric,gyromitra,earthstar,bolete").split(",")
 
 # ----------------------------------------------------------------------------- metric
 def _numpy(a):
@@ -196,6 +249,25 @@ class Protocol:
 PRESETS = {"tcl": Protocol(),
            "world": Protocol(short_side=None, window=None, score="softmax", score_scale=None, bg_thresh=0.5)}
 
+# ----------------------------------------------------------------------------- resizing
+def resize_bilinear(x, size):
+    """(B, C, H, W) -> (B, C, *size), bilinear with half-pixel centres and no antialiasing: what
+    cv2.INTER_LINEAR (mmcv) and mmseg's resize(align_corners=False) compute."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def resize_nearest(a, size):
+    """(H, W, ...) array -> (*size, ...), nearest as cv2.INTER_NEAREST (mmcv.imresize 'nearest'):
+    output row i copies input row min(floor(i * H / H'), H - 1), the scale computed as OpenCV
+    does (1 / (H' / H) in float64), the same for columns."""
+    def index(n_in, n_out):
+        return np.minimum(np.floor(np.arange(n_out) * (1 / (n_out / n_in))).astype(np.int64), n_in - 1)
+    if tuple(a.shape[:2]) == tuple(size):
+        return a
+    return a[index(a.shape[0], size[0])[:, None], index(a.shape[1], size[1])]
+
 # ----------------------------------------------------------------------------- readers
 def read_label(path):
     """An index PNG as an (H, W) integer array: palette PNGs give their indices, not colours."""
@@ -203,6 +275,30 @@ def read_label(path):
     if im.mode not in ("P", "L", "I", "I;16"):
         raise SystemExit(f"eval_seg: {path}: mode {im.mode}, expected a palette or grayscale index PNG")
     return np.array(im).astype(np.int64 if im.mode.startswith("I") else np.uint8)
+
+
+def read_rgb_label(path):
+    """ImageNet-S's RGB label PNG as an (H, W) int64 array, class = R + 256 G (the dataset's
+    README; mmseg's LoadImageNetSAnnotations computes the same from its BGR array). Classes run
+    past 255 (ImageNet-S300) and 1000 marks ignored pixels, so no uint8 here."""
+    im = Image.open(path)
+    if im.mode not in ("RGB", "RGBA"):
+        raise SystemExit(f"eval_seg: {path}: mode {im.mode}, expected an RGB label PNG (R + 256 G)")
+    rgb = np.asarray(im).astype(np.int64)
+    return rgb[..., 0] + 256 * rgb[..., 1]
+
+
+def downsample_large(image, side=1000):
+    """mmseg's LoadImageNetSImageFromFile(downsample_large_image=True): an image of more than
+    1000 x 1000 pixels (the area decides, not a side) is resized bilinearly so that its long side
+    is 1000, the short side int(1000 * short / long); smaller images are returned as they are."""
+    H, W = image.shape[:2]
+    if H * W <= side * side:
+        return image
+    size = (side, int(side * W / H)) if H > W else (int(side * H / W), side)
+    x = torch.from_numpy(np.array(image, np.uint8)).permute(2, 0, 1)[None].float()  # (1, 3, H, W)
+    x = resize_bilinear(x, size).round().clamp(0, 255)  # cv2 resizes the uint8 image: round back
+    return x[0].permute(1, 2, 0).to(torch.uint8).numpy()
 
 
 def _check_pairs(pairs, img_dir, ann_dir):
@@ -271,12 +367,23 @@ def _ade(r):
     return _folder_pairs(r / "images/validation", r / "annotations/validation", ".jpg", ".png")
 
 
+def _imagenet_s(r):  # validation/<wnid>/X.JPEG -> validation-segmentation/<wnid>/X.png
+    return _folder_pairs(r / "validation", r / "validation-segmentation", ".JPEG", ".png")
+
+
 # name -> (folders tried under --data-root, reader, classes, reduce_zero_label, background,
-# standard val size). Insertion order is the paper's column order.
+# standard val size). Insertion order is the paper's column order: the benchmarks with a
+# background class first (TagAlign's README lists VOC, Context, Object, IN, Stuff, City, ADE).
+# ImageNet-S's val sizes count the images with labels (752 and 4,097, the dataset's README): its
+# validation/ folders hold only those, and mmseg evaluates every image there.
 BENCHMARKS = {
     "voc": (("VOCdevkit/VOC2012", "VOC2012"), _voc, VOC, False, True, 1449),
     "context": (("VOCdevkit/VOC2010", "VOC2010"), _context, CONTEXT, False, True, 5104),
     "coco-object": (("coco_stuff164k",), _coco_object, COCO_OBJECT, False, True, 5000),
+    "imagenets50": (("ImageNetS50", "ImageNet-S/ImageNetS50"), _imagenet_s, IMAGENET_S50,
+                    False, True, 752),
+    "imagenets300": (("ImageNetS300", "ImageNet-S/ImageNetS300"), _imagenet_s, IMAGENET_S300,
+                     False, True, 4097),
     "voc20": (("VOCdevkit/VOC2012", "VOC2012"), _voc, VOC[1:], True, False, 1449),
     "context59": (("VOCdevkit/VOC2010", "VOC2010"), _context, CONTEXT[1:], True, False, 5104),
     "coco-stuff": (("coco_stuff164k",), _coco_stuff, COCO_STUFF, False, False, 5000),
@@ -288,6 +395,8 @@ WORLD = data.WORLD_BENCHMARKS
 
 class FolderBenchmark:
     """A standard benchmark on disk; item i -> (image uint8 (H, W, 3), raw label (H, W), id)."""
+    ignore_index = 255  # the label value the metric skips
+    large_side = None  # ImageNet-S: images over large_side^2 pixels are downsampled, labels not
 
     def __init__(self, pairs, classes, reduce_zero_label, background):
         self.pairs, self.classes = pairs, list(classes)
@@ -296,14 +405,35 @@ class FolderBenchmark:
     def __len__(self):
         return len(self.pairs)
 
+    def read_label(self, path):
+        return read_label(path)
+
     def __getitem__(self, i):
         img_path, ann_path, image_id = self.pairs[i]
         image = np.asarray(Image.open(img_path).convert("RGB"))
-        label = read_label(ann_path)
+        label = self.read_label(ann_path)
         if label.shape != image.shape[:2]:
             raise SystemExit(f"eval_seg: {ann_path}: label {label.shape} does not match image "
                              f"{image.shape[:2]} of {img_path}")
         return image, label, image_id
+
+
+class ImageNetS(FolderBenchmark):
+    """ImageNet-S as mmseg's ImageNetSDataset reads it (mmseg/datasets/imagenets.py, 0.x): RGB
+    labels (class = R + 256 G, 0 = background, 1000 ignored), and an image of more than
+    1000 x 1000 pixels downsampled to 1000 on its long side (LoadImageNetSImageFromFile) while its
+    label keeps the full size. mmseg then predicts at the downsampled size (its ori_shape) and
+    ImageNetSDataset.pre_eval resizes the argmax to the label's size, nearest; evaluate() does
+    the same for every benchmark whose label is larger than its image."""
+    ignore_index = 1000
+    large_side = 1000
+
+    def read_label(self, path):
+        return read_rgb_label(path)
+
+    def __getitem__(self, i):
+        image, label, image_id = super().__getitem__(i)
+        return downsample_large(image, self.large_side), label, image_id
 
 
 def load_benchmark(name, data_root=None, n_images=None, world=None):
@@ -317,7 +447,8 @@ def load_benchmark(name, data_root=None, n_images=None, world=None):
     root = next((Path(data_root) / f for f in folders if (Path(data_root) / f).is_dir()), None)
     if root is None:
         raise SystemExit(f"eval_seg: {name}: no folder {' or '.join(folders)} under {data_root}")
-    bench = FolderBenchmark(reader(root), classes, rzl, bg)
+    kind = ImageNetS if name.startswith("imagenets") else FolderBenchmark
+    bench = kind(reader(root), classes, rzl, bg)
     if len(bench) != n_val:
         print(f"note: {name} has {len(bench)} images under {root} (the standard val split has {n_val})")
     return bench
@@ -450,14 +581,6 @@ def crop_scorer(model, text, protocol, background):
     return scores
 
 
-def resize_bilinear(x, size):
-    """(B, C, H, W) -> (B, C, *size), bilinear with half-pixel centres and no antialiasing: what
-    cv2.INTER_LINEAR (mmcv) and mmseg's resize(align_corners=False) compute."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
-
-
 def preprocess(image, protocol, device):
     """uint8 (H, W, 3) -> normalised float (1, 3, H', W') after the protocol's resize."""
     x = torch.from_numpy(np.array(image, np.uint8))  # a copy: arrays from PIL are read-only
@@ -476,8 +599,10 @@ PALETTE[255] = 0  # ignore / no prediction: black
 
 
 def save_overlay(path, image, label, pred):
-    """input | ground truth | prediction side by side (labels after reduce_zero_label)."""
+    """input | ground truth | prediction side by side (labels after reduce_zero_label), at the
+    label's size (an ImageNet-S image downsampled by its reader is scaled back up, nearest)."""
     colour = lambda a: PALETTE[np.asarray(a).astype(np.int64) % 256]  # noqa: E731  (-1 wraps to 255)
+    image = resize_nearest(np.asarray(image), np.shape(label))
     canvas = np.concatenate([image, colour(label), colour(pred)], 1)
     im = Image.fromarray(canvas)
     if im.width > 1536:  # Cityscapes-size inputs: keep the files small
@@ -494,9 +619,15 @@ def _vis_path(vis_dir, name, image_id):
     return Path(vis_dir) / f"{stem if stem.startswith(name) else f'{name}_{stem}'}.png"
 
 
-def _vis_label(label, bench):
+def _vis_label(label, bench):  # ignored pixels (ImageNet-S: 1000) as 255, black
     label = reduce_zero(label) if getattr(bench, "reduce_zero_label", False) else label
-    return np.asarray(label).astype(np.int64)
+    label = np.asarray(label).astype(np.int64)
+    return np.where(label == getattr(bench, "ignore_index", 255), 255, label)
+
+
+def _metric(bench):
+    return IoU(len(bench.classes), getattr(bench, "ignore_index", 255),
+               getattr(bench, "reduce_zero_label", False))
 
 
 @torch.no_grad()
@@ -509,7 +640,7 @@ def evaluate(model, bench, protocol, name="", batch_size=16, n_vis=0, vis_dir=No
     C = len(classes)
     text = text_embeddings(model, classes[1:] if bg else classes, protocol.templates).to(device)
     scores = crop_scorer(model, text, protocol, bg)
-    metric = IoU(C, reduce_zero_label=getattr(bench, "reduce_zero_label", False))
+    metric = _metric(bench)
     n = len(bench) if limit is None else min(limit, len(bench))
     vis = _vis_indices(n, n_vis)
     n_crops, t0, group = 0, time.time(), []
@@ -520,7 +651,10 @@ def evaluate(model, bench, protocol, name="", batch_size=16, n_vis=0, vis_dir=No
         n_crops += len(window_grid(*x.shape[-2:], protocol.window, protocol.stride)) * len(group)
         out = slide_inference(x, scores, C, protocol.window, protocol.stride, batch_size)
         for (i, image, label, image_id, _), s in zip(group, out):
-            pred = resize_bilinear(s[None], label.shape)[0].argmax(0).cpu().numpy()  # original size
+            # Scores back to the image's size (mmseg's ori_shape), argmax, then nearest to the
+            # label's size: a no-op except for ImageNet-S's downsampled images (its pre_eval).
+            pred = resize_bilinear(s[None], image.shape[:2])[0].argmax(0).cpu().numpy()
+            pred = resize_nearest(pred, label.shape)
             metric.update(pred, label)
             if i in vis:
                 save_overlay(_vis_path(vis_dir, name, image_id), image, _vis_label(label, bench), pred)
@@ -534,7 +668,7 @@ def evaluate(model, bench, protocol, name="", batch_size=16, n_vis=0, vis_dir=No
         for i in range(n):
             image, label, image_id = bench[i]
             label = np.asarray(label)
-            if label.shape != image.shape[:2]:
+            if label.shape != image.shape[:2] and not getattr(bench, "large_side", None):
                 raise ValueError(f"{name} image {image_id}: label {label.shape} vs image {image.shape}")
             x = preprocess(image, protocol, device)
             per_image = len(window_grid(*x.shape[-2:], protocol.window, protocol.stride))
@@ -550,8 +684,9 @@ def evaluate(model, bench, protocol, name="", batch_size=16, n_vis=0, vis_dir=No
 
 
 def evaluate_preds(bench, preds_dir, name="", n_vis=0, vis_dir=None, limit=None):
-    """Score saved predictions: preds_dir/<image id>.png per image, class index in the
-    benchmark's 0-based order after reduce_zero_label, 255 = no prediction."""
+    """Score saved predictions: preds_dir/<image id>.png per image at the label's size, class
+    index in the benchmark's 0-based order after reduce_zero_label, a value outside the classes
+    (255 where there are fewer) = no prediction; ImageNet-S300 needs 16-bit PNGs."""
     n = len(bench) if limit is None else min(limit, len(bench))
     # Check every file first (ids without decoding images where the reader knows them).
     ids = [q[2] for q in bench.pairs[:n]] if hasattr(bench, "pairs") else [bench[i][2] for i in range(n)]
@@ -560,7 +695,7 @@ def evaluate_preds(bench, preds_dir, name="", n_vis=0, vis_dir=None, limit=None)
     if missing:
         raise SystemExit(f"eval_seg: --preds {preds_dir}: {len(missing)} of {n} prediction files "
                          f"missing for {name} (first: {missing[0].name})")
-    metric = IoU(len(bench.classes), reduce_zero_label=getattr(bench, "reduce_zero_label", False))
+    metric = _metric(bench)
     vis = _vis_indices(n, n_vis)
     if vis:
         Path(vis_dir).mkdir(parents=True, exist_ok=True)
@@ -689,7 +824,8 @@ def main(argv=None):
                    "CLIP (its ln_post + proj on the --dense reading); with --ckpt, the CLIP that a "
                    "paper-mode checkpoint was trained on (default: the path it recorded)")
     p.add_argument("--preds", help="folder of saved predictions <image id>.png (class index after "
-                   "reduce_zero_label, 255 = none) to score instead of a model")
+                   "reduce_zero_label, a value past the last class = none; 16-bit PNGs for "
+                   "imagenets300) to score instead of a model")
     p.add_argument("--benchmarks", help="comma-separated names or 'all' (the ten of the paper); "
                    "default: world-object,world-stuff,world-attr")
     p.add_argument("--data-root", help="folder holding the standard datasets in their mmseg layouts")

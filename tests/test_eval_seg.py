@@ -82,26 +82,37 @@ def test_metric_reduce_zero_label():
 # each, so the 25/75 blends of a 2x bilinear resize stay nearest to the majority colour), so an
 # oracle model can read the ground truth back from the pixels.
 RAW = {"voc": (0, 15, 8), "voc20": (0, 15, 8), "context": (0, 5, 59), "context59": (0, 5, 59),
-       "coco-object": (0, 1, 80), "coco-stuff": (0, 100, 170), "cityscapes": (0, 10, 18),
-       "ade20k": (0, 1, 150)}
+       "coco-object": (0, 1, 80), "imagenets50": (0, 7, 50), "imagenets300": (0, 120, 300),
+       "coco-stuff": (0, 100, 170), "cityscapes": (0, 10, 18), "ade20k": (0, 1, 150)}
+IGNORE = {"imagenets50": 1000, "imagenets300": 1000}  # raw ignore value; 255 elsewhere
 COLORS = ((200, 0, 0), (0, 200, 0), (0, 0, 200))
 IGNORE_COLOR = (200, 200, 200)
 IDS = {"voc": ["2007_000033", "2007_000042", "2008_000002"], "cityscapes":
        ["aachen_000000_000019", "aachen_000001_000019", "bonn_000000_000019"]}
 
 
+def paint(name, label):
+    """The image whose colours encode the raw label: COLORS for the three raw ids, grey elsewhere."""
+    lut = np.tile(np.array(IGNORE_COLOR, np.uint8), (1001, 1))
+    lut[list(RAW[name])] = COLORS
+    return lut[label]
+
+
 def draw(name, i, h=32, w=48):
     """(image uint8 (h, w, 3), raw label (h, w)): blocks of the three raw ids and an ignore patch."""
     r0, r1, r2 = RAW[name]
     s = h / 32
-    label = np.full((h, w), r0, np.uint8)
+    label = np.full((h, w), r0, np.int64)
     y = lambda v: int(v * s)  # noqa: E731  (block corners scale with the image)
     label[y(4 + i):y(20 + i), y(6):y(30)] = r1
     label[y(18):y(30), y(28 - 2 * i):y(44)] = r2
-    label[:y(3), :y(5)] = 255
-    lut = np.tile(np.array(IGNORE_COLOR, np.uint8), (256, 1))
-    lut[[r0, r1, r2]] = COLORS
-    return lut[label], label
+    label[:y(3), :y(5)] = IGNORE.get(name, 255)
+    return paint(name, label), label
+
+
+def rgb_label(label):
+    """ImageNet-S's encoding: class k as the colour (k % 256, k // 256, 0), so k = R + 256 G."""
+    return np.stack([label % 256, label // 256, np.zeros_like(label)], -1).astype(np.uint8)
 
 
 def voc_palette():
@@ -122,10 +133,12 @@ VOC_LAYOUT = ("VOC2012", "JPEGImages/{id}.jpg", ["SegmentationClass/{id}.png"],
 CONTEXT_LAYOUT = ("VOC2010", "JPEGImages/{id}.jpg", ["SegmentationClassContext/{id}.png"],
                   "ImageSets/SegmentationContext/val.txt")
 COCO_LABELS = ["annotations/val2017/{id}_labelTrainIds.png", "annotations/val2017/{id}_instanceTrainIds.png"]
+IMAGENET_S = ("validation/{wnid}/{id}.JPEG", ["validation-segmentation/{wnid}/{id}.png"], None)
 LAYOUT = {
     "voc": VOC_LAYOUT, "voc20": VOC_LAYOUT, "context": CONTEXT_LAYOUT, "context59": CONTEXT_LAYOUT,
     "coco-stuff": ("coco_stuff164k", "images/val2017/{id}.jpg", COCO_LABELS, None),
     "coco-object": ("coco_stuff164k", "images/val2017/{id}.jpg", COCO_LABELS[::-1], None),
+    "imagenets50": ("ImageNetS50",) + IMAGENET_S, "imagenets300": ("ImageNetS300",) + IMAGENET_S,
     "cityscapes": ("cityscapes", "leftImg8bit/val/{city}/{id}_leftImg8bit.png",
                    ["gtFine/val/{city}/{id}_gtFine_labelTrainIds.png"], None),
     "ade20k": ("ADEChallengeData2016", "images/validation/{id}.jpg", ["annotations/validation/{id}.png"], None),
@@ -137,6 +150,8 @@ def image_ids(name, n):
         return [f"{i:012d}" for i in range(n)]
     if name == "ade20k":
         return [f"ADE_val_{i + 1:08d}" for i in range(n)]
+    if name.startswith("imagenets"):
+        return [f"ILSVRC2012_val_{7 * i + 3:08d}" for i in range(n)]
     return IDS["cityscapes" if name == "cityscapes" else "voc"][:n]
 
 
@@ -146,14 +161,18 @@ def write_tree(root, name, n=3, size=(32, 48)):
     out = []
     for i, image_id in enumerate(image_ids(name, n)):
         image, label = draw(name, i, *size)
-        fill = {"id": image_id, "city": image_id.split("_")[0]}
+        wnid = ("n01443537", "n01491361")[i // 2]  # ImageNet-S: class folders
+        fill = {"id": image_id, "city": image_id.split("_")[0], "wnid": wnid}
         paths = [root / folder / f.format(**fill) for f in [image_fmt] + label_fmts]
         for p in paths:
             p.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(paths[0], quality=100, subsampling=0)  # JPEG options, PNG ignores
         decoy = np.where(label == 255, 255, 77).astype(np.uint8)
         for p, lab in zip(paths[1:], [label, decoy]):
-            im = Image.fromarray(lab, mode="L")
+            if folder.startswith("ImageNetS"):  # RGB labels: class = R + 256 G
+                Image.fromarray(rgb_label(lab)).save(p)
+                continue
+            im = Image.fromarray(lab.astype(np.uint8), mode="L")
             if folder == "VOC2012":  # VOC ground truth is a palette PNG: indices, not colours
                 im = im.convert("P")
                 im.putpalette(voc_palette().ravel().tolist())
@@ -170,13 +189,15 @@ def test_reader_on_fixture_tree(tmp_path, name, capsys):
     written = write_tree(tmp_path, name)
     bench = E.load_benchmark(name, tmp_path)
     n_cls = {"voc": 21, "voc20": 20, "context": 60, "context59": 59, "coco-object": 81,
-             "coco-stuff": 171, "cityscapes": 19, "ade20k": 150}[name]
+             "imagenets50": 51, "imagenets300": 301, "coco-stuff": 171, "cityscapes": 19,
+             "ade20k": 150}[name]
     assert len(bench.classes) == n_cls and len(bench) == 3
     assert bench.reduce_zero_label == (name in ("voc20", "context59", "ade20k"))
-    assert bench.background == (name in ("voc", "context", "coco-object"))
+    assert bench.background == (name in ("voc", "context", "coco-object", "imagenets50", "imagenets300"))
+    assert bench.ignore_index == IGNORE.get(name, 255)
     for (image, label, image_id), (img2, lab2, id2) in zip(written, [bench[i] for i in range(3)]):
         assert id2 == image_id
-        np.testing.assert_array_equal(lab2, label)  # palette PNGs read as indices
+        np.testing.assert_array_equal(lab2, label)  # palette PNGs as indices, RGB ones as R + 256 G
         assert img2.shape == image.shape and img2.dtype == np.uint8
         assert np.abs(img2.astype(int) - image).max() <= 4  # JPEG at quality 100
     assert "standard val split has" in capsys.readouterr().out  # 3 images is not the val split
@@ -186,6 +207,15 @@ def test_class_lists_spot_checks():
     assert E.CONTEXT[1:] == sorted(E.CONTEXT[1:])  # mmseg 1.x: alphabetical after background
     assert E.ADE20K[7] == "bed" and E.ADE20K[-1] == "flag" and E.COCO_STUFF[80] == "banner"
     assert E.COCO_OBJECT[-1] == "toothbrush" and E.CITYSCAPES[-1] == "bicycle"
+    # ImageNet-S (mmseg's ImageNetSDataset, "others" renamed "background" as in TagAlign's copy)
+    s50, s300 = E.IMAGENET_S50, E.IMAGENET_S300
+    assert len(s50) == 51 and len(set(s50)) == 51 and len(s300) == 301 and len(set(s300)) == 301
+    assert s50[:2] == ["background", "goldfish"] and s50[25] == "clog" and s50[-1] == "agaric"
+    assert s300[:2] == ["background", "tench"] and s300[-1] == "bolete"
+    assert s300[56] == "staffordshire bullterrier"  # one name split over two lines in mmseg
+    assert s300[147] == "carpenter's kit" and s300[150] == "chain saw" and s300[260] == "trimaran"
+    rest = iter(s300[1:])
+    assert all(c in rest for c in s50[1:])  # both in wnid order: S50 is a subsequence of S300
 
 
 def test_reader_errors(tmp_path):
@@ -207,7 +237,52 @@ def test_reader_errors(tmp_path):
     with pytest.raises(SystemExit, match="unknown benchmark 'vocc'"):
         E.parse_names("voc,vocc")
     assert E.parse_names("ade20k,voc") == ["voc", "ade20k"]  # the paper's column order
-    assert E.parse_names("all") == list(E.BENCHMARKS)
+    assert E.parse_names("all") == list(E.BENCHMARKS) == [
+        "voc", "context", "coco-object", "imagenets50", "imagenets300",
+        "voc20", "context59", "coco-stuff", "cityscapes", "ade20k"]
+    assert E.parse_names("ADE20K,imagenets300,voc") == ["voc", "imagenets300", "ade20k"]
+
+
+def test_imagenet_s_label_decoding(tmp_path):
+    # Colours written by hand: (R, G, B) -> R + 256 G (the dataset's README); blue is not read.
+    pixels = np.array([[[0, 0, 0], [7, 0, 0], [255, 0, 0]],
+                       [[0, 1, 0], [44, 1, 9], [232, 3, 0]]], np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "hand.png")
+    assert E.read_rgb_label(tmp_path / "hand.png").tolist() == [[0, 7, 255], [256, 300, 1000]]
+    values = np.array([[0, 1, 50, 255], [256, 300, 919, 1000]])
+    Image.fromarray(rgb_label(values)).save(tmp_path / "label.png")
+    assert np.asarray(Image.open(tmp_path / "label.png"))[1, 1].tolist() == [44, 1, 0]  # 300 = 44 + 256
+    label = E.read_rgb_label(tmp_path / "label.png")
+    assert label.dtype == np.int64 and label.tolist() == values.tolist()
+    Image.fromarray(values.astype(np.uint8), mode="L").save(tmp_path / "gray.png")
+    with pytest.raises(SystemExit, match="gray.png: mode L, expected an RGB label PNG"):
+        E.read_rgb_label(tmp_path / "gray.png")
+    # The reader and the metric: 1000 is ignored, 0 is a class (background), nothing else moves.
+    write_tree(tmp_path, "imagenets300")
+    bench = E.load_benchmark("imagenets300", tmp_path)
+    _, label, _ = bench[0]
+    assert set(np.unique(label)) == {0, 120, 300, 1000}
+    m = E.IoU(len(bench.classes), bench.ignore_index)
+    m.update(np.where(label == 1000, 5, label), label)  # wrong only where ignored
+    r = m.compute()
+    assert r["mIoU"] == 100.0 and math.isnan(r["IoU"][5])
+
+
+def test_imagenet_s_downsampling_rule():
+    """mmseg's LoadImageNetSImageFromFile: more than 1000 x 1000 pixels (the area decides) ->
+    long side 1000, short side int(1000 * short / long), bilinear; otherwise untouched."""
+    want = {(502, 2000): (251, 1000), (2000, 502): (1000, 251), (1001, 1000): (1000, 999),
+            (1000, 1001): (999, 1000), (1000, 1000): (1000, 1000), (800, 1250): (800, 1250),
+            (480, 2080): (480, 2080), (1003, 1003): (1000, 1000)}
+    for shape, out in want.items():
+        image = np.zeros(shape + (3,), np.uint8)
+        assert E.downsample_large(image).shape == out + (3,), shape
+    rng = np.random.default_rng(4)
+    image = rng.integers(0, 256, (1200, 900, 3)).astype(np.uint8)  # -> (1000, 750)
+    small = E.downsample_large(image)
+    assert small.shape == (1000, 750, 3) and small.dtype == np.uint8
+    ref = np.clip(np.round(ref_resize(image.astype(float), 1000, 750)), 0, 255)
+    assert np.abs(small.astype(float) - ref).max() <= 1  # float32 vs float64 rounding ties
 
 # ----------------------------------------------------------------------------- models
 class Oracle:
@@ -272,6 +347,61 @@ def test_oracle_scores_100_with_published_preset(tmp_path):
     r = E.evaluate(model, bench, E.PRESETS["tcl"], "voc", batch_size=16)
     assert r["mIoU"] == 100.0 and r["crops"] == 6
     assert model.calls == 1  # all six crops (three images, same size) in one batch
+
+
+def test_imagenet_s_large_image_predicted_small_scored_at_label_size(tmp_path):
+    """A 502 x 2000 image (over 1000^2 pixels) is read at 251 x 1000 while its label stays
+    502 x 2000: the oracle predicts at the image's size and the nearest resize back to the label
+    (mmseg's ImageNetSDataset.pre_eval) scores 100. Blocks sit on even pixels, so the exact 2x
+    resizes both ways add no error of their own."""
+    label = np.zeros((502, 2000), np.int64)
+    label[100:300, 400:1200] = 7
+    label[300:, 1500:] = 50
+    label[:40, :60] = 1000
+    image_path = tmp_path / "ImageNetS50/validation/n01443537/ILSVRC2012_val_00000001.JPEG"
+    label_path = tmp_path / "ImageNetS50/validation-segmentation/n01443537/ILSVRC2012_val_00000001.png"
+    for p in (image_path, label_path):
+        p.parent.mkdir(parents=True)
+    Image.fromarray(paint("imagenets50", label)).save(image_path, quality=100, subsampling=0)
+    Image.fromarray(rgb_label(label)).save(label_path)
+    bench = E.load_benchmark("imagenets50", tmp_path)
+    image, got, image_id = bench[0]
+    assert image.shape == (251, 1000, 3) and image_id == "ILSVRC2012_val_00000001"
+    np.testing.assert_array_equal(got, label)  # full size, decoded exactly
+    # One window, no resize: the oracle reads every pixel of the downsampled image as it is.
+    protocol = dataclasses.replace(E.PRESETS["tcl"], short_side=None, window=None)
+    r = E.evaluate(oracle_for("imagenets50"), bench, protocol, "imagenets50", n_vis=1,
+                   vis_dir=tmp_path / "vis")
+    assert r["mIoU"] == 100.0 and r["aAcc"] == 100.0 and r["crops"] == 1
+    assert sum(not math.isnan(v) for v in r["IoU"]) == 3
+    vis = np.asarray(Image.open(tmp_path / "vis/imagenets50_ILSVRC2012_val_00000001.png"))
+    assert vis.shape == (round(502 * 1536 / 6000), 1536, 3)  # three label-size panels, shrunk
+
+
+class SmallImageLargeLabel:
+    """One 3 x 3 image with a 4 x 4 label, as ImageNet-S's downsampled images have: the label is
+    the image's classes resized with cv2.INTER_NEAREST (rows and columns 0, 0, 1, 2). Bilinear
+    scores resized to 4 x 4 would give rows 0, 1, 1, 2 instead."""
+    classes, background, reduce_zero_label = E.IMAGENET_S50, True, False
+    ignore_index, large_side = 1000, 1000
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        small = np.array([[0, 7, 50], [7, 50, 0], [50, 0, 7]])
+        label = np.array([[0, 0, 7, 50], [0, 0, 7, 50], [7, 7, 50, 0], [50, 50, 0, 7]])
+        return paint("imagenets50", small), label, "small"
+
+
+def test_prediction_resized_to_the_label_nearest():
+    protocol = dataclasses.replace(E.PRESETS["tcl"], short_side=None, window=None)
+    r = E.evaluate(oracle_for("imagenets50"), SmallImageLargeLabel(), protocol, "imagenets50")
+    assert r["mIoU"] == 100.0
+    bench = SmallImageLargeLabel()
+    bench.large_side = None  # a benchmark that does not downsample: a size mismatch is an error
+    with pytest.raises(ValueError, match=r"label \(4, 4\) vs image \(3, 3, 3\)"):
+        E.evaluate(oracle_for("imagenets50"), bench, protocol, "imagenets50")
 
 
 class NoisyOracle(Oracle):
@@ -348,6 +478,19 @@ def test_resizes_match_half_pixel_bilinear():
     scores = torch.from_numpy(rng.random((1, 5, 64, 87)))  # and back to the original size
     back = E.resize_bilinear(scores, (30, 41))[0].permute(1, 2, 0).numpy()
     np.testing.assert_allclose(back, ref_resize(scores[0].permute(1, 2, 0).numpy(), 30, 41), atol=1e-12)
+
+
+def test_resize_nearest_is_opencvs():
+    """cv2.INTER_NEAREST: output i <- input min(floor(i * n_in / n_out), n_in - 1)."""
+    a = np.arange(3)[:, None] * 10 + np.arange(4)  # (3, 4)
+    up = E.resize_nearest(a, (7, 9))
+    assert up[:, 0].tolist() == [0, 0, 0, 10, 10, 20, 20]  # floor(i * 3/7)
+    assert up[0].tolist() == [0, 0, 0, 1, 1, 2, 2, 3, 3]  # floor(i * 4/9)
+    assert E.resize_nearest(a, (2, 2)).tolist() == [[0, 2], [10, 12]]  # floor(i * 1.5), floor(i * 2)
+    np.testing.assert_array_equal(E.resize_nearest(a, (6, 8)), a.repeat(2, 0).repeat(2, 1))
+    assert E.resize_nearest(a, (3, 4)) is a
+    rgb = np.zeros((2, 3, 3), np.uint8)
+    assert E.resize_nearest(rgb, (4, 6)).shape == (4, 6, 3)  # trailing channels ride along
 
 
 def test_window_grid():
