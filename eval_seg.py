@@ -5,9 +5,10 @@
     python eval_seg.py --clip ViT-B-16.pt --dense maskclip --benchmarks voc --data-root DIR  # raw CLIP
     python eval_seg.py --preds DIR --benchmarks voc --data-root DIR   # score saved label PNGs
 
-Writes metrics.json (per-class IoU, NaN as null) and vis/*.png overlays (input | ground truth |
-prediction) into --out (default: the checkpoint's folder), and prints one table per benchmark
-and the mean over benchmarks in the paper's column order.
+Writes metrics.json (per-class IoU, NaN as null) and vis/*.png pictures (input | ground truth |
+prediction, each panel >= 256 px on its short side, with a title and a colour legend) into --out
+(default: the checkpoint's folder), and prints one table per benchmark and the mean over
+benchmarks in the paper's column order. save_curves draws a training log.jsonl as a PNG.
 
 Model interface (duck-typed; model.py's SegmentationModel provides it):
     model.encode_dense(images) -> (B, E, h, w)   images: float (B, 3, H, W), already normalised
@@ -54,7 +55,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import data
@@ -593,43 +594,236 @@ def preprocess(image, protocol, device):
     std = torch.tensor(protocol.std, device=device).view(1, 3, 1, 1) * 255
     return (x - mean) / std
 
-# ----------------------------------------------------------------------------- evaluation
-PALETTE = np.random.default_rng(0).integers(40, 256, (256, 3)).astype(np.uint8)
-PALETTE[255] = 0  # ignore / no prediction: black
+# ----------------------------------------------------------------------------- pictures
+# Class k's colour: a hand-picked list of 20 distinct colours first (Sasha Trubetskoy's "20 simple
+# distinct colours", white and black left out, light grey last), then, one at a time, the colour of
+# an RGB grid farthest in CIELAB from every colour taken so far (Glasbey et al. 2007, "Colour
+# displays for categorical images"), mid-lightness only. The background class of VOC-style
+# benchmarks is dark grey, ignore (255) black with grey hatching; the greedy step keeps clear of
+# these and of the white page.
+DISTINCT = ("e6194b 3cb44b ffe119 4363d8 f58231 911eb4 42d4f4 f032e6 bfef45 fabed4 469990 dcbeff "
+            "9a6324 fffac8 800000 aaffc3 808000 ffd8b1 000075 a9a9a9").split()
+BACKGROUND_RGB, IGNORE_RGB, HATCH_RGB = (72, 72, 72), (0, 0, 0), (110, 110, 110)
 
 
-def save_overlay(path, image, label, pred):
-    """input | ground truth | prediction side by side (labels after reduce_zero_label), at the
-    label's size (an ImageNet-S image downsampled by its reader is scaled back up, nearest)."""
-    colour = lambda a: PALETTE[np.asarray(a).astype(np.int64) % 256]  # noqa: E731  (-1 wraps to 255)
-    image = resize_nearest(np.asarray(image), np.shape(label))
-    canvas = np.concatenate([image, colour(label), colour(pred)], 1)
-    im = Image.fromarray(canvas)
-    if im.width > 1536:  # Cityscapes-size inputs: keep the files small
-        im = im.resize((1536, round(im.height * 1536 / im.width)), Image.NEAREST)
-    im.save(path)
+def _lab(rgb):
+    """(..., 3) sRGB in 0..255 -> CIELAB (D65), where distances roughly follow perception."""
+    c = np.asarray(rgb, float) / 255
+    c = np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)  # sRGB -> linear
+    xyz = c @ np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]).T
+    f = np.cbrt(xyz / [0.9505, 1.0, 1.089])  # the standard's linear toe near black left out
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
+
+
+def _class_colours(n=256):
+    """(n, 3) int64: the hand-picked colours, then the greedy farthest-point ones."""
+    rows = [[int(h[i:i + 2], 16) for i in (0, 2, 4)] for h in DISTINCT]
+    grid = np.stack(np.meshgrid(*[np.linspace(0, 255, 12).round()] * 3, indexing="ij"), -1).reshape(-1, 3)
+    lab = _lab(grid)
+    keep = (lab[:, 0] > 30) & (lab[:, 0] < 92)  # neither near-black (ignore) nor near-white (page)
+    grid, lab = grid[keep], lab[keep]
+    d = np.full(len(grid), np.inf)  # squared distance from each grid colour to the nearest taken
+    for c in rows + [BACKGROUND_RGB, IGNORE_RGB, HATCH_RGB, (255, 255, 255)]:
+        d = np.minimum(d, ((lab - _lab(c)) ** 2).sum(1))
+    while len(rows) < n:
+        rows.append(grid[d.argmax()].tolist())
+        d = np.minimum(d, ((lab - _lab(rows[-1])) ** 2).sum(1))
+    return np.array(rows, np.int64)
+
+
+CLASS_COLOURS = _class_colours()
+
+
+def palette(background):
+    """(256, 3) uint8: row k is class k's colour (class 0 dark grey when `background`), row 255
+    the ignore colour."""
+    rows = np.concatenate([[BACKGROUND_RGB], CLASS_COLOURS]) if background else CLASS_COLOURS
+    p = rows[:256].astype(np.uint8)
+    p[255] = IGNORE_RGB
+    return p
+
+
+def _font(size):
+    """Pillow's built-in font at `size` px (Pillow >= 10.1 with FreeType), else its small bitmap."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: no size argument
+        return ImageFont.load_default()
+
+
+def _label_panel(label, size, colours):
+    """(h, w, 3) uint8: a label map in flat colours, resized to size = (w, h) by nearest
+    neighbour; ignored pixels hatched with diagonal lines 8 px apart."""
+    k = np.asarray(label).astype(np.int64) % 256  # -1 (no prediction) wraps to 255
+    a = np.array(Image.fromarray(colours[k]).resize(size, Image.NEAREST))
+    ignore = np.array(Image.fromarray((k == 255).astype(np.uint8)).resize(size, Image.NEAREST), bool)
+    y, x = np.indices(ignore.shape)
+    a[ignore & ((x + y) % 8 < 2)] = HATCH_RGB
+    return a
+
+
+def panel_size(H, W):
+    """(w, h) of each panel for an H x W image: small images (the world's 64 px) upscaled by a
+    whole factor to >= 256 px on the short side, so pixels stay square blocks; large ones
+    (VOC's 500 x 375) shrunk, never enlarged, to a short side of 256 or a width of 512,
+    whichever is larger, so three panels stay near 1536 px wide."""
+    s = math.ceil(256 / min(H, W)) if min(H, W) < 256 else min(1.0, max(256 / min(H, W), 512 / W))
+    return round(W * s), round(H * s)
+
+
+def save_overlay(path, image, label, pred, classes, background=False, title=""):
+    """Write input | ground truth | prediction with a title line (plus the image's own mIoU and
+    pixel accuracy) above and a legend of every class in the label or the prediction below.
+    label, pred: (H, W) class indices into `classes` (after reduce_zero_label), 255 = ignore.
+
+    The label panels are flat colours, not a blend over the photo: the swatches then match the
+    pixels exactly, and the world's images are coloured shapes that a blend would mix with the
+    class colours. The input panel beside them gives the context.
+    Returns (legend, panels): [(class index, name, swatch box)] as drawn, and the three panels'
+    boxes; a box is (x0, y0, x1, y1) in pixels, x1 and y1 excluded."""
+    label, pred = np.asarray(label).astype(np.int64), np.asarray(pred).astype(np.int64)
+    (w, h), colours, font = panel_size(*label.shape), palette(background), _font(14)
+    M, lh = 10, font.getbbox("Ag")[3] + 8  # margin and gap; text line height
+    W = 3 * w + 4 * M
+    legend = [(k, classes[k] if k < len(classes) else "ignore" if k == 255 else f"class {k}")
+              for k in np.union1d(label % 256, pred % 256).tolist()]
+    spots, x, y = [], M, M + 2 * lh + h + M  # legend entries flow left to right, then wrap
+    for k, name in legend:
+        dx = lh + round(font.getlength(name)) + 2 * M
+        if x + dx > W - M and x > M:
+            x, y = M, y + lh
+        spots.append((x, y))
+        x += dx
+    canvas = Image.new("RGB", (W, y + lh + M), "white")
+    draw = ImageDraw.Draw(canvas)
+    score = IoU(len(classes))
+    score.update(pred, label)
+    r = score.compute()
+    draw.text((M, M), f"{title}    image mIoU {r['mIoU']:.1f}, pixel acc {r['aAcc']:.1f}", "black", font)
+    resample = Image.NEAREST if w >= label.shape[1] else Image.BILINEAR
+    panels = [np.array(Image.fromarray(image).resize((w, h), resample)),
+              _label_panel(label, (w, h), colours), _label_panel(pred, (w, h), colours)]
+    boxes = [(M + i * (w + M), M + 2 * lh, M + i * (w + M) + w, M + 2 * lh + h) for i in range(3)]
+    for box, panel, head in zip(boxes, panels, ("input", "ground truth", "prediction")):
+        draw.text((box[0], M + lh), head, "black", font)
+        canvas.paste(Image.fromarray(panel), box[:2])
+    s = lh - 6  # swatch side
+    for (k, name), (x, y) in zip(legend, spots):
+        canvas.paste(Image.fromarray(_label_panel([[k]], (s, s), colours)), (x, y))
+        draw.rectangle((x - 1, y - 1, x + s, y + s), outline=(90, 90, 90))  # pale swatches on white
+        draw.text((x + s + 6, y), name, "black", font)
+    canvas.save(path)
+    return [(k, name, (x, y, x + s, y + s)) for (k, name), (x, y) in zip(legend, spots)], boxes
+
+
+def _save_vis(vis_dir, name, image_id, image, label, pred, bench):
+    """One overlay for image_id, its label reduced as the metric reduces it and its ignored
+    pixels (ImageNet-S: 1000) as 255; returns save_overlay's (legend, panels). (ImageNet-S300
+    overlays draw its class 255 as ignore, and classes above 255 in recycled colours.)"""
+    label = reduce_zero(label) if getattr(bench, "reduce_zero_label", False) else np.asarray(label)
+    label = np.where(label == getattr(bench, "ignore_index", 255), 255, label)
+    image = resize_nearest(np.asarray(image), np.shape(label))  # ImageNet-S: shown at the label's size
+    title = str(image_id) if str(image_id).startswith(name) else f"{name} {image_id}"
+    stem = str(image_id).replace("/", "_")
+    path = Path(vis_dir) / f"{stem if stem.startswith(name) else f'{name}_{stem}'}.png"
+    return save_overlay(path, image, label, pred, bench.classes, bench.background, title)
 
 
 def _vis_indices(n, n_vis):
     return set(np.linspace(0, n - 1, n_vis).round().astype(int).tolist()) if n and n_vis else set()
 
 
-def _vis_path(vis_dir, name, image_id):
-    stem = str(image_id).replace("/", "_")
-    return Path(vis_dir) / f"{stem if stem.startswith(name) else f'{name}_{stem}'}.png"
-
-
-def _vis_label(label, bench):  # ignored pixels (ImageNet-S: 1000) as 255, black
-    label = reduce_zero(label) if getattr(bench, "reduce_zero_label", False) else label
-    label = np.asarray(label).astype(np.int64)
-    return np.where(label == getattr(bench, "ignore_index", 255), 255, label)
-
-
 def _metric(bench):
     return IoU(len(bench.classes), getattr(bench, "ignore_index", 255),
                getattr(bench, "reduce_zero_label", False))
 
+# ----------------------------------------------------------------------------- training curves
+def _ticks(lo, hi, n=5):
+    """About n round values (1, 2 or 5 times a power of ten apart) spanning [lo, hi]."""
+    raw = (hi - lo) / n if hi > lo else abs(hi) / n or 1.0
+    step = 10 ** math.floor(math.log10(raw))
+    step *= next(m for m in (1, 2, 5, 10) if m * step >= raw)
+    return [k * step for k in range(math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9) + 1)]
 
+
+def _plot(draw, box, xt, series, font):
+    """Axes in box = (x0, y0, x1, y1) with x ticks xt and y ticks fitted to the series, one line
+    per series [(name, xs, ys, colour)], and a legend in the top right corner when there are
+    several."""
+    x0, y0, x1, y1 = box
+    values = [v for _, _, ys, _ in series for v in ys]
+    lo, hi = min(min(values), 0), max(values)  # from 0: losses and rates are compared with it
+    yt = _ticks(lo, hi + (hi - lo) / 20 if hi > lo else lo + 1)  # headroom: no line on the frame
+    X = lambda v: x0 + (v - xt[0]) / (xt[-1] - xt[0]) * (x1 - x0)  # noqa: E731
+    Y = lambda v: y1 - (v - yt[0]) / (yt[-1] - yt[0]) * (y1 - y0)  # noqa: E731
+    for v in yt:
+        draw.line((x0, Y(v), x1, Y(v)), (225, 225, 225))
+        draw.text((x0 - 6, Y(v)), f"{v:.3g}", "black", font, anchor="rm")
+    for v in xt:
+        draw.line((X(v), y1, X(v), y1 + 4), "black")
+        draw.text((X(v), y1 + 6), f"{v:g}", "black", font, anchor="ma")
+    draw.rectangle(box, outline="black")
+    for i, (name, xs, ys, colour) in enumerate(series):
+        points = [(X(a), Y(b)) for a, b in zip(xs, ys)]
+        width = 4 if i == 0 and len(series) > 1 else 2  # total stays visible under ITC = total
+        points = points * 2 if len(points) == 1 else points  # one point: a dot
+        draw.line(points, colour, width, joint="curve")
+        if len(series) > 1:
+            ly = y0 + 14 + 20 * i
+            draw.line((x1 - 110, ly, x1 - 84, ly), colour, width + 1)
+            draw.text((x1 - 76, ly), name, "black", font, anchor="lm")
+
+
+def save_curves(log_path, png_path):
+    """Draw a training log (tagalign.py's log.jsonl: one JSON object a line with step, loss, itc,
+    tag, lr, ...) as a 900 x 600 PNG: total, ITC and tag loss against the step, and below it the
+    learning rate on the same step axis. Missing keys and non-finite values are skipped; the tag
+    loss is left out (and the title says so) when it was never logged or is 0 throughout, as in
+    the ITC-only baseline. Returns png_path. A log with no rows (a run of --steps 0) draws
+    nothing: it prints why and returns None, so a caller at the end of training goes on. A line
+    that is not a JSON object with a "step" raises ValueError naming the file and line."""
+    rows = []
+    with open(log_path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if not isinstance(row, dict) or "step" not in row:
+                raise ValueError(f"{log_path} line {i}: expected a JSON object with a 'step'")
+            rows.append(row)
+    if not rows:
+        print(f"save_curves: {log_path} has no rows; no curves drawn")
+        return None
+
+    def curve(name, key, colour):  # (name, steps, values, colour) where key holds a finite number
+        xy = [(r["step"], r[key]) for r in rows
+              if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        return name, [x for x, _ in xy], [y for _, y in xy], colour
+
+    losses = [curve("total", "loss", (30, 30, 30)), curve("ITC", "itc", (67, 99, 216)),
+              curve("tag", "tag", (245, 130, 49))]
+    losses = [c for c in losses if c[1] and (c[0] != "tag" or any(c[2]))]
+    lr = [c for c in [curve("lr", "lr", (60, 150, 75))] if c[1]]
+    steps = [r["step"] for r in rows]
+    xt = _ticks(min(steps), max(steps)) if max(steps) > min(steps) else [steps[0], steps[0] + 1]
+    canvas = Image.new("RGB", (900, 600), "white")
+    draw, font = ImageDraw.Draw(canvas), _font(13)
+    no_tag = "" if any(c[0] == "tag" for c in losses) else " (no tag loss)"
+    draw.text((80, 12), f"{log_path}: {len(rows)} rows, steps {min(steps)} to {max(steps)}{no_tag}",
+              "black", _font(15))
+    for box, series, name in (((80, 60, 880, 390), losses, "loss"),
+                              ((80, 440, 880, 550), lr, "learning rate")):
+        draw.text((box[0], box[1] - 4), name, "black", font, anchor="lb")
+        if series:
+            _plot(draw, box, xt, series, font)
+    draw.text((480, 592), "step", "black", font, anchor="md")
+    canvas.save(png_path)
+    return png_path
+
+# ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(model, bench, protocol, name="", batch_size=16, n_vis=0, vis_dir=None, limit=None):
     """Segment every image of bench with model; returns IoU.compute() plus counts and speed."""
@@ -657,7 +851,7 @@ def evaluate(model, bench, protocol, name="", batch_size=16, n_vis=0, vis_dir=No
             pred = resize_nearest(pred, label.shape)
             metric.update(pred, label)
             if i in vis:
-                save_overlay(_vis_path(vis_dir, name, image_id), image, _vis_label(label, bench), pred)
+                _save_vis(vis_dir, name, image_id, image, label, pred, bench)
         bar.update(len(group))
         bar.set_postfix(crops_s=f"{n_crops / (time.time() - t0):.1f}")
         group.clear()
@@ -707,7 +901,7 @@ def evaluate_preds(bench, preds_dir, name="", n_vis=0, vis_dir=None, limit=None)
                              f"{np.asarray(label).shape}")
         metric.update(pred, label)
         if i in vis:
-            save_overlay(_vis_path(vis_dir, name, image_id), image, _vis_label(label, bench), pred)
+            _save_vis(vis_dir, name, image_id, image, label, pred, bench)
     return {**metric.compute(), "images": n}
 
 # ----------------------------------------------------------------------------- output

@@ -375,7 +375,8 @@ def test_imagenet_s_large_image_predicted_small_scored_at_label_size(tmp_path):
     assert r["mIoU"] == 100.0 and r["aAcc"] == 100.0 and r["crops"] == 1
     assert sum(not math.isnan(v) for v in r["IoU"]) == 3
     vis = np.asarray(Image.open(tmp_path / "vis/imagenets50_ILSVRC2012_val_00000001.png"))
-    assert vis.shape == (round(502 * 1536 / 6000), 1536, 3)  # three label-size panels, shrunk
+    w, h = E.panel_size(502, 2000)  # panels from the label's size (the image's would be 2000 x 502)
+    assert (w, h) == (1020, 256) and vis.shape[1] == 3 * w + 4 * 10
 
 
 class SmallImageLargeLabel:
@@ -672,9 +673,138 @@ def test_world_path_run_benchmarks(tmp_path, monkeypatch):
     assert saved["world-stuff"]["IoU"] == {"grass": 100.0, "red circle": 100.0, "blue circle": 100.0}
     assert sorted(p.name for p in (tmp_path / "vis").iterdir()) == ["world-stuff_00000.png",
                                                                      "world-stuff_00002.png"]
+    # The run's picture is save_overlay's for the same image (the oracle predicts the label, and
+    # the ignored pixels (row 0, columns 0-2) as class 2, their colour), which draws every panel
+    # 13 x (20, 28) = (260, 364) px, the label panels in the palette's flat colours.
+    image, label, _ = FakeWorld("world-stuff")[0]
+    pred = np.where(label == 255, 2, label)
+    classes = FakeWorld("world-stuff").classes
+    legend, boxes = E.save_overlay(tmp_path / "ref.png", image, label, pred, classes, False,
+                                   "world-stuff 00000")
     vis = np.asarray(Image.open(tmp_path / "vis/world-stuff_00000.png"))
-    assert vis.shape == (20, 84, 3) and np.array_equal(vis[1:, 28:56], vis[1:, 56:])  # gt | pred
-    assert (vis[0, 28:31] == 0).all() and (vis[0, 56:59] != 0).any()  # ignore is black in the gt
+    np.testing.assert_array_equal(vis, np.asarray(Image.open(tmp_path / "ref.png")))
+    assert [e[:2] for e in legend] == [(0, "grass"), (1, "red circle"), (2, "blue circle"),
+                                       (255, "ignore")]
+    inp, gt, pr = (vis[y0:y1, x0:x1] for x0, y0, x1, y1 in boxes)
+    assert inp.shape == gt.shape == pr.shape == (260, 364, 3)
+    np.testing.assert_array_equal(inp, image.repeat(13, 0).repeat(13, 1))  # nearest neighbour
+    colours = E.palette(False)
+    np.testing.assert_array_equal(gt[13:], colours[label[1:]].repeat(13, 0).repeat(13, 1))
+    np.testing.assert_array_equal(gt[13:], pr[13:])  # gt | pred agree below the ignored row
+    assert set(map(tuple, gt[:13, :39].reshape(-1, 3))) == {E.IGNORE_RGB, E.HATCH_RGB}  # hatched
+    assert (pr[:13, :39] == colours[2]).all()
     for name in ("world-object", "world-attr"):
         r = E.run_benchmarks(models[name], [name], out_dir=tmp_path / name, n_vis=0)
         assert r[name]["mIoU"] == 100.0
+
+# ----------------------------------------------------------------------------- pictures
+def colours_in(a):
+    return set(map(tuple, np.asarray(a)[..., :3].reshape(-1, 3).tolist()))
+
+
+def test_overlay_panels_legend_and_ignore(tmp_path):
+    """A 64 px image: panels of 256 px (x4), a legend of exactly the classes in the label or the
+    prediction, each swatch in its class's colour, ignore hatched black and grey."""
+    classes = [f"c{k}" for k in range(10)]
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3)).astype(np.uint8)
+    label = np.zeros((64, 64), np.int64)
+    label[10:30, 10:50], label[40:60, :] = 2, 5
+    label[:4, :8] = 255
+    pred = label.copy()
+    pred[:4, :8], pred[40:60, 32:] = 0, 7  # class 7 only predicted
+    legend, boxes = E.save_overlay(tmp_path / "o.png", image, label, pred, classes, background=True,
+                                   title="world-object 00003")
+    assert [e[:2] for e in legend] == [(0, "c0"), (2, "c2"), (5, "c5"), (7, "c7"), (255, "ignore")]
+    vis = np.asarray(Image.open(tmp_path / "o.png"))
+    inp, gt, pr = (vis[y0:y1, x0:x1] for x0, y0, x1, y1 in boxes)
+    assert inp.shape == gt.shape == pr.shape == (256, 256, 3)
+    assert [b[0] for b in boxes] == sorted(b[0] for b in boxes) and boxes[0][2] < boxes[1][0]
+    np.testing.assert_array_equal(inp, image.repeat(4, 0).repeat(4, 1))
+    colours = E.palette(True)
+    assert tuple(colours[0]) == E.BACKGROUND_RGB and tuple(colours[255]) == E.IGNORE_RGB
+    assert (gt[100, 100] == colours[2]).all() and (pr[200, 200] == colours[7]).all()
+    assert colours_in(gt[:16, :32]) == {E.IGNORE_RGB, E.HATCH_RGB}  # ignore: hatched black
+    assert (pr[:16, :32] == colours[0]).all()
+    # Each swatch, below the panels, is its class's colour; no other class colour is drawn.
+    for k, _, (x0, y0, x1, y1) in legend:
+        assert y0 >= boxes[0][3] and x1 - x0 == y1 - y0 >= 8
+        want = {E.IGNORE_RGB, E.HATCH_RGB} if k == 255 else {tuple(colours[k])}
+        assert colours_in(vis[y0:y1, x0:x1]) == want, k
+    absent = {tuple(colours[k]) for k in (1, 3, 4, 6, 8, 9)}
+    assert not absent & (colours_in(gt) | colours_in(pr) | colours_in(vis[boxes[0][3]:]))
+
+
+def test_overlay_sizes_and_palette(tmp_path):
+    assert E.panel_size(64, 64) == (256, 256) and E.panel_size(20, 28) == (364, 260)
+    assert E.panel_size(375, 500) == (500, 375)  # VOC: as it is, three panels ~1540 px wide
+    assert E.panel_size(1024, 2048) == (512, 256)  # Cityscapes: shrunk to 512 wide
+    assert E.panel_size(512, 683) == (512, 384)  # ADE20K
+    p = E.palette(False)
+    assert len(colours_in(p[:255])) == 255 and np.array_equal(p, E.palette(False))  # fixed, distinct
+    assert E.BACKGROUND_RGB not in colours_in(p[:255]) and E.IGNORE_RGB not in colours_in(p[:255])
+    # A VOC-sized image with all 21 classes and ignore: 22 legend entries, wrapped over rows.
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (375, 500, 3)).astype(np.uint8)
+    label = np.broadcast_to(np.arange(500) // 24 % 21, (375, 500)).copy()
+    label[:40] = 255
+    pred = np.roll(label, 30, 1)
+    legend, boxes = E.save_overlay(tmp_path / "voc.png", image, label, pred, E.VOC, True)
+    assert [e[1] for e in legend] == E.VOC + ["ignore"]
+    vis = np.asarray(Image.open(tmp_path / "voc.png"))
+    assert vis.shape[1] == 3 * 500 + 40
+    for k, _, (x0, y0, x1, y1) in legend[:-1]:
+        assert colours_in(vis[y0:y1, x0:x1]) == {tuple(E.palette(True)[k])}
+    assert legend[-1][2][1] > legend[0][2][3]  # the entries wrap: ignore's swatch on a lower row
+    assert max(e[2][2] for e in legend) <= vis.shape[1] and legend[-1][2][3] <= vis.shape[0]
+
+
+def test_overlay_of_a_reduce_zero_label_benchmark(tmp_path):
+    class Bench:  # voc20-like: raw 0 is ignored, raw k is classes[k - 1]
+        classes, background, reduce_zero_label = ["aeroplane", "bicycle", "bird"], False, True
+
+    raw = np.array([[0, 1], [3, 255]], np.uint8)
+    legend, _ = E._save_vis(tmp_path, "voc20", "2007_000033", np.zeros((2, 2, 3), np.uint8), raw,
+                            np.array([[0, 0], [2, 2]]), Bench())
+    assert [e[:2] for e in legend] == [(0, "aeroplane"), (2, "bird"), (255, "ignore")]
+    assert (tmp_path / "voc20_2007_000033.png").is_file()
+
+
+def write_log(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+TAG_RGB, LR_RGB = (245, 130, 49), (60, 150, 75)  # save_curves' colours for tag and lr
+
+
+def test_save_curves(tmp_path):
+    rows = [{"step": s, "loss": 8 - s / 10, "itc": 5 - s / 20, "tag": 3 - s / 20,
+             "lr": 1e-3 * min(1, s / 20), "scale": 14.0} for s in range(0, 60, 5)]
+    png = E.save_curves(write_log(tmp_path / "log.jsonl", rows), tmp_path / "c.png")
+    assert png == tmp_path / "c.png"
+    im = Image.open(tmp_path / "c.png")
+    assert im.size == (900, 600)
+    assert TAG_RGB in colours_in(im) and LR_RGB in colours_in(im)
+    # ITC-only baseline (tag 0 throughout) and a log with no tag key, a NaN and a row without lr.
+    itc_only = [{**r, "tag": 0.0, "loss": r["itc"]} for r in rows]
+    no_tag = [{k: v for k, v in r.items() if k != "tag"} for r in rows]
+    no_tag[3]["loss"], no_tag[4] = float("nan"), {"step": 20, "loss": 6.0}
+    for name, log in (("itc_only", itc_only), ("no_tag", no_tag)):
+        png = E.save_curves(write_log(tmp_path / f"{name}.jsonl", log), tmp_path / f"{name}.png")
+        im = Image.open(png)
+        assert im.size == (900, 600) and TAG_RGB not in colours_in(im) and LR_RGB in colours_in(im)
+    one = E.save_curves(write_log(tmp_path / "one.jsonl", rows[:1]), tmp_path / "one.png")
+    assert Image.open(one).size == (900, 600)  # a single row: one point, no division by zero
+
+
+def test_save_curves_empty_and_malformed_logs(tmp_path, capsys):
+    for text in ("", "\n\n"):
+        (tmp_path / "empty.jsonl").write_text(text)
+        assert E.save_curves(tmp_path / "empty.jsonl", tmp_path / "e.png") is None
+        assert not (tmp_path / "e.png").exists() and "has no rows" in capsys.readouterr().out
+    (tmp_path / "bad.jsonl").write_text('{"step": 0, "loss": 1}\n{"step": 1, "loss"\n')
+    with pytest.raises(ValueError, match="bad.jsonl line 2: expected a JSON object"):
+        E.save_curves(tmp_path / "bad.jsonl", tmp_path / "b.png")
+    (tmp_path / "bad.jsonl").write_text('{"loss": 1}\n')
+    with pytest.raises(ValueError, match="line 1: expected a JSON object with a 'step'"):
+        E.save_curves(tmp_path / "bad.jsonl", tmp_path / "b.png")
