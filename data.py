@@ -39,6 +39,8 @@ _SPACE_RE = regex.compile(r"\s+")
 # CLIP keeps lines 1..48894 of its merges file (line 0 is a version header), so that
 # 256 bytes + 256 bytes</w> + 48894 merges + 2 specials = 49408 ids.
 _CLIP_MERGES = 48894
+# OpenAI CLIP's merges file, shipped in assets/ (MIT License, see assets/LICENSE-CLIP)
+CLIP_BPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "bpe_simple_vocab_16e6.txt.gz")
 _CACHE_MAX = 1 << 18  # words cached per tokenizer; bounds memory on huge corpora
 
 
@@ -135,8 +137,8 @@ class Tokenizer:
         self._cache = {_SOT: [self.sot_id], _EOT: [self.eot_id]}  # pre-token -> ids
 
     @classmethod
-    def from_clip(cls, path: str) -> "Tokenizer":
-        """Read OpenAI CLIP's merges file (bpe_simple_vocab_16e6.txt.gz)."""
+    def from_clip(cls, path: str = CLIP_BPE) -> "Tokenizer":
+        """Read OpenAI CLIP's merges file (bpe_simple_vocab_16e6.txt.gz; by default the copy in assets/)."""
         try:
             with gzip.open(path, "rt", encoding="utf-8") as f:
                 lines = f.read().split("\n")

@@ -1,21 +1,16 @@
 """Tokenizer: byte round trip, BPE training, CLIP's real merges, batching, state dict."""
 import gzip
 import io
-import os
 
 import pytest
 import torch
 
 from data import Tokenizer
 
-CLIP_BPE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "clip", "bpe_simple_vocab_16e6.txt.gz")
-
 
 @pytest.fixture(scope="module")
 def clip_tok():
-    if not os.path.exists(CLIP_BPE):
-        pytest.skip(f"CLIP merges file absent at {os.path.normpath(CLIP_BPE)}: CLIP-id tests need it")
-    return Tokenizer.from_clip(CLIP_BPE)
+    return Tokenizer.from_clip()  # the merges file shipped in assets/
 
 
 @pytest.fixture(scope="module")
