@@ -16,6 +16,7 @@ import os
 import re
 import tarfile
 import time
+import unicodedata
 from array import array
 from collections import Counter, defaultdict, deque
 from dataclasses import dataclass
@@ -25,6 +26,124 @@ import numpy as np
 import regex
 import torch
 from tqdm import tqdm
+
+
+# ---------------------------------------------------------------- tokenizer: text cleaning (ftfy's fix_text)
+# CLIP cleans every text with ftfy.fix_text (ftfy, by Robyn Speer: github.com/rspeer/python-ftfy,
+# Apache-2.0) before BPE. _fix_text redoes what fix_text does with its default settings, in
+# its order, for what real captions contain, so that ids equal OpenAI's without the dependency.
+# The character tables restate ftfy's. Not covered: mojibake through encodings other than
+# Windows-1252 / Latin-1 (ftfy also tries Windows-1250/1251/1253/1254/1257, ISO-8859-2, MacRoman,
+# cp437), the repairs of damaged mojibake (an a0 byte turned into a space: "voilÃ le"; lost bytes
+# shown as "�"), CESU-8, and ftfy's line-by-line treatment of multi-line text.
+
+# unescape_html: named entities ending in ";" ("&rsquo;"), and the all-caps forms of lowercase
+# names that html.unescape would not read ("&EACUTE;" -> "É"); "&#...;" when it decodes whole.
+_ENTITIES = {"&" + k: v for k, v in html.entities.html5.items() if k.endswith(";")}
+_ENTITIES |= {"&" + k.upper(): v.upper() for k, v in html.entities.html5.items()
+              if k.endswith(";") and k == k.lower() and html.unescape("&" + k.upper()) == "&" + k.upper()}
+_ENTITY_RE = re.compile(r"&#?[0-9A-Za-z]{1,24};")
+# One table for the per-character fixes (ftfy runs them one by one; as fix_text repeats its
+# steps until nothing changes, the result is the same):
+# fix_c1_controls: U+0080-U+009F read as Windows-1252 ("\x85" -> "…"), the 5 bytes it lacks stay;
+_CP1252 = {chr(b): bytes([b]).decode("cp1252") for b in range(0x80, 0xA0) if b not in (0x81, 0x8D, 0x8F, 0x90, 0x9D)}
+_CHAR_FIXES = dict(_CP1252)
+# fix_latin_ligatures: Latin ligatures and digraphs -> letters (not æ or œ, written on purpose);
+_CHAR_FIXES |= {"Ĳ": "IJ", "ĳ": "ij", "ŉ": "ʼn", "Ǳ": "DZ", "ǲ": "Dz", "ǳ": "dz", "Ǆ": "DŽ", "ǅ": "Dž", "ǆ": "dž",
+                "Ǉ": "LJ", "ǈ": "Lj", "ǉ": "lj", "Ǌ": "NJ", "ǋ": "Nj", "ǌ": "nj",
+                "ﬀ": "ff", "ﬁ": "fi", "ﬂ": "fl", "ﬃ": "ffi", "ﬄ": "ffl", "ﬅ": "ſt", "ﬆ": "st"}
+# fix_character_width: full-width ASCII ("ＣＬＩＰ") and half-width kana / Hangul -> their NFKC
+# form, the ideographic space U+3000 -> " ";
+_CHAR_FIXES |= {chr(i): unicodedata.normalize("NFKC", chr(i)) for i in range(0xFF01, 0xFFF0)} | {"\u3000": " "}
+# uncurl_quotes: ʼ ‘ ’ ‚ ‛ -> ', “ ” „ ‟ -> ";
+_CHAR_FIXES |= dict.fromkeys("ʼ‘’‚‛", "'") | dict.fromkeys("“”„‟", '"')
+# fix_line_breaks: \r\n, \r, U+2028, U+2029 -> \n.
+_CHAR_FIXES |= dict.fromkeys(["\r\n", "\r", "\u2028", "\u2029"], "\n")
+_CHAR_FIX_RE = re.compile("|".join(map(re.escape, sorted(_CHAR_FIXES, key=len, reverse=True))))  # \r\n first
+# remove_terminal_escapes ("\x1b[31m"), then remove_control_chars: C0 controls but \t \n \f \r,
+# DEL, the deprecated format characters U+206A-U+206F, the BOM, U+FFF9-U+FFFC.
+_CONTROL_RE = re.compile("\x1b\\[[0-9;]*[a-zA-Z]|[\x00-\x08\x0b\x0e-\x1f\x7f\u206a-\u206f\ufeff\ufff9-\ufffc]")
+# fix_encoding: UTF-8 that was decoded as Windows-1252 or Latin-1 ("cafÃ©" for "café", "â€™"
+# for "’"), one character per byte. _TO_LATIN1 maps Windows-1252's characters back to their bytes.
+_TO_LATIN1 = {ord(c): ord(b) for b, c in _CP1252.items()}
+_CONT = "[\x80-\xbf" + "".join(_CP1252.values()) + "]"  # a character that was a byte 80-bf
+_SEQ = f"(?:[\xc2-\xdf]{_CONT}|[\xe0-\xef]{_CONT}{{2}}|[\xf0-\xf4]{_CONT}{{3}})"  # one UTF-8 character
+_SEQ_RUN_RE = re.compile(f"{_SEQ}+")
+_SEQ_START_RE = re.compile(f"[\xc2-\xf4]{_CONT}")  # 10x faster than _SEQ_RUN_RE to rule runs out
+_C1_RE = re.compile("[\x80-\x9f]")  # C1 controls: no text has them but mojibake
+_ODD_RE = re.compile("[\x80-\x9f¤¦¨¬¯¸ªºƒˆ˜†‡‰]")  # ...nor these, after a letter (ftfy's "bad" signs)
+
+
+def _entity(m: re.Match) -> str:
+    """One "&...;" as ftfy's unescape_html reads it; unknown names stay as they are."""
+    if m[0] in _ENTITIES:
+        return _ENTITIES[m[0]]
+    u = html.unescape(m[0]) if m[0][1] == "#" else m[0]
+    return m[0] if ";" in u else u  # "&#...;" only when read whole
+
+
+def _mojibake(run: str, after: str) -> str | None:
+    """`run` (would-be UTF-8 characters) decoded, when our rule calls it mojibake; else None.
+
+    ftfy weighs "badness" over the whole text; our rule is simpler. A run that re-decodes is
+    mojibake when it is two or more characters ("Ã©tÃ©", "Ð¿Ñ€Ð¸"), a Latin-1 character ("Ã©",
+    "Â°"), an emoji, a 3-byte character (U+0800-U+FFFF: "â€™", "æ—¥") unless it reads as an
+    accented letter and common punctuation ("é\xa0»" in French), or holds a sign that text
+    never puts after a letter ("Ã¦", "Ä\x8d"), or a quote-like sign and a letter follows
+    ("dÅ‚ugi"; `after` is the character after the run). Like ftfy, it leaves a single C1
+    control ("Â€") and a few runs its rules miss ("Ã…", "â„¢").
+    """
+    try:
+        u = run.translate(_TO_LATIN1).encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return None
+    if len(u) == 1 and (_C1_RE.match(u) or run in ("Ã…", "ÃŽ", "Ã’", "â„¢")):
+        return None
+    if (len(u) > 1 or run[0] in "ÂÃ" or len(run) == 4 or _ODD_RE.search(run)
+            or (len(run) == 3 and (run[0] == "â" or run[1] not in "\xa0\xad·´–—…’"))
+            or (run[1] in "¡«¿©‘‚“„•‹®»”›™" and after.isalpha())):
+        return u
+    return None
+
+
+def _fix_encoding(text: str) -> str:
+    """ftfy's fix_encoding, for UTF-8 read as Windows-1252 or Latin-1. When a run is mojibake,
+    decode the whole text if it all re-decodes (ftfy's first choice), else the runs that are
+    mojibake without looking at what follows them (its decode_inconsistent_utf8). Repeats until
+    nothing changes, for mojibake of mojibake ("ÃƒÂ©" -> "Ã©" -> "é")."""
+    while _SEQ_START_RE.search(text) and any(
+            _mojibake(m[0], text[m.end():m.end() + 1]) for m in _SEQ_RUN_RE.finditer(text)):
+        try:
+            fixed = text.translate(_TO_LATIN1).encode("latin-1").decode("utf-8")
+        except UnicodeError:
+            fixed = _SEQ_RUN_RE.sub(lambda m: _mojibake(m[0], "") or m[0], text)
+        if fixed == text:
+            break
+        text = fixed
+    return text
+
+
+def _fix_text(text: str) -> str:
+    r"""ftfy.fix_text with its default settings, for captions (see the notes above).
+
+    >>> _fix_text("ＣＬＩＰ ﬁsh, “cafe\u0301” or cafÃ©")
+    'CLIP fish, "café" or café'
+    """
+    if text.isascii() and text.isprintable() and "&" not in text:
+        return text  # no step changes printable ASCII without entities (CLIP's captions, mostly)
+    unescape = "<" not in text  # fix_text's unescape_html="auto": leave what may be HTML alone
+    while True:  # fix_text repeats its steps until the text no longer changes
+        before = text
+        if unescape:
+            text = _ENTITY_RE.sub(_entity, text)
+        text = _fix_encoding(text)
+        text = _CHAR_FIX_RE.sub(lambda m: _CHAR_FIXES[m[0]], text)
+        # fix_surrogates: pair up UTF-16 surrogates, a lone one -> U+FFFD
+        text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+        text = _CONTROL_RE.sub("", text)
+        text = unicodedata.normalize("NFC", text)
+        if text == before:
+            return text
 
 
 # ---------------------------------------------------------------- tokenizer: byte-level BPE (CLIP-compatible)
@@ -40,6 +159,8 @@ _SPACE_RE = regex.compile(r"\s+")
 # CLIP keeps lines 1..48894 of its merges file (line 0 is a version header), so that
 # 256 bytes + 256 bytes</w> + 48894 merges + 2 specials = 49408 ids.
 _CLIP_MERGES = 48894
+# OpenAI CLIP's merges file, shipped in assets/ (MIT License, see assets/LICENSE-CLIP)
+CLIP_BPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "bpe_simple_vocab_16e6.txt.gz")
 _CACHE_MAX = 1 << 18  # words cached per tokenizer; bounds memory on huge corpora
 
 
@@ -59,13 +180,13 @@ _BYTE_SYM = _bytes_to_unicode()
 
 
 def _words(text: str) -> list[str]:
-    """Clean a caption as CLIP does, then split it into pre-tokens.
+    """Clean a text as CLIP does, then split it into pre-tokens.
 
-    CLIP first runs ftfy.fix_text (repairs mojibake such as "cafÃ©"); we do not depend on ftfy,
-    so only text with such broken encodings tokenises differently from CLIP. CLIP unescapes HTML
-    twice ("&amp;amp;" -> "&").
+    CLIP's basic_clean: ftfy.fix_text (here _fix_text), HTML unescaped twice ("&amp;amp;" ->
+    "&"), stripped; then whitespace_clean: runs of white space -> " "; then lowercase.
     """
-    text = _SPACE_RE.sub(" ", html.unescape(html.unescape(text))).strip().lower()
+    text = html.unescape(html.unescape(_fix_text(text))).strip()
+    text = _SPACE_RE.sub(" ", text).strip().lower()
     return _WORD_RE.findall(text)
 
 
@@ -136,8 +257,8 @@ class Tokenizer:
         self._cache = {_SOT: [self.sot_id], _EOT: [self.eot_id]}  # pre-token -> ids
 
     @classmethod
-    def from_clip(cls, path: str) -> "Tokenizer":
-        """Read OpenAI CLIP's merges file (bpe_simple_vocab_16e6.txt.gz)."""
+    def from_clip(cls, path: str = CLIP_BPE) -> "Tokenizer":
+        """Read OpenAI CLIP's merges file (bpe_simple_vocab_16e6.txt.gz; by default the copy in assets/)."""
         try:
             with gzip.open(path, "rt", encoding="utf-8") as f:
                 lines = f.read().split("\n")

@@ -1,21 +1,17 @@
-"""Tokenizer: byte round trip, BPE training, CLIP's real merges, batching, state dict."""
+"""Tokenizer: text cleaning (ftfy's fix_text), byte round trip, BPE training, CLIP's real merges,
+batching, state dict."""
 import gzip
 import io
-import os
 
 import pytest
 import torch
 
-from data import Tokenizer
-
-CLIP_BPE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "clip", "bpe_simple_vocab_16e6.txt.gz")
+from data import Tokenizer, _fix_text
 
 
 @pytest.fixture(scope="module")
 def clip_tok():
-    if not os.path.exists(CLIP_BPE):
-        pytest.skip(f"CLIP merges file absent at {os.path.normpath(CLIP_BPE)}: CLIP-id tests need it")
-    return Tokenizer.from_clip(CLIP_BPE)
+    return Tokenizer.from_clip()  # the merges file shipped in assets/
 
 
 @pytest.fixture(scope="module")
@@ -25,14 +21,71 @@ def toy_tok():
     return Tokenizer.train(corpus, vocab_size=560)
 
 
-# (raw text, the cleaned text by hand: html unescaped twice, whitespace collapsed, lowercased)
+# (raw text, the cleaned text by hand: ftfy's fixes, html unescaped, whitespace collapsed, lowercased)
 ODD_TEXTS = [
     ("Café &amp;amp; CRÈME brûlée", "café & crème brûlée"),
     ("  a\tcat\n\nsat 🐱🐈 on the mat!!  ", "a cat sat 🐱🐈 on the mat!!"),  # emoji: bytes 0x80-0x9f
     ("東京タワー, 2024年", "東京タワー, 2024年"),
-    ("x\x00y\x7fz ÿ\u00ad", "x\x00y\x7fz ÿ\u00ad"),  # control bytes and soft hyphen map to chr(256+k)
+    ("x\x00y\x7fz ÿ\u00ad", "xyz ÿ\u00ad"),  # controls dropped; soft hyphen (bytes c2 ad) -> chr(256+k)
     ("don't / it's (1.5 m) [ok] — ¿qué?", "don't / it's (1.5 m) [ok] — ¿qué?"),
 ]
+
+
+# (raw text, what ftfy.fix_text makes of it): each step of fix_text that _fix_text redoes. All
+# were checked against ftfy 6.3 once; the tests do not need ftfy.
+FIX_TEXT_CASES = [
+    ("ＣＬＩＰ\u3000２！", "CLIP 2!"),  # fix_character_width (U+3000 is the ideographic space)
+    ("ﬁsh oﬀ ﬂy ĳs", "fish off fly ijs"),  # fix_latin_ligatures
+    ("it’s a “cat” ‚x‛ „y‟", "it's a \"cat\" 'x' \"y\""),  # uncurl_quotes
+    ("cafe\u0301 A\u030a", "café Å"),  # NFC: e + combining acute -> é
+    ("\ufeffc\x00at\x7f a\x0bcat\x1b[1m!\x1b[0m", "cat acat!"),  # controls (\x0b too), BOM, escapes
+    ("a\r\nb\rc\u2028d", "a\nb\nc\nd"),  # fix_line_breaks
+    ("\x85 \x80 \x93x\x94", "… € \"x\""),  # fix_c1_controls: C1 controls read as Windows-1252
+    ("it&rsquo;s &EACUTE;t&eacute; &amp;amp; &#x2019;", "it's Été & '"),  # ftfy's unescape_html...
+    ("a <b> &amp;amp;", "a <b> &amp;amp;"),  # ...but not in text that may be HTML
+    # fix_encoding: UTF-8 read as Windows-1252 or Latin-1, also twice over, or inside good text
+    ("cafÃ©", "café"), ("itâ€™s", "it's"), ("ÃƒÂ©tÃƒÂ©", "été"), ("Â£5 Ã— 2, 25Â°C", "£5 × 2, 25°C"),
+    ("ðŸ˜€ â†’ dÅ‚ugi", "😀 → długi"), ("naïve cafÃ©", "naïve café"),
+    ("CAFÉ’S", "CAFÉ'S"),  # É’ would re-decode (to ɒ), but is no mojibake
+    ("Nikeâ„¢", 'Nikeâ"¢'),  # mojibake of ™ that ftfy misses (it uncurls the „): CLIP saw this
+]
+# Ordinary text that fix_text leaves as it is
+PLAIN_TEXTS = ["a photo of a cat.", "naïve café", "Ã", "SÃO PAULO", "IRMÃ", "Ålesund", "« café\xa0»",
+               "Straße…", "東京タワー 🐱 ❤️", "x\ty\nz\x0cw", "10×20 cm, ½ cup, 25°C", "© 2020 «Ñandú»"]
+
+
+@pytest.mark.parametrize("raw,fixed", FIX_TEXT_CASES)
+def test_fix_text(raw, fixed):
+    assert _fix_text(raw) == fixed
+    assert _fix_text(fixed) == fixed  # fixing is idempotent
+
+
+@pytest.mark.parametrize("text", PLAIN_TEXTS)
+def test_fix_text_leaves_plain_text(text):
+    assert _fix_text(text) == text
+
+
+def test_clip_ids_after_cleaning(clip_tok):
+    # Derived as in test_clip_ids_by_hand: a merge of rank r is id 512 + r, printable ASCII byte c
+    # with </w> is 256 + ord(c) - 33. Each text is cleaned first, as CLIP's ftfy.fix_text does:
+    #   "ＣＡＴ ２！" -> "cat 2!": cat = a t</w> (24), c at</w> (1856) = 2368; "2" 273; "!" 256
+    #   "ﬁsh" -> "fish": i s (83), is h</w> (549), f ish</w> (2247) = 2759
+    #   "it’s a “cat”" -> it's a "cat": "it" = i t</w> (73) = 585, "'s" = ' s</w> (56) = 568
+    #       (CLIP's contraction rule needs the straight '), "a" 320, '"' = 256 + 1 = 257
+    #   "cafe\u0301" -> NFC "café" = 15304 (as in test_clip_ids_by_hand)
+    #   "\ufeffc\x00at\x7f a\x0bcat" -> "cat acat": \x0b is dropped, not a space; "acat" =
+    #       a c a t</w>: a t</w> (24), a c (34), then "ac at</w>" is no merge -> [546, 536]
+    #   "cafÃ©" -> "café" = 15304;  "itâ€™s" and "it&rsquo;s" -> "it's" = [585, 568]
+    assert clip_tok.merges[83] == ("i", "s") and clip_tok.merges[2247] == ("f", "ish</w>")
+    assert clip_tok.merges[73] == ("i", "t</w>") and clip_tok.merges[56] == ("'", "s</w>")
+    assert clip_tok.merges[34] == ("a", "c")
+    assert clip_tok.encode("ＣＡＴ ２！") == [2368, 273, 256]
+    assert clip_tok.encode("ﬁsh") == [2759]
+    assert clip_tok.encode("it’s a “cat”") == [585, 568, 320, 257, 2368, 257]
+    assert clip_tok.encode("cafe\u0301") == [15304]
+    assert clip_tok.encode("\ufeffc\x00at\x7f a\x0bcat") == [2368, 546, 536]
+    assert clip_tok.encode("cafÃ©") == [15304]
+    assert clip_tok.encode("itâ€™s") == clip_tok.encode("it&rsquo;s") == [585, 568]
 
 
 @pytest.mark.parametrize("raw,cleaned", ODD_TEXTS)
@@ -115,7 +168,10 @@ def test_byte_ids_follow_clips_byte_map():
     # CLIP's order: printable bytes first, '!'..'~' ids 0-93, 0xa1..0xac 94-105, 0xae..0xff
     # 106-187; then the other 68 in byte order: 0x00..0x20 ids 188-220, 0x7f..0xa0 221-254, 0xad 255.
     tok = Tokenizer([])
-    assert tok.encode("\x00 a") == [256 + 188, 256 + 64]
+    # bytes 00-20 never reach BPE through encode (cleaning drops controls, splits at white space)
+    assert tok._bpe("\x00") == [256 + 188]
+    # U+0081 (a C1 control ftfy keeps) = bytes c2 81 -> 106 + 0x14 = 126, then 221 + 2 with </w>
+    assert tok.encode("\x81 a") == [126, 256 + 223, 256 + 64]
     # cat emoji = bytes f0 9f 90 b1 -> 106 + 0x42, 221 + 0x20, 221 + 0x11, 256 + 106 + 3
     assert tok.encode("\U0001f431") == [172, 253, 238, 365]
     assert tok.encode("\xad") == [126, 256 + 255]  # soft hyphen = bytes c2 ad
