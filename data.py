@@ -1508,10 +1508,14 @@ class ImageTextStream(torch.utils.data.IterableDataset):
                     yield (i, j, key, os.path.join(os.path.dirname(path), key), cap), j + 1
             return
         offset, j, skip = resume or (0, 0, False)  # skip: the group at offset was taken before
+        size, end = os.path.getsize(path), offset  # end: where the last member's data blocks end
         with open(path, "rb") as f:
             f.seek(offset)
             try:
                 for key, members in tar_groups(tarfile.open(fileobj=f, mode="r:")):
+                    end = max(m.offset_data + -(-m.size // 512) * 512 for m in members.values())
+                    if end > size:
+                        raise EOFError  # a cut member: tarfile reads its header and stops quietly
                     here = (min(m.offset for m in members.values()), j, True)  # resume after this one
                     j += 1
                     if skip:
@@ -1524,6 +1528,9 @@ class ImageTextStream(torch.utils.data.IterableDataset):
                         continue
                     ext = "txt" if "txt" in members else "json"
                     yield (i, j - 1, key, (img.offset_data, img.size), (cap.offset_data, cap.size, ext)), here
+                f.seek(end)  # a whole tar ends in zero blocks; one cut between members does not
+                if f.read(512).strip(b"\0") or f.tell() - end < 512:
+                    raise EOFError
             except (tarfile.TarError, EOFError, OSError):
                 counts["truncated"] += 1
 

@@ -165,3 +165,157 @@ def test_tag_grad_chooses_the_towers_the_tag_loss_trains(tag_grad):
     image_grad = model.clip.visual.conv1.weight.grad
     assert image_grad is not None and image_grad.abs().sum() > 0
     assert (text_grad is not None and text_grad.abs().sum() > 0) == (tag_grad == "both")
+
+
+# ---------------------------------------------------------------- settings from the command line
+def test_set_changes_the_model_and_the_world_and_is_recorded(tiny, tmp_path):
+    run(tmp_path, "--steps", "1", "--eval-images", "2", "--set", "vision_layers=2", "--set", "world.pairs=false",
+        "--set", "world.shapes=circle,ring", "--set", "vision_local=0")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert ckpt["config"]["vision_layers"] == 2 and ckpt["config"]["vision_local"] == 0
+    assert ckpt["world"]["pairs"] is False and ckpt["world"]["shapes"] == ("circle", "ring")
+    assert sum(k.endswith("attn.in_proj_weight") and k.startswith("clip.visual") for k in ckpt["model"]) == 2
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["config"]["vision_layers"] == 2 and metrics["world"]["shapes"] == ["circle", "ring"]
+    assert list(metrics["world-object"]["IoU"]) == ["background", "circle", "ring"]  # the run's own world
+    seg = load_model(str(tmp_path / "ckpt.pt"))
+    assert seg.world.shapes == ("circle", "ring")
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("vision_layer=2", "unknown setting"), ("world.colour=red", "unknown setting"),
+    ("vision_layers=two", "invalid literal"), ("world.pairs=maybe", "true or false"),
+    ("vision_heads=5", "not a multiple"), ("world.shapes=circle,blob", "expected distinct names"),
+    ("world.objects=0.5,0.4", "summing to 1"), ("stem=pixel", "stem"), ("vision_layers", "unknown setting")])
+def test_set_refuses_bad_settings_with_one_line(tiny, tmp_path, setting, message):
+    with pytest.raises(SystemExit, match=message) as e:
+        run(tmp_path, "--steps", "1", "--set", setting)
+    assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------- paper mode: frozen CLIP on shards
+@pytest.fixture(scope="module")
+def paper(tmp_path_factory):
+    """A small OpenAI-format CLIP (8 blocks), the world as 4 shards of 12 scenes, their tags."""
+    from _clip import make_ref_clip, write_clip
+    root = tmp_path_factory.mktemp("paper")
+    clip = write_clip(make_ref_clip(vision_layers=8), root / "clip.pt", "torchscript")
+    shards = data.write_world_shards(str(root / "shards"), 48, per_shard=12)
+    tagalign.main(["tags", "--captions", *shards, "--out", str(root / "tags"), "--min-count", "1", "--quiet",
+                   "--workers", "1"])
+    return root, clip
+
+
+def run_paper(paper, out, *flags):
+    root, clip = paper
+    base = ["train", "--clip", clip, "--data", str(root / "shards" / "world-{00000..00003}.tar"),
+            "--tags", str(root / "tags"), "--out", str(out), "--batch-size", "4", "--shuffle-buffer", "5",
+            "--quiet", "--log-every", "1", "--lr", "1e-3"]
+    return tagalign.main(base + list(flags))
+
+
+def test_paper_mode_trains_the_head_alone(paper, tmp_path):
+    from model import read_clip_state_dict
+    model = run_paper(paper, tmp_path, "--steps", "4")
+    original = read_clip_state_dict(paper[1])
+    for k, v in model.clip.state_dict().items():  # both towers bit-identical after training
+        assert torch.equal(v, original[k]), k
+    assert not model.clip.training and model.decoder.training  # a frozen CLIP stays in eval mode
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert not any(k.startswith("clip.") for k in ckpt["model"])  # checkpoints hold what trains
+    trained = {k for k in ckpt["model"]}
+    assert {k.split(".")[0] for k in trained} == {"decoder", "dense_ln", "dense_proj", "logit_scale", "tag_logit_scale"}
+    n_opt = sum(len(g["params"]) for g in ckpt["optimizer"]["param_groups"])
+    assert n_opt == len(trained)  # one optimizer entry per trainable tensor, no CLIP weight among them
+    assert ckpt["clip"]["sha256"] == __import__("model").file_sha256(paper[1]) and ckpt["tokenizer"] == "clip"
+    assert any(p.abs().sum() > 0 for n, p in model.decoder.named_parameters() if n.endswith("gate"))  # gates moved
+    log = read_log(tmp_path)
+    assert [r["step"] for r in log] == [0, 1, 2, 3] and all(r["tag"] > 0 for r in log)
+    assert set(log[-1]["skipped"]) == set(data.SKIPS)
+
+
+def test_tag_embedding_cache_is_reused_and_invalidated(paper, tmp_path, capsys):
+    from _clip import make_ref_clip, write_clip
+    root, clip = paper
+    cache = root / "tags" / "tag_embeddings.pt"
+    if cache.exists():
+        cache.unlink()
+    run_paper(paper, tmp_path / "a", "--steps", "1", "--eval-images", "0")
+    assert "computed" in capsys.readouterr().out and cache.exists()
+    first = torch.load(cache, weights_only=True)
+    run_paper(paper, tmp_path / "b", "--steps", "1", "--eval-images", "0")
+    assert f"from {cache}" in capsys.readouterr().out  # same CLIP, tags and template: reused
+    run_paper(paper, tmp_path / "c", "--steps", "1", "--eval-images", "0", "--template", "a {}.")
+    assert "recomputing" in capsys.readouterr().out
+    assert not torch.equal(torch.load(cache, weights_only=True)["embeddings"], first["embeddings"])
+    other = write_clip(make_ref_clip(seed=1, vision_layers=8), tmp_path / "other.pt", "fp16")
+    tagalign.main(["train", "--clip", other, "--data", str(root / "shards" / "world-00000.tar"), "--tags",
+                   str(root / "tags"), "--out", str(tmp_path / "d"), "--batch-size", "4", "--shuffle-buffer",
+                   "5", "--quiet", "--steps", "1", "--eval-images", "0"])
+    assert "recomputing" in capsys.readouterr().out  # another CLIP file
+
+
+def test_paper_mode_resume_continues_exactly(paper, tmp_path, monkeypatch):
+    """Killed after step 4 with a checkpoint from step 3 (mid-shard, mid-buffer), resumed: the
+    same losses and head as an uninterrupted run."""
+    flags = ["--steps", "6", "--ckpt-every", "3", "--eval-images", "0"]
+    reference = run_paper(paper, tmp_path / "straight", *flags)
+    loss, calls = tagalign.compute_loss, []
+
+    def loss_or_die(*a, **kw):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return loss(*a, **kw)
+
+    monkeypatch.setattr(tagalign, "compute_loss", loss_or_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_paper(paper, tmp_path / "broken", *flags)
+    monkeypatch.setattr(tagalign, "compute_loss", loss)
+    assert torch.load(tmp_path / "broken" / "ckpt.pt", weights_only=False)["step"] == 3
+    resumed = run_paper(paper, tmp_path / "broken", *flags, "--resume")
+    a, b = read_log(tmp_path / "straight"), read_log(tmp_path / "broken")
+    assert [r["step"] for r in b] == list(range(6)) and [r["loss"] for r in a] == [r["loss"] for r in b]
+    for k, v in reference.trainable_state_dict().items():
+        torch.testing.assert_close(resumed.trainable_state_dict()[k], v, rtol=0, atol=0, msg=k)
+    with pytest.raises(SystemExit, match="another file"):  # the same run needs the same CLIP
+        from _clip import make_ref_clip, write_clip
+        other = write_clip(make_ref_clip(seed=2, vision_layers=8), tmp_path / "other.pt", "fp16")
+        tagalign.main(["train", "--clip", other, "--data", str(paper[0] / "shards" / "world-{00000..00003}.tar"),
+                       "--tags", str(paper[0] / "tags"), "--out", str(tmp_path / "broken"), "--batch-size", "4",
+                       "--shuffle-buffer", "5", "--quiet", "--log-every", "1", "--lr", "1e-3", *flags, "--resume"])
+
+
+def test_paper_checkpoint_evaluates_through_eval_seg(paper, tmp_path):
+    run_paper(paper, tmp_path, "--steps", "2", "--eval-benchmarks", "world-object", "--eval-images", "3")
+    seg = load_model(str(tmp_path / "ckpt.pt"))
+    assert seg.clip_blend and seg.reading == "surgery" and seg.norm == (data.IMAGENET_MEAN, data.IMAGENET_STD)
+    m = eval_seg.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--benchmarks", "world-object,world-attr",
+                       "--world-images", "3", "--n-vis", "0", "--out", str(tmp_path / "eval")])
+    assert m["world-object"]["protocol"].clip_w == 0.3 and m["world-object"]["images"] == 3
+    raw = eval_seg.main(["--clip", paper[1], "--dense", "maskclip", "--benchmarks", "world-object",
+                         "--world-images", "3", "--n-vis", "0", "--out", str(tmp_path / "raw")])
+    assert raw["world-object"]["protocol"].clip_w == 0.0  # raw CLIP has nothing to blend
+    with pytest.raises(SystemExit, match="another file"):
+        from _clip import make_ref_clip, write_clip
+        other = write_clip(make_ref_clip(seed=3, vision_layers=8), tmp_path / "other.pt", "fp16")
+        load_model(str(tmp_path / "ckpt.pt"), clip=other)
+
+
+def test_paper_mode_refuses_bad_input(paper, tmp_path, capsys):
+    root, clip = paper
+    with pytest.raises(SystemExit):
+        tagalign.main(["train", "--clip", clip, "--out", str(tmp_path)])
+    assert "--clip needs --data" in capsys.readouterr().err
+    other = data.write_world_shards(str(tmp_path / "other"), 8, per_shard=8, start=100)[0]
+    for name, message in (("world-00000.tar", r"has \d+ bytes, \d+ when it was tagged"),
+                          ("x.tar", "built from other files: x.tar")):
+        os.rename(other, tmp_path / "other" / name)
+        other = str(tmp_path / "other" / name)
+        with pytest.raises(SystemExit, match=message):
+            tagalign.main(["train", "--clip", clip, "--data", other, "--tags", str(root / "tags"),
+                           "--out", str(tmp_path), "--quiet"])
+    with pytest.raises(SystemExit, match="--set decoder_width=3: unknown setting"):
+        run_paper(paper, tmp_path, "--steps", "1", "--set", "decoder_width=3")
+    with pytest.raises(SystemExit, match="unknown setting"):
+        run_paper(paper, tmp_path, "--steps", "1", "--set", "vision_layers=3")  # the file decides the shape

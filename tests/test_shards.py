@@ -1,0 +1,164 @@
+"""Image-text shards (data.py): brace lists, the join to the `tags` output, the stream's split
+across workers, its skip counts on broken data, and its exact resume."""
+import io
+import os
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+
+
+def write_tar(path, members):
+    with tarfile.open(path, "w") as tf:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+    return str(path)
+
+
+def png(seed, size=24):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size + 4, 3), np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """5 world shards of 12, 12, 12, 12 and 8 scenes (uneven), tagged."""
+    root = tmp_path_factory.mktemp("world")
+    paths = data.write_world_shards(str(root / "shards"), 56, per_shard=12)
+    data.tag_files(paths, str(root / "tags"), min_count=1, workers=1, progress=False)
+    tok = data.Tokenizer.train([data.World(0).caption(i) for i in range(300)], 600)
+    return root, paths, tok
+
+
+def stream(paths, tags, tok, workers=0, buffer=7, batch=4, seed=0):
+    return data.ImageTextStream(paths, tags, tok, 16, batch, image_size=16, seed=seed, buffer=buffer, workers=workers)
+
+
+def test_brace_lists_and_globs(tmp_path):
+    assert data._braces("a{00..02}b{x,y}") == ["a00bx", "a00by", "a01bx", "a01by", "a02bx", "a02by"]
+    assert data._braces("s{8..10}") == ["s8", "s9", "s10"]
+    for name in ("s-000.tar", "s-001.tar", "s-002.tar"):
+        write_tar(tmp_path / name, [])
+    assert data.expand_shards(str(tmp_path / "s-{000..001}.tar")) == [str(tmp_path / "s-000.tar"), str(tmp_path / "s-001.tar")]
+    assert len(data.expand_shards(str(tmp_path / "s-*.tar"))) == 3
+    with pytest.raises(ValueError, match="no file matches"):
+        data.expand_shards(str(tmp_path / "s-{000..003}.tar"))
+    with pytest.raises(ValueError, match="captions.tsv"):
+        data.expand_shards(str(tmp_path))
+
+
+def test_every_sample_once_per_epoch_across_two_workers(world):
+    """Shards split across 2 DataLoader workers (5 shards: one worker has one more): over the
+    first epochs every (epoch, sample) comes exactly once, and batches alternate workers."""
+    root, paths, tok = world
+    tags = data.ShardTags(str(root / "tags"), paths)
+    loader = torch.utils.data.DataLoader(stream(paths, tags, tok, workers=2), batch_size=None, num_workers=2)
+    seen, workers = Counter(), []
+    for k, b in enumerate(loader):
+        seen.update(zip(b["epochs"].tolist(), b["rows"].tolist()))
+        workers.append(b["worker"])
+        if k == 80:
+            break
+    assert workers[:6] == [0, 1, 0, 1, 0, 1]
+    assert max(seen.values()) == 1
+    for epoch in (0, 1):
+        assert sorted(r for e, r in seen if e == epoch) == list(range(56)), epoch
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_continues_the_stream_exactly(world, workers):
+    """Restarted from the worker states of the first 9 batches (mid-shard, mid-buffer), the
+    stream gives the same images, tokens and rows as one that never stopped."""
+    root, paths, tok = world
+    tags = data.ShardTags(str(root / "tags"), paths)
+    make = lambda: torch.utils.data.DataLoader(  # noqa: E731
+        stream(paths, tags, tok, workers), batch_size=None, num_workers=workers)
+    whole = []
+    for b in make():
+        whole.append(b)
+        if len(whole) == 24:
+            break
+    states = {}
+    for b in whole[:9]:
+        states[b["worker"]] = b["state"]
+    assert any(s["resume"] for s in states.values())  # stopped inside a shard
+    resumed = make()
+    resumed.dataset.resume(states, 9)
+    for k, b in enumerate(resumed):
+        a = whole[9 + k]
+        for key in ("images", "tokens", "rows", "epochs"):
+            assert torch.equal(a[key], b[key]), (k, key)
+        if 9 + k == len(whole) - 1:
+            break
+
+
+def test_broken_data_is_skipped_and_counted(tmp_path):
+    """A corrupt image, an image without caption, a caption without image, a caption that is
+    not UTF-8, a truncated tar and an empty shard: skipped, counted, never fatal."""
+    good = [(f"{i:04d}.png", png(i)) for i in range(6)] + [(f"{i:04d}.txt", f"a red circle {i}".encode()) for i in range(6)]
+    good.sort()
+    a = write_tar(tmp_path / "a.tar", good + [("0100.jpg", b"\xff\xd8 not a jpeg"), ("0100.txt", b"a cat"),
+                                              ("0101.png", png(101)), ("0102.txt", b"a dog"),
+                                              ("0103.png", png(103)), ("0103.txt", b"\xff\xfe")])
+    b, d = write_tar(tmp_path / "b.tar", good), write_tar(tmp_path / "d.tar", good)
+    raw = open(b, "rb").read()
+    open(b, "wb").write(raw[: len(raw) // 2])  # cut between two members
+    open(d, "wb").write(raw[: len(raw) // 2 - 700])  # cut inside a member
+    c = write_tar(tmp_path / "c.tar", [])
+    tok = data.Tokenizer.train(["a red circle"], 520)
+    s = stream([a, b, c, d], None, tok, workers=0, buffer=2, batch=2)
+    states, rows = {}, []
+    it = iter(s)
+    for _ in range(8):
+        batch = next(it)
+        states[batch["worker"]] = batch["state"]
+        rows += batch["rows"].tolist()
+    counts = states[0]["counts"]
+    epochs = states[0]["epoch"] + 1  # epochs begun: each counts its skips again
+    assert counts["bad_image"] >= 1 and counts["unpaired"] >= 2 and counts["bad_caption"] >= 1
+    assert 2 <= counts["truncated"] <= 2 * epochs  # both cut shards, once per epoch each
+    assert rows and all(r == -1 for r in rows)  # no tags given
+
+
+def test_tags_from_other_shards_are_refused(world, tmp_path):
+    root, paths, tok = world
+    other = data.write_world_shards(str(tmp_path / "other"), 12, per_shard=12, start=1000)
+    os.rename(other[0], str(tmp_path / "other" / "elsewhere.tar"))
+    with pytest.raises(ValueError, match="built from other files"):
+        data.ShardTags(str(root / "tags"), [str(tmp_path / "other" / "elsewhere.tar")])
+    changed = data.write_world_shards(str(tmp_path / "changed"), 14, per_shard=14)  # same name, other size
+    with pytest.raises(ValueError, match="bytes"):
+        data.ShardTags(str(root / "tags"), changed)
+
+
+def test_keys_are_checked_against_the_tags(world, tmp_path):
+    """A shard of the same name and size but other samples: the first key that differs stops
+    the stream with a clear error."""
+    root, paths, tok = world
+    fake = data.write_world_shards(str(tmp_path / "fake"), 12, per_shard=12, start=500)[0]
+    os.makedirs(tmp_path / "renamed")
+    target = str(tmp_path / "renamed" / os.path.basename(paths[0]))
+    os.rename(fake, target)
+    if os.path.getsize(target) != os.path.getsize(paths[0]):
+        pytest.skip("the stand-in shard's PNGs differ in size from the original's")
+    tags = data.ShardTags(str(root / "tags"), [target])
+    with pytest.raises(ValueError, match="tags do not match"):
+        next(iter(stream([target], tags, tok, buffer=1)))
+
+
+def test_random_resized_crop_stays_inside_and_follows_its_ranges():
+    rng = np.random.default_rng(0)
+    for W, H in [(640, 480), (50, 400), (32, 32)]:
+        for _ in range(200):
+            x, y, w, h = data.random_resized_crop(W, H, rng)
+            assert 0 <= x and 0 <= y and x + w <= W and y + h <= H and w > 0 and h > 0
+    areas = [np.prod(data.random_resized_crop(1000, 1000, rng)[2:]) / 1e6 for _ in range(500)]
+    assert 0.07 <= min(areas) and max(areas) <= 1.0 and 0.4 < np.mean(areas) < 0.65  # U(0.08, 1)
