@@ -389,6 +389,8 @@ def train(args):
     if t_train:
         print(f"trained {args.steps - start} steps in {t_train:.0f}s ({seen / t_train:.0f} images/s)"
               + (f"; skipped samples: {counts}" if paper else ""))
+    if eval_seg.save_curves(log_path, os.path.join(args.out, "curves.png")):
+        print(f"wrote {os.path.join(args.out, 'curves.png')}")
     names = eval_seg.parse_names(args.eval_benchmarks) if args.eval_benchmarks else []
     if args.eval_images and names:
         seg = SegmentationModel(model, tokenizer, device)

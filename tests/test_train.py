@@ -102,6 +102,8 @@ def test_resume_continues_exactly(tiny, tmp_path, monkeypatch):
     a, b = read_log(straight), read_log(broken)
     assert [r["step"] for r in b] == [0, 1, 2, 3, 4, 5]  # nothing repeated, nothing skipped
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    from PIL import Image  # the curves are drawn again from the whole log on resume
+    assert Image.open(broken / "curves.png").size == Image.open(straight / "curves.png").size == (900, 600)
 
 
 def test_resume_refuses_a_different_run(tiny, tmp_path):
