@@ -6,6 +6,7 @@ Sections, top to bottom:
 - the synthetic world: procedural images, captions and exact segmentation maps;
 - world batches and benchmarks: tensors for training, and the three world-* benchmarks.
 """
+import functools
 import gzip
 import html
 import io
@@ -846,10 +847,33 @@ def score_tags(gold, pred):
 
 
 # ---------------------------------------------------------------- tag vocabulary
-def _caption_tags(text):
+def read_synonyms(path):
+    """Synonym groups from a word-list file: one group a line, the tag that stands for the group
+    first ("grass lawn field"), "_" joining the words of a multi-word name, "#" comments.
+    Returns {name: the group's first name} for the others; a name in two groups is an error."""
+    canon = {}
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"--synonyms {path}: {e.strerror}") from None
+    with f:
+        for n, line in enumerate(f, 1):
+            names = [w.replace("_", " ") for w in line.split("#")[0].lower().split()]
+            for w in names[1:]:
+                if w in canon or w == names[0] or any(w == c for c in canon.values()):
+                    raise ValueError(f"{path}:{n}: {w!r} is in two synonym groups")
+                canon[w] = names[0]
+    return canon
+
+
+def _caption_tags(text, synonyms=None):
     """Tags of one caption as counted and encoded: its objects, then its attributes that are
-    not also objects ("an orange cat next to an orange" counts "orange" once)."""
+    not also objects ("an orange cat next to an orange" counts "orange" once); with synonyms
+    (read_synonyms), each name replaced by its group's, counted once."""
     objects, attributes = parse_caption(text)
+    if synonyms:
+        objects = list(dict.fromkeys(synonyms.get(t, t) for t in objects))
+        attributes = list(dict.fromkeys(synonyms.get(t, t) for t in attributes))
     return objects, [a for a in attributes if a not in objects]
 
 
@@ -858,7 +882,8 @@ class TagVocab:
     space. A name is one tag even if captions use it both ways ("orange").
 
     tags: list[str]; kinds: "object" or "attribute" per tag; counts: number of captions of the
-    building corpus that mention the tag; index: name -> position; meta: what built it."""
+    building corpus that mention the tag; index: name -> position; meta: what built it, with
+    meta["synonyms"] the synonym map applied to parsed names (read_synonyms), if any."""
 
     def __init__(self, tags, kinds, counts, meta=None):
         if not len(tags) == len(kinds) == len(counts):
@@ -870,13 +895,14 @@ class TagVocab:
         if len(self.index) != len(self.tags):
             raise ValueError("TagVocab: duplicate tag names")
         self.meta = dict(meta or {})
+        self.synonyms = self.meta.get("synonyms") or {}
 
     @classmethod
-    def from_tags(cls, tags):
+    def from_tags(cls, tags, synonyms=None):
         """A vocabulary from tag names alone (e.g. a checkpoint's): a name the parser reads
         as an attribute adjective is an attribute, anything else an object; counts are 0."""
         kinds = ["attribute" if _TABLE.get(t, (None,))[0] == _A else "object" for t in tags]
-        return cls(tags, kinds, [0] * len(tags))
+        return cls(tags, kinds, [0] * len(tags), {"synonyms": synonyms} if synonyms else None)
 
     def __len__(self):
         return len(self.tags)
@@ -890,7 +916,7 @@ class TagVocab:
         >>> TagVocab(["cat", "black"], ["object", "attribute"], [1, 1]).encode("A black cat.")
         [0, 1]
         """
-        objects, attributes = parse_caption(caption)
+        objects, attributes = _caption_tags(caption, self.synonyms)
         index, out = self.index, []
         for t in objects:
             j = index.get(t)
@@ -952,19 +978,21 @@ def _select_tags(object_counts, attribute_counts, top_objects, top_attributes, m
     return TagVocab(tags, kinds, counts, {"params": params, **(meta or {})})
 
 
-def build_vocab(captions, top_objects=9000, top_attributes=1000, min_count=5):
+def build_vocab(captions, top_objects=9000, top_attributes=1000, min_count=5, synonyms=None):
     """Count the tags of an iterable of captions and keep the most frequent ones.
 
     The paper keeps the top 10,000 tags. Attributes are a closed class (the parser knows a few
     hundred), so 1,000 slots hold all that occur and the other 9,000 go to objects; a tag seen
-    in fewer than min_count captions is too rare to learn and is often a typo."""
+    in fewer than min_count captions is too rare to learn and is often a typo. synonyms: a
+    read_synonyms map; each group then counts as one tag, named by its first name."""
     _check_vocab_args(top_objects, top_attributes, min_count)
     object_counts, attribute_counts = Counter(), Counter()
     for c in captions:
-        objects, attributes = _caption_tags(c)
+        objects, attributes = _caption_tags(c, synonyms)
         object_counts.update(objects)
         attribute_counts.update(attributes)
-    return _select_tags(object_counts, attribute_counts, top_objects, top_attributes, min_count)
+    return _select_tags(object_counts, attribute_counts, top_objects, top_attributes, min_count,
+                        {"synonyms": synonyms} if synonyms else None)
 
 
 # ---------------------------------------------------------------- offline tagging
@@ -1109,7 +1137,7 @@ def _iter_tar_captions(path):
             yield None, None, f"{path}: truncated or corrupt tar after key {key!r} ({e.__class__.__name__})"
 
 
-def _tag_chunk(captions):
+def _tag_chunk(captions, synonyms=None):
     """Worker: tags of a chunk of captions (None = malformed). Returns the chunk's distinct
     (kind, name) keys, kind 0 object / 1 attribute, and per caption the key numbers
     (int32 bytes) and their count (int32 bytes): small to send back to the main process."""
@@ -1118,7 +1146,7 @@ def _tag_chunk(captions):
         if c is None:
             lens.append(0)
             continue
-        objects, attributes = _caption_tags(c)
+        objects, attributes = _caption_tags(c, synonyms)
         for t in objects:
             ids.append(local.setdefault((0, t), len(local)))
         for t in attributes:
@@ -1155,7 +1183,7 @@ def _chunks(it, size):
 
 
 def tag_files(paths, out_dir, top_objects=9000, top_attributes=1000, min_count=5, workers=None,
-              chunk_size=2048, progress=True):
+              chunk_size=2048, progress=True, synonyms=None):
     """The `tags` command: parse every caption of the files, build the vocabulary, and write
 
         out_dir/vocab.json        TagVocab.save: tags, kinds, counts, params, the input files
@@ -1168,6 +1196,7 @@ def tag_files(paths, out_dir, top_objects=9000, top_attributes=1000, min_count=5
     sample gets an empty row and is counted). Streams: the captions are read once, parsed on
     `workers` processes (None: all cores) in chunks, and their provisional tag numbers spill
     to a temporary file; memory holds one number per distinct tag, not the parses.
+    synonyms: a read_synonyms map applied to every parsed name (a synonym-aware vocabulary).
     Returns a dict of stats (see format_tag_stats)."""
     _check_vocab_args(top_objects, top_attributes, min_count)
     if workers is None:
@@ -1218,7 +1247,8 @@ def tag_files(paths, out_dir, top_objects=9000, top_attributes=1000, min_count=5
     bar = tqdm(desc="tagging", unit=" captions", unit_scale=True, disable=not progress)
     try:
         with open(tmp_ids, "wb") as f_ids, open(tmp_lens, "wb") as f_lens, open(tmp_keys, "wb") as f_keys:
-            for chunk_keys, ids, lens in _map_ordered(_tag_chunk, _chunks(captions(f_keys), chunk_size), workers):
+            tag_chunk = functools.partial(_tag_chunk, synonyms=synonyms)  # picklable for the workers
+            for chunk_keys, ids, lens in _map_ordered(tag_chunk, _chunks(captions(f_keys), chunk_size), workers):
                 remap = np.array([keys.setdefault(k, len(keys)) for k in chunk_keys], np.int32)
                 g = remap[np.frombuffer(ids, np.int32)] if ids else np.zeros(0, np.int32)
                 if len(keys) > len(counts):
@@ -1241,7 +1271,7 @@ def tag_files(paths, out_dir, top_objects=9000, top_attributes=1000, min_count=5
     attribute_counts = {name: int(counts[i]) for (kind, name), i in keys.items() if kind == 1}
     corpus = {"samples": n, "malformed": sum(rec["malformed"] for rec in files), "files": files}
     vocab = _select_tags(object_counts, attribute_counts, top_objects, top_attributes, min_count,
-                         {"corpus": corpus})
+                         {"corpus": corpus, **({"synonyms": synonyms} if synonyms else {})})
     final = np.full(max(len(keys), 1), -1, np.int64)
     for (kind, name), i in keys.items():
         final[i] = vocab.index.get(name, -1)

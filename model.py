@@ -304,6 +304,17 @@ class CLIP(nn.Module):
     def encode_image(self, images):
         return self.visual(images)
 
+    # What the training loop asks of a model (TagAlign has the same): a CLIP trained on its own
+    # (tagalign.py pretrain) uses its logit_scale for ITC and trains every parameter.
+    frozen_clip = False
+
+    @property
+    def itc_logit_scale(self):
+        return self.logit_scale
+
+    def trainable_state_dict(self):
+        return self.state_dict()
+
 
 # ---------------------------------------------------------------- TagAlign: decoder, head and model
 class ConvBlock(nn.Module):
@@ -428,6 +439,16 @@ def trainable_parameters(model):
             parts[part] += p.numel()
     parts = {k: v for k, v in parts.items() if v or k != "clip"}
     return {**parts, "total": sum(parts.values())}
+
+
+# A CLIP for the synthetic world, in OpenAI's layout (tagalign.py pretrain writes it as an
+# OpenAI-format file that --clip reads like ViT-B-16.pt): 64 px images in 8 px patches (an 8 x 8
+# grid), CLIP's patchify stem and global attention, widths that are multiples of 64 (CLIP infers
+# heads = width // 64), CLIP's tokenizer (vocab 49408) with a short context (world captions are
+# short), and the paper's head settings for the model read from it.
+WORLD_CLIP = dict(image_size=64, patch_size=8, stem="patch", vision_width=128, vision_layers=6, vision_heads=2,
+                  vision_local=-1, vocab_size=49408, context_length=32, text_width=128, text_layers=3,
+                  text_heads=2, embed_dim=128, dense="surgery", surgery_blocks=6, decoder_blocks=2, quick_gelu=True)
 
 
 # ---------------------------------------------------------------- OpenAI CLIP files

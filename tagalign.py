@@ -127,16 +127,21 @@ def build_world_text(args, world):
     """
     corpus = [world.caption(i) for i in range(args.corpus)]
     tokenizer = data.Tokenizer.train(corpus, vocab_size=args.vocab_size)
+    try:
+        synonyms = data.read_synonyms(args.synonyms) if args.synonyms else None
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     vocab = data.build_vocab(corpus, top_objects=args.top_tags, top_attributes=args.top_tags,
-                             min_count=args.min_tag_count)
+                             min_count=args.min_tag_count, synonyms=synonyms)
     return tokenizer, vocab
 
 
-def world_batch(world, step, batch_size, tokenizer, vocab, cfg):
+def world_batch(world, step, batch_size, tokenizer, vocab, cfg, norm=(data.WORLD_MEAN, data.WORLD_STD)):
     """Batch `step` of the endless training stream: a pure function of (seed, step), which is
-    what makes --resume exact. Returns images (B, 3, H, W), tokens (B, L), targets (B, K)."""
+    what makes --resume exact. Returns images (B, 3, H, W) normalised with norm = (mean, std),
+    tokens (B, L), targets (B, K)."""
     scenes = [world.sample(step * batch_size + i) for i in range(batch_size)]
-    images = data.to_tensor(np.stack([s.image for s in scenes]), data.WORLD_MEAN, data.WORLD_STD)
+    images = data.to_tensor(np.stack([s.image for s in scenes]), *norm)
     captions = [s.caption for s in scenes]
     tokens = tokenizer(captions, cfg.context_length)
     targets = torch.zeros(batch_size, len(vocab.tags), dtype=torch.bool)
@@ -150,24 +155,45 @@ def tag_texts(vocab, template=data.WORLD_TEMPLATES[0]):
 
 
 def world_setup(args, ckpt):
-    """The world from scratch: (model, tokenizer, vocab, world, tag tokens)."""
+    """The world, from scratch: TagAlign (train), or a plain CLIP with CLIP's own tokenizer
+    (pretrain). Returns (model, tokenizer, vocab, world, tag tokens (K, L))."""
+    pretrain = args.command == "pretrain"
     if ckpt:
         cfg, wcfg = Config(**ckpt["config"]), data.WorldConfig(**ckpt["world"])
         world = data.World(args.seed, cfg.image_size, cfg=wcfg)
-        tokenizer = data.Tokenizer.from_state_dict(ckpt["tokenizer"])
-        vocab = data.TagVocab.from_tags(ckpt["tags"])
+        tokenizer = (data.Tokenizer.from_clip() if ckpt["tokenizer"] == "clip"
+                     else data.Tokenizer.from_state_dict(ckpt["tokenizer"]))
+        vocab = data.TagVocab.from_tags(ckpt["tags"], ckpt.get("synonyms"))
     else:
-        cfg, wcfg = apply_settings(args.set, Config(), data.WorldConfig())
+        cfg, wcfg = apply_settings(args.set, Config(**model_lib.WORLD_CLIP) if pretrain else Config(),
+                                   data.WorldConfig())
         world = data.World(args.seed, cfg.image_size, cfg=wcfg)
         t0 = time.time()
-        tokenizer, vocab = build_world_text(args, world)
+        if pretrain:  # CLIP's own tokenizer, so that its token ids mean what they mean in OpenAI's files
+            tokenizer, vocab = data.Tokenizer.from_clip(), data.TagVocab([], [], [])
+        else:
+            tokenizer, vocab = build_world_text(args, world)
+            print(f"world text: {args.corpus} captions, {tokenizer.vocab_size} tokens, {len(vocab.tags)} tags "
+                  f"({time.time() - t0:.1f}s): {' '.join(vocab.tags)}")
         cfg.vocab_size = tokenizer.vocab_size
-        print(f"world text: {args.corpus} captions, {tokenizer.vocab_size} tokens, {len(vocab.tags)} tags "
-              f"({time.time() - t0:.1f}s): {' '.join(vocab.tags)}")
-    model = TagAlign(cfg)
+    model = model_lib.CLIP(cfg.check()) if pretrain else TagAlign(cfg)
     if ckpt:
         model.load_state_dict(ckpt["model"])
     return model, tokenizer, vocab, world, tokenizer(tag_texts(vocab), cfg.context_length)  # (K, L)
+
+
+def export_clip(model, path):
+    """A pretrained CLIP as an OpenAI-format state dict (its module names are OpenAI's), written
+    atomically; `--clip path` reads it through the same loader as ViT-B-16.pt."""
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def as_raw_clip(clip, device):
+    """A trained CLIP as a frozen TagAlign whose CLIP head (ln_post + proj) the evaluator reads."""
+    model = TagAlign(clip.cfg, frozen_clip=True)
+    model.clip.load_state_dict(clip.state_dict())
+    return model.to(device)
 
 
 # ---------------------------------------------------------------- paper mode: frozen CLIP, shards, cached text
@@ -250,7 +276,7 @@ def checkpoint_state(model, optimizer, scaler, step, args):
 # ---------------------------------------------------------------- training
 RESUME_MUST_MATCH = ("steps", "batch_size", "lr", "warmup", "schedule", "beta2", "weight_decay", "seed",
                      "tag_weight", "tag_loss", "tag_grad", "corpus", "vocab_size", "top_tags", "min_tag_count",
-                     "set", "data", "tags", "norm", "template", "shuffle_buffer")
+                     "set", "data", "tags", "norm", "template", "shuffle_buffer", "synonyms")
 
 
 def autocast(device, precision):
@@ -301,7 +327,9 @@ def train(args):
         # The next batch is drawn in a thread while this one trains: world generation is numpy
         # and Python, and torch releases the GIL inside its kernels, so the two overlap.
         prefetch = ThreadPoolExecutor(1)
-        fetch = lambda s: world_batch(world, s, args.batch_size, tokenizer, vocab, model.cfg)  # noqa: E731
+        pretrain = args.command == "pretrain"
+        norm = (data.IMAGENET_MEAN, data.IMAGENET_STD) if pretrain else (data.WORLD_MEAN, data.WORLD_STD)
+        fetch = lambda s: world_batch(world, s, args.batch_size, tokenizer, vocab, model.cfg, norm)  # noqa: E731
         pending = {}
 
         def next_batch(step):
@@ -311,7 +339,8 @@ def train(args):
             return batch if isinstance(batch, tuple) else batch.result()
 
         def mode_state():
-            return {"tokenizer": tokenizer.state_dict(), "tags": vocab.tags, "world": dataclasses.asdict(world.cfg)}
+            return {"tokenizer": "clip" if pretrain else tokenizer.state_dict(), "tags": vocab.tags,
+                    "synonyms": vocab.synonyms, "world": dataclasses.asdict(world.cfg)}
 
     optimizer = make_optimizer(model, args)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
@@ -391,10 +420,16 @@ def train(args):
               + (f"; skipped samples: {counts}" if paper else ""))
     if eval_seg.save_curves(log_path, os.path.join(args.out, "curves.png")):
         print(f"wrote {os.path.join(args.out, 'curves.png')}")
+    if args.command == "pretrain":
+        export_clip(model, os.path.join(args.out, "clip.pt"))
+        print(f"wrote {os.path.join(args.out, 'clip.pt')} (OpenAI's layout: give it to --clip)")
     names = eval_seg.parse_names(args.eval_benchmarks) if args.eval_benchmarks else []
     if args.eval_images and names:
-        seg = SegmentationModel(model, tokenizer, device)
-        if paper:
+        if args.command == "pretrain":  # raw CLIP: its own ln_post + proj on the surgery tokens
+            seg = SegmentationModel(as_raw_clip(model, device), tokenizer, device, head="clip")
+        else:
+            seg = SegmentationModel(model, tokenizer, device)
+        if paper or args.command == "pretrain":
             seg.norm = (data.CLIP_MEAN, data.CLIP_STD) if args.norm == "clip" else (data.IMAGENET_MEAN, data.IMAGENET_STD)
         extra = {"config": dataclasses.asdict(model.cfg), "args": vars(args)}
         extra.update({} if paper else {"world": dataclasses.asdict(world.cfg)})
@@ -412,6 +447,8 @@ MODE_DEFAULTS = {
               "eval_benchmarks": ",".join(data.WORLD_BENCHMARKS)},
     "paper": {"steps": 30000, "batch_size": 512, "warmup": 0.0, "schedule": "constant", "beta2": 0.999,
               "eval_benchmarks": ""},
+    "pretrain": {"steps": 3000, "batch_size": 64, "warmup": 0.05, "schedule": "cosine", "beta2": 0.98,
+                 "eval_benchmarks": ",".join(data.WORLD_BENCHMARKS)},
 }
 PAPER_SETTINGS = ("dense", "surgery_blocks", "decoder_blocks")  # what --set may change beside a CLIP file
 
@@ -421,54 +458,59 @@ def build_parser():
     parser = argparse.ArgumentParser(description="TagAlign: train, tag a caption corpus, or write world shards.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train (default: from scratch on the synthetic world; --clip: the paper's "
-                                     "decoder on a frozen CLIP) and evaluate")
-    p.add_argument("--clip", help="paper mode: an OpenAI CLIP file (ViT-B-16.pt or a state dict), frozen")
-    p.add_argument("--data", help="paper mode: webdataset shards ('shards/{00000..00999}.tar', globs) or a "
-                                  "folder with captions.tsv/.jsonl")
-    p.add_argument("--tags", help="paper mode: the `tags` command's output folder for those shards")
-    p.add_argument("--steps", type=int, help="optimizer steps (world: 1500; paper: 30000)")
-    p.add_argument("--batch-size", type=int, help="images (and captions) per step (world: 64; paper: 512)")
-    p.add_argument("--lr", type=float, help="learning rate of AdamW (world: 1e-3; paper: 1e-3 x batch / 4096)")
-    p.add_argument("--warmup", type=float, help="fraction of the steps spent warming up the lr (world: 0.05; paper: 0)")
-    p.add_argument("--schedule", choices=("cosine", "constant"), help="lr after the warm-up (world: cosine to "
-                                                                     "10%%; paper: constant)")
-    p.add_argument("--beta2", type=float, help="AdamW's beta2 (world: 0.98; paper: 0.999)")
-    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay on matrices")
-    p.add_argument("--grad-clip", type=float, default=5.0, help="clip the gradient norm to this")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and of the training stream")
-    p.add_argument("--tag-weight", type=float, default=1.0, help="weight of the tag loss; 0 = the ITC-only baseline")
-    p.add_argument("--tag-loss", choices=("softmax", "bce"), default="softmax",
-                   help="softmax: soft-target CE over all tags (the paper); bce: per-tag binary CE (ablation)")
-    p.add_argument("--tag-grad", choices=("both", "image"), default="both",
-                   help="world: which towers the tag loss trains: both (the text tower learns the tag words "
-                        "too), or image (tag embeddings detached, like the paper's frozen CLIP ones)")
-    p.add_argument("--template", default="a photo of a {}.", help="paper mode: the prompt that embeds each tag")
-    p.add_argument("--norm", choices=("imagenet", "clip"), default="imagenet",
-                   help="paper mode: image normalisation (the official code's ImageNet mean/std, or CLIP's)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="change a model setting (Config field, e.g. vision_layers=2) or a world setting "
-                        "(world.pairs=false); repeat for several; paper mode: dense, surgery_blocks, decoder_blocks")
-    p.add_argument("--kernels", choices=("auto", "triton", "torch"), default="auto",
-                   help="loss implementation: fused Triton kernels, the PyTorch reference, or auto (Triton on CUDA)")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                   help="autocast (auto: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="training device")
-    p.add_argument("--workers", type=int, default=0, help="paper mode: DataLoader workers reading the shards")
-    p.add_argument("--shuffle-buffer", type=int, default=1000, help="paper mode: samples in each worker's shuffle buffer")
-    p.add_argument("--corpus", type=int, default=20000, help="world captions used to learn the tokenizer and tag vocabulary")
-    p.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary size learned on the world captions")
-    p.add_argument("--top-tags", type=int, default=10000, help="most frequent objects (and as many attributes) kept as tags")
-    p.add_argument("--min-tag-count", type=int, default=5, help="a tag must occur this often in the corpus")
-    p.add_argument("--eval-benchmarks", help="benchmarks evaluated at the end, comma-separated (world: the three "
-                                             "world ones; paper: none); see eval_seg.py")
-    p.add_argument("--data-root", help="folder of the standard benchmarks for --eval-benchmarks")
-    p.add_argument("--eval-images", type=int, default=500, help="validation images per world benchmark (0: no evaluation)")
-    p.add_argument("--out", default="out", help="output folder: ckpt.pt, log.jsonl, metrics.json, vis/")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt exactly where it stopped")
-    p.add_argument("--ckpt-every", type=int, default=250, help="write OUT/ckpt.pt every N steps (0: only at the end)")
-    p.add_argument("--log-every", type=int, default=25, help="append a line to OUT/log.jsonl every N steps")
-    p.add_argument("--quiet", action="store_true", help="no progress bar; print the log lines instead")
+    for name, what in (("train", "train (default: from scratch on the synthetic world; --clip: the paper's "
+                                  "decoder on a frozen CLIP) and evaluate"),
+                       ("pretrain", "pretrain a CLIP on the synthetic world (ITC alone, CLIP's tokenizer) and "
+                                    "write it as an OpenAI-format file, OUT/clip.pt")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("--clip", help="paper mode: an OpenAI CLIP file (ViT-B-16.pt or a state dict), frozen")
+        p.add_argument("--data", help="paper mode: webdataset shards ('shards/{00000..00999}.tar', globs) or a "
+                                      "folder with captions.tsv/.jsonl")
+        p.add_argument("--tags", help="paper mode: the `tags` command's output folder for those shards")
+        p.add_argument("--steps", type=int, help="optimizer steps (world: 1500; paper: 30000)")
+        p.add_argument("--batch-size", type=int, help="images (and captions) per step (world: 64; paper: 512)")
+        p.add_argument("--lr", type=float, help="learning rate of AdamW (world: 1e-3; paper: 1e-3 x batch / 4096)")
+        p.add_argument("--warmup", type=float, help="fraction of the steps spent warming up the lr (world: 0.05; paper: 0)")
+        p.add_argument("--schedule", choices=("cosine", "constant"), help="lr after the warm-up (world: cosine to "
+                                                                         "10%%; paper: constant)")
+        p.add_argument("--beta2", type=float, help="AdamW's beta2 (world: 0.98; paper: 0.999)")
+        p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay on matrices")
+        p.add_argument("--grad-clip", type=float, default=5.0, help="clip the gradient norm to this")
+        p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and of the training stream")
+        p.add_argument("--tag-weight", type=float, default=1.0, help="weight of the tag loss; 0 = the ITC-only baseline")
+        p.add_argument("--tag-loss", choices=("softmax", "bce"), default="softmax",
+                       help="softmax: soft-target CE over all tags (the paper); bce: per-tag binary CE (ablation)")
+        p.add_argument("--tag-grad", choices=("both", "image"), default="both",
+                       help="world: which towers the tag loss trains: both (the text tower learns the tag words "
+                            "too), or image (tag embeddings detached, like the paper's frozen CLIP ones)")
+        p.add_argument("--template", default="a photo of a {}.", help="paper mode: the prompt that embeds each tag")
+        p.add_argument("--synonyms", help="world: a synonym-group file (e.g. words/world_synonyms.txt) that makes "
+                                          "each group one tag (paper mode: give it to `tags` instead)")
+        p.add_argument("--norm", choices=("imagenet", "clip"), default="imagenet",
+                       help="paper mode: image normalisation (the official code's ImageNet mean/std, or CLIP's)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="change a model setting (Config field, e.g. vision_layers=2) or a world setting "
+                            "(world.pairs=false); repeat for several; paper mode: dense, surgery_blocks, decoder_blocks")
+        p.add_argument("--kernels", choices=("auto", "triton", "torch"), default="auto",
+                       help="loss implementation: fused Triton kernels, the PyTorch reference, or auto (Triton on CUDA)")
+        p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                       help="autocast (auto: bf16 on CUDA, fp32 on CPU)")
+        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="training device")
+        p.add_argument("--workers", type=int, default=0, help="paper mode: DataLoader workers reading the shards")
+        p.add_argument("--shuffle-buffer", type=int, default=1000, help="paper mode: samples in each worker's shuffle buffer")
+        p.add_argument("--corpus", type=int, default=20000, help="world captions used to learn the tokenizer and tag vocabulary")
+        p.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary size learned on the world captions")
+        p.add_argument("--top-tags", type=int, default=10000, help="most frequent objects (and as many attributes) kept as tags")
+        p.add_argument("--min-tag-count", type=int, default=5, help="a tag must occur this often in the corpus")
+        p.add_argument("--eval-benchmarks", help="benchmarks evaluated at the end, comma-separated (world: the three "
+                                                 "world ones; paper: none); see eval_seg.py")
+        p.add_argument("--data-root", help="folder of the standard benchmarks for --eval-benchmarks")
+        p.add_argument("--eval-images", type=int, default=500, help="validation images per world benchmark (0: no evaluation)")
+        p.add_argument("--out", default="out", help="output folder: ckpt.pt, log.jsonl, metrics.json, vis/")
+        p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt exactly where it stopped")
+        p.add_argument("--ckpt-every", type=int, default=250, help="write OUT/ckpt.pt every N steps (0: only at the end)")
+        p.add_argument("--log-every", type=int, default=25, help="append a line to OUT/log.jsonl every N steps")
+        p.add_argument("--quiet", action="store_true", help="no progress bar; print the log lines instead")
 
     p = sub.add_parser("tags", help="parse a caption corpus into a tag vocabulary and per-sample tags")
     p.add_argument("--captions", nargs="+", required=True, metavar="FILE",
@@ -479,6 +521,7 @@ def build_parser():
     p.add_argument("--top-attributes", type=int, default=1000, help="most frequent attributes kept as tags")
     p.add_argument("--min-count", type=int, default=5, help="a tag must occur in at least this many captions")
     p.add_argument("--workers", type=int, default=None, help="parser processes (default: all cores)")
+    p.add_argument("--synonyms", help="a synonym-group file (e.g. words/synonyms.txt): each group becomes one tag")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("shards", help="write the world's training split as webdataset shards (PNG + caption)")
@@ -492,8 +535,12 @@ def build_parser():
 
 
 def finish_train_args(parser, args):
-    """Mode defaults, derived values and checks of `train`'s arguments."""
-    mode = "paper" if args.clip else "world"
+    """Mode defaults, derived values and checks of `train`'s (and `pretrain`'s) arguments."""
+    mode = "pretrain" if args.command == "pretrain" else "paper" if args.clip else "world"
+    if mode == "pretrain" and (args.clip or args.data or args.tags or args.tag_weight != 1.0):
+        parser.error("pretrain trains a CLIP on the world with ITC alone: no --clip, --data, --tags or --tag-weight")
+    if mode == "pretrain":
+        args.tag_weight = 0.0
     for k, v in MODE_DEFAULTS[mode].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -503,6 +550,8 @@ def finish_train_args(parser, args):
         args.precision = "bf16" if args.device.startswith("cuda") else "fp32"
     if args.clip and not args.data:
         parser.error("--clip needs --data (the image-text shards to train on)")
+    if args.synonyms and args.clip:
+        parser.error("--synonyms: in paper mode the tags come from `tags`; give --synonyms to that command")
     if (args.data or args.tags) and not args.clip:
         parser.error("--data and --tags train the paper's decoder: give --clip PATH as well")
     if args.clip and not args.tags and args.tag_weight:
@@ -522,9 +571,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command == "tags":
         try:
+            synonyms = data.read_synonyms(args.synonyms) if args.synonyms else None
             stats = data.tag_files(args.captions, args.out, top_objects=args.top_objects,
                                    top_attributes=args.top_attributes, min_count=args.min_count,
-                                   workers=args.workers, progress=not args.quiet)
+                                   workers=args.workers, progress=not args.quiet, synonyms=synonyms)
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(f"error: {e}")
         print(data.format_tag_stats(stats))
@@ -535,7 +585,7 @@ def main(argv=None):
         paths = data.write_world_shards(args.out, args.scenes, args.per_shard, args.seed, args.image_size, wcfg)
         print(f"wrote {args.scenes} world scenes in {len(paths)} shards: {paths[0]} ... {paths[-1]}")
         return paths
-    if args.command == "train":
+    if args.command in ("train", "pretrain"):
         return train(finish_train_args(parser, args))
 
 

@@ -299,3 +299,28 @@ def test_vocab_from_tag_names():
     v = data.TagVocab.from_tags(["circle", "grass", "red", "big"])
     assert v.kinds == ["object", "object", "attribute", "attribute"]
     assert v.encode("a big red circle on grass") == [0, 1, 3, 2]
+
+
+def test_synonym_groups_make_one_tag(tmp_path):
+    syn = tmp_path / "syn.txt"
+    syn.write_text("# groups\nsofa couch settee\ncell_phone mobile_phone smartphone  # multi-word\n")
+    canon = data.read_synonyms(str(syn))
+    assert canon == {"couch": "sofa", "settee": "sofa", "mobile phone": "cell phone", "smartphone": "cell phone"}
+    caps = ["a cat on a couch", "a dog on a sofa", "a man with a smartphone", "a settee and a sofa"]
+    plain, merged = data.build_vocab(caps, min_count=1), data.build_vocab(caps, min_count=1, synonyms=canon)
+    assert "couch" in plain.tags and "couch" not in merged.tags
+    assert dict(zip(merged.tags, merged.counts))["sofa"] == 3  # counted once per caption
+    assert [merged.tags[i] for i in merged.encode("a couch and a mobile phone")] == ["sofa", "cell phone"]
+    merged.save(str(tmp_path / "vocab.json"))
+    assert data.TagVocab.load(str(tmp_path / "vocab.json")).encode("a settee") == merged.encode("a sofa")
+    (tmp_path / "bad.txt").write_text("sofa couch\nchair couch\n")
+    with pytest.raises(ValueError, match="bad.txt:2: 'couch' is in two synonym groups"):
+        data.read_synonyms(str(tmp_path / "bad.txt"))
+
+
+def test_world_synonym_file_covers_the_world_caption_synonyms():
+    """Every synonym the world's captions use maps to the class name the benchmarks prompt with."""
+    canon = data.read_synonyms(os.path.join(os.path.dirname(data.__file__), "words", "world_synonyms.txt"))
+    captions = [data.World(0).caption(i) for i in range(3000)]
+    vocab = data.build_vocab(captions, min_count=1, synonyms=canon)
+    assert sorted(t for t, k in zip(vocab.tags, vocab.kinds) if k == "object") == sorted(data.SHAPES + data.STUFF)
