@@ -5,6 +5,7 @@
     taskset -c 0 python bench.py tags    # parse + vocabulary lookup on one core, gold-set quality
     python bench.py tags --tags-n 1000000          # + the tags command on 1M captions
     python bench.py world                # world images/s, training images/s, evaluation speed
+    python bench.py paper                # paper mode, ViT-B/16 shapes: training step, frozen share, eval crops/s
 
 losses: time and peak memory of each loss, forward + backward, fused vs eager vs compiled. For
 each loss (clip: kernels.clip_loss; tag: kernels.tag_loss, softmax, K tags, about 10 tags per
@@ -406,6 +407,90 @@ def bench_world(args):
           f"{' (' + args.ckpt + ')' if args.ckpt else ' (the default world model)'}")
 
 
+# ----------------------------------------------------------------------------- paper mode
+VIT_B16 = dict(image_size=224, patch_size=16, stem="patch", vision_width=768, vision_layers=12, vision_heads=12,
+               vision_local=-1, vocab_size=49408, context_length=77, text_width=512, text_layers=12,
+               text_heads=8, embed_dim=512, dense="surgery", surgery_blocks=6, decoder_blocks=2, quick_gelu=True)
+
+
+def bench_paper(args):
+    """Paper mode on a ViT-B/16-shaped CLIP (random weights, or --clip FILE): one training step
+    (frozen towers, decoder, losses, AdamW) and its parts, and the evaluator's crops/s."""
+    import eval_seg
+    import model as M
+    import tagalign
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device.type == "cuda"
+    B = args.batch_size or (512 if gpu else 8)
+    precision = "bf16" if gpu else "fp32"
+    net = (M.load_clip(args.clip) if args.clip else M.TagAlign(M.Config(**VIT_B16), frozen_clip=True)).to(device)
+    net.init_head_from_clip()
+    cfg = net.cfg
+    targs = tagalign.build_parser().parse_args(["train", "--clip", "x", "--data", "x", "--tags", "x"])
+    targs = tagalign.finish_train_args(argparse.ArgumentParser(), targs)
+    targs.precision, targs.kernels = precision, "auto"
+    opt = tagalign.make_optimizer(net, targs)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(B, 3, cfg.image_size, cfg.image_size, generator=g).to(device)
+    tokens = torch.randint(1, 49000, (B, cfg.context_length), generator=g)
+    tokens[:, 20] = 49407  # the end token
+    tokens = tokens.to(device)
+    K = 10000
+    tag_emb = F.normalize(torch.randn(K, cfg.embed_dim, generator=g), dim=-1).to(device)
+    targets = (torch.rand(B, K, generator=g) < 10 / K).to(device)
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+
+    def timed(fn):
+        times = []
+        for i in range(args.warmup + args.repeat):
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times[args.warmup:])
+
+    def step():
+        with tagalign.autocast(device, precision):
+            loss = tagalign.compute_loss(net, images, tokens, targets, targs, tag_emb=tag_emb)[0]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def image_tower():
+        with torch.no_grad(), tagalign.autocast(device, precision):
+            net.features(images)
+
+    def text_tower():
+        with torch.no_grad(), tagalign.autocast(device, precision):
+            net.encode_text(tokens)
+
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    t_step = timed(step)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if gpu else None
+    t_img, t_txt = timed(image_tower), timed(text_tower)
+    n = M.trainable_parameters(net)
+    print(f"device: {device_name(device)}; ViT-B/16 shapes{' (' + args.clip + ')' if args.clip else ', random weights'}, "
+          f"{precision}, batch {B}; trainable {n['total']:,}")
+    print(f"training step: {t_step * 1e3:.0f} ms = {B / t_step:,.1f} images/s"
+          + (f", peak memory {peak:.1f} GiB" if gpu else ""))
+    print(f"  frozen image tower (surgery features): {t_img * 1e3:.0f} ms ({100 * t_img / t_step:.0f}% of the step)")
+    print(f"  frozen text tower (captions): {t_txt * 1e3:.0f} ms ({100 * t_txt / t_step:.0f}%): what an offline "
+          f"cache of caption embeddings would save per step")
+
+    seg = M.SegmentationModel(net, data.Tokenizer.from_clip(), device)
+    seg.norm = (data.IMAGENET_MEAN, data.IMAGENET_STD)
+    protocol = eval_seg.PRESETS["tcl"]
+    text = eval_seg.text_embeddings(seg, eval_seg.VOC[1:], protocol.templates).to(device)
+    scores = eval_seg.crop_scorer(seg, text, protocol, background=True)
+    crops = torch.randn(args.eval_crops, 3, protocol.window, protocol.window, generator=g).to(device)
+    t_eval = timed(lambda: scores(crops))
+    print(f"evaluation: {args.eval_crops} crops of {protocol.window} (surgery, decoder + raw-CLIP blend, 20 VOC "
+          f"classes): {args.eval_crops / t_eval:.2f} crops/s")
+
+
 # ----------------------------------------------------------------------------- losses
 def bench_losses(args, p):
     """The loss sweep; p is its argument parser (for errors)."""
@@ -519,7 +604,16 @@ def main(argv=None):
     p.add_argument("--eval-images", type=int, default=3, help="500 x 375 images evaluated")
     p.add_argument("--ckpt", default=None, help="evaluate this checkpoint (default: an untrained default model)")
 
+    p = sub.add_parser("paper", help="paper mode on ViT-B/16 shapes: training step, its frozen parts, eval crops/s")
+    p.add_argument("--clip", default=None, help="an OpenAI CLIP file (default: ViT-B/16 shapes, random weights)")
+    p.add_argument("--batch-size", type=int, default=None, help="training batch (default: 512 on GPU, 8 on CPU)")
+    p.add_argument("--eval-crops", type=int, default=4, help="448 x 448 crops per evaluation call")
+    p.add_argument("--repeat", type=int, default=3, help="timed runs (median)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+
     args = top.parse_args(argv)
+    if args.what == "paper":
+        return bench_paper(args)
     if args.what == "losses":
         return bench_losses(args, sub.choices["losses"])
     if args.what == "tags":

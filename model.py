@@ -446,9 +446,9 @@ def trainable_parameters(model):
 # grid), CLIP's patchify stem and global attention, widths that are multiples of 64 (CLIP infers
 # heads = width // 64), CLIP's tokenizer (vocab 49408) with a short context (world captions are
 # short), and the paper's head settings for the model read from it.
-WORLD_CLIP = dict(image_size=64, patch_size=8, stem="patch", vision_width=128, vision_layers=6, vision_heads=2,
+WORLD_CLIP = dict(image_size=64, patch_size=8, stem="patch", vision_width=128, vision_layers=3, vision_heads=2,
                   vision_local=-1, vocab_size=49408, context_length=32, text_width=128, text_layers=3,
-                  text_heads=2, embed_dim=128, dense="surgery", surgery_blocks=6, decoder_blocks=2, quick_gelu=True)
+                  text_heads=2, embed_dim=128, dense="surgery", surgery_blocks=3, decoder_blocks=2, quick_gelu=True)
 
 
 # ---------------------------------------------------------------- OpenAI CLIP files
