@@ -1,7 +1,6 @@
 """Training end to end on a tiny model: the loss goes down, checkpoints round-trip, --resume
 continues exactly where an interrupted run stopped, bad flags fail with one line."""
 import argparse
-import dataclasses
 import json
 import os
 
