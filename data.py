@@ -1,9 +1,14 @@
-"""Data for tagalign: the tokenizer, the tag parser and vocabulary, the synthetic world.
+"""Data for tagalign: the tokenizer, the tag parser and vocabulary, image-text shards, the
+synthetic world.
 
 Sections, top to bottom:
-- tokenizer: CLIP-compatible byte-level BPE, trained on a corpus or read from CLIP's merges file;
-- tag parser: captions -> (objects, attributes), the tag vocabulary, offline tagging of corpora;
-- the synthetic world: procedural images, captions and exact segmentation maps;
+- tokenizer: CLIP's text cleaning (ftfy's fix_text, without the dependency) and CLIP-compatible
+  byte-level BPE, trained on a corpus or read from CLIP's merges file (shipped in assets/);
+- tag parser: captions -> (objects, attributes), its word lists read from words/, the tag
+  vocabulary (optionally synonym-aware), offline tagging of corpora (the `tags` command);
+- image-text shards: webdataset tars or caption tables streamed for paper-mode training, joined
+  to the `tags` output, exactly resumable;
+- the synthetic world: procedural images, captions and exact segmentation maps, and as shards;
 - world batches and benchmarks: tensors for training, and the three world-* benchmarks.
 """
 import functools
@@ -1465,11 +1470,12 @@ def random_resized_crop(width, height, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 /
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def train_transform(image, size, rng, mean, std):
-    """A PIL image -> (3, size, size) float32: random resized crop, horizontal flip, normalised
-    (the official training transform without its colour jitter, RandAugment and erasing)."""
+def train_transform(image, size, rng, mean, std, scale=(0.08, 1.0)):
+    """A PIL image -> (3, size, size) float32: random resized crop (area fraction in `scale`, the
+    official img_scale), horizontal flip, normalised (the official training transform without
+    its colour jitter, RandAugment and random erasing)."""
     from PIL import Image
-    x, y, w, h = random_resized_crop(image.width, image.height, rng)
+    x, y, w, h = random_resized_crop(image.width, image.height, rng, scale)
     image = image.resize((size, size), Image.BILINEAR, box=(x, y, x + w, y + h))
     a = np.asarray(image, np.float32) / 255
     if rng.uniform() < 0.5:
@@ -1498,8 +1504,10 @@ class ImageTextStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, sources, tags, tokenizer, context_length, batch_size, image_size=224,
-                 seed=0, buffer=1000, mean=IMAGENET_MEAN, std=IMAGENET_STD, rank=0, world_size=1, workers=0):
+                 seed=0, buffer=1000, mean=IMAGENET_MEAN, std=IMAGENET_STD, rank=0, world_size=1, workers=0,
+                 crop_scale=(0.08, 1.0)):
         super().__init__()
+        self.crop_scale = crop_scale
         self.sources, self.tags, self.tokenizer = sources, tags, tokenizer
         self.context_length, self.batch_size, self.image_size = context_length, batch_size, image_size
         self.seed, self.buffer, self.mean, self.std = seed, max(buffer, 1), mean, std
@@ -1581,7 +1589,8 @@ class ImageTextStream(torch.utils.data.IterableDataset):
             img = io.BytesIO(raw)
         try:
             with Image.open(img) as image:
-                return train_transform(image.convert("RGB"), self.image_size, rng, self.mean, self.std), cap
+                return train_transform(image.convert("RGB"), self.image_size, rng, self.mean, self.std,
+                                       self.crop_scale), cap
         except Exception:  # corrupt, truncated, missing or not an image
             return "bad_image"
 

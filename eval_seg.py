@@ -1041,6 +1041,9 @@ def main(argv=None):
     p.add_argument("--dense", choices=READINGS, help="how patch tokens are read out of the ViT: plain (its "
                    "outputs), maskclip (last block: each patch attends to itself) or surgery (CLIP "
                    "Surgery); default: the model's own (world: plain; paper mode: surgery)")
+    p.add_argument("--norm", choices=("imagenet", "clip"), default="imagenet",
+                   help="with --clip alone: the image normalisation raw CLIP gets (TCL's protocol: imagenet; "
+                   "a checkpoint brings its own)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="device for the model (default: cuda if available)")
     args = p.parse_args(argv)
@@ -1063,6 +1066,7 @@ def main(argv=None):
     elif args.clip is not None:
         model = SegmentationModel(load_clip(args.clip), data.Tokenizer.from_clip(), args.device,
                                   args.dense, head="clip")
+        model.norm = (data.CLIP_MEAN, data.CLIP_STD) if args.norm == "clip" else (data.IMAGENET_MEAN, data.IMAGENET_STD)
     elif not Path(args.preds).is_dir():
         raise SystemExit(f"eval_seg: --preds {args.preds}: no such folder")
     if model is not None:

@@ -244,7 +244,7 @@ def paper_setup(args, ckpt, device):
         mean, std = (data.CLIP_MEAN, data.CLIP_STD) if args.norm == "clip" else (data.IMAGENET_MEAN, data.IMAGENET_STD)
         stream = data.ImageTextStream(sources, tags, tokenizer, model.cfg.context_length, args.batch_size,
                                       model.cfg.image_size, args.seed, args.shuffle_buffer, mean, std,
-                                      workers=args.workers)
+                                      workers=args.workers, crop_scale=(args.crop_scale, 1.0))
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     if ckpt:
@@ -276,7 +276,7 @@ def checkpoint_state(model, optimizer, scaler, step, args):
 # ---------------------------------------------------------------- training
 RESUME_MUST_MATCH = ("steps", "batch_size", "lr", "warmup", "schedule", "beta2", "weight_decay", "seed",
                      "tag_weight", "tag_loss", "tag_grad", "corpus", "vocab_size", "top_tags", "min_tag_count",
-                     "set", "data", "tags", "norm", "template", "shuffle_buffer", "synonyms")
+                     "set", "data", "tags", "norm", "template", "shuffle_buffer", "synonyms", "crop_scale")
 
 
 def autocast(device, precision):
@@ -498,6 +498,8 @@ def build_parser():
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="training device")
         p.add_argument("--workers", type=int, default=0, help="paper mode: DataLoader workers reading the shards")
         p.add_argument("--shuffle-buffer", type=int, default=1000, help="paper mode: samples in each worker's shuffle buffer")
+        p.add_argument("--crop-scale", type=float, default=0.08, help="paper mode: smallest area fraction of the "
+                                                                       "random resized crop (the official 0.08)")
         p.add_argument("--corpus", type=int, default=20000, help="world captions used to learn the tokenizer and tag vocabulary")
         p.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary size learned on the world captions")
         p.add_argument("--top-tags", type=int, default=10000, help="most frequent objects (and as many attributes) kept as tags")
@@ -559,8 +561,8 @@ def finish_train_args(parser, args):
     for flag in ("steps", "batch_size", "corpus", "vocab_size", "shuffle_buffer"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.lr <= 0 or args.tag_weight < 0 or args.workers < 0:
-        parser.error("--lr must be positive, --tag-weight and --workers non-negative")
+    if args.lr <= 0 or args.tag_weight < 0 or args.workers < 0 or not 0 < args.crop_scale <= 1:
+        parser.error("--lr must be positive, --tag-weight and --workers non-negative, --crop-scale in (0, 1]")
     if args.precision != "fp32" and not args.device.startswith("cuda"):
         parser.error(f"--precision {args.precision} needs a CUDA device (fp32 on CPU)")
     return args
