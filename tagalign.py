@@ -7,20 +7,28 @@ The model is in model.py, the evaluator in eval_seg.py, the data in data.py.
     python tagalign.py train                 # the synthetic world, from scratch, on a CPU
     python tagalign.py train --tag-weight 0  # the ITC-only baseline
     python tagalign.py tags --captions caps.txt --out tags/
+    torchrun --standalone --nproc_per_node 8 tagalign.py train --clip ... --data ... --tags ...
 """
 import argparse
 import contextlib
 import dataclasses
+import datetime
+import gc
 import hashlib
 import json
 import math
 import os
 import random
+import re
 import time
+import traceback
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -31,6 +39,100 @@ import model as model_lib
 from model import Config, SegmentationModel, TagAlign, read_checkpoint
 
 
+# ---------------------------------------------------------------- distributed: collectives with gradients
+# Under torchrun each of R ranks trains on its own n = --batch-size samples of a global batch of
+# R x n, and DDP averages the ranks' gradients. So every loss a rank computes is R times its share
+# of the loss of the global batch: the average over ranks of the gradients is then the gradient
+# of the global loss, and the average of the ranks' losses is the global loss (what the log
+# shows). Without torchrun there is no process group and nothing here runs.
+def rank_and_count():
+    """(this process's rank, the number of ranks): (0, 1) without a process group."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+class GatherWithGrad(torch.autograd.Function):
+    """(n, ...) on every rank -> (R n, ...), the ranks' tensors in rank order, on every rank,
+    with gradients back to each rank's own rows (open_clip's gather_with_grad).
+
+    Backward: every rank's loss reads every rank's rows, so the gradient of rank q's rows is the
+    sum over ranks of what each rank's loss sends them: an all_reduce (sum) of the whole gathered
+    gradient, of which rank q keeps its rows. (Keeping only its own loss's gradient would drop
+    the other ranks' terms, which DDP's averaging cannot restore.) Summed in fp32 at least: a
+    bf16 sum of R terms loses bits. Every rank must hold the same shape (equal per-rank batches).
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.dtype = x.dtype
+        return torch.cat(parts)  # (R n, ...)
+
+    @staticmethod
+    def backward(ctx, dy):
+        r, R = rank_and_count()
+        dy = dy.to(torch.promote_types(dy.dtype, torch.float32), copy=True)  # all_reduce works in place
+        dist.all_reduce(dy)
+        n = dy.shape[0] // R
+        return dy[r * n:(r + 1) * n].to(ctx.dtype)
+
+
+def clip_loss_across_ranks(img, txt, scale, impl):
+    """R x rank r's share of the symmetric InfoNCE over the global batch, as open_clip's "local
+    loss": its n images against all R n texts and its n texts against all R n images, the
+    positives at columns r n .. r n + n - 1 (the one-sided fused loss, twice). The mean over the
+    ranks equals kernels.clip_loss on the concatenated batch, and so do the gradients that DDP
+    averages. img, txt (n, E) normalised; a frozen text tower's txt carries no gradient."""
+    r, R = rank_and_count()
+    n = img.shape[0]
+    all_img, all_txt = GatherWithGrad.apply(img), GatherWithGrad.apply(txt)  # (R n, E)
+    i2t = kernels.clip_loss_one_sided(img, all_txt, scale, offset=r * n, impl=impl)
+    t2i = kernels.clip_loss_one_sided(txt, all_img, scale, offset=r * n, impl=impl)
+    return (i2t + t2i) / 2
+
+
+def tag_loss_across_ranks(tag, targets, kind):
+    """This rank's tag loss `tag` (a mean over its rows) -> R x its share of the global batch's.
+    The softmax tag loss is a mean over the rows that have tags, c_r of them here and C over all
+    ranks, so the global mean is sum_r c_r L_r / C: the weight is R c_r / C (1 when every rank
+    has as many tagged rows; without it a rank with fewer tagged rows would weigh more). BCE is
+    a mean over all n K entries, the same count on every rank: weight 1."""
+    if kind != "softmax":
+        return tag
+    _, R = rank_and_count()
+    c = (targets.sum(1) > 0).sum().double()  # rows with tags on this rank
+    C = c.clone()
+    dist.all_reduce(C)
+    return tag * (R * c / C.clamp(min=1)).to(tag.dtype)
+
+
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are those of the global batch: per-channel sums
+    gathered (with gradients) over the ranks, so that R ranks normalise as one process with the
+    whole batch would, and the running statistics (updated alike on every rank) stay equal.
+    torch.nn.SyncBatchNorm does the same but refuses CPU tensors, so it could not be tested
+    with gloo; this is one plain-torch path for both. Assumes equal per-rank batches and a set
+    momentum (BatchNorm2d's 0.1). Computed in fp32 at least (two passes: the mean, then the
+    squared deviations)."""
+
+    def forward(self, x):
+        if not (self.training and dist.is_initialized()):
+            return super().forward(x)
+        _, R = rank_and_count()
+        dtype, x = x.dtype, x.to(torch.promote_types(x.dtype, torch.float32))
+        N = x.numel() // x.shape[1] * R  # values per channel in the global batch
+        mean = GatherWithGrad.apply(x.sum((0, 2, 3))[None]).sum(0) / N  # (C,)
+        d = x - mean[:, None, None]
+        var = GatherWithGrad.apply((d * d).sum((0, 2, 3))[None]).sum(0) / N  # (C,), biased
+        with torch.no_grad():  # as F.batch_norm: the running variance is the unbiased one
+            m = self.momentum
+            self.running_mean.mul_(1 - m).add_(m * mean)
+            self.running_var.mul_(1 - m).add_(m * var * N / max(N - 1, 1))
+            self.num_batches_tracked.add_(1)
+        y = d * torch.rsqrt(var + self.eps)[:, None, None]
+        return (y * self.weight[:, None, None] + self.bias[:, None, None]).to(dtype)
+
+
 # ---------------------------------------------------------------- losses
 def compute_loss(model, images, tokens, targets, args, tag_tokens=None, tag_emb=None):
     """Total loss = ITC + tag_weight x tag loss, as in the paper; returns (total, itc, tag).
@@ -38,12 +140,16 @@ def compute_loss(model, images, tokens, targets, args, tag_tokens=None, tag_emb=
     images (B, 3, H, W), tokens (B, L) captions, targets (B, K) multi-hot tags parsed from the
     captions. The tag embeddings: tag_tokens (K, L), the tag names embedded afresh each step by
     the text tower being trained (the world, from scratch), or tag_emb (K, E), fixed (a frozen
-    CLIP's, computed once). A frozen text tower embeds the captions without gradients.
+    CLIP's, computed once). A frozen text tower embeds the captions without gradients. Under
+    torchrun each term is R x this rank's share of the global batch's (see the section above).
     """
     img = F.normalize(model.encode_image(images), dim=-1)  # (B, E)
     txt = F.normalize(model.encode_text(tokens), dim=-1)  # (B, E)
     scale = model.itc_logit_scale.exp().clamp(max=100)  # CLIP's cap on the temperature
-    itc = kernels.clip_loss(img, txt, scale, impl=args.kernels)
+    if dist.is_initialized():  # under torchrun: the negatives of every rank (see above)
+        itc = clip_loss_across_ranks(img, txt, scale, args.kernels)
+    else:
+        itc = kernels.clip_loss(img, txt, scale, impl=args.kernels)
     if args.tag_weight == 0:  # the ITC-only baseline: tags are not even embedded
         return itc, itc, torch.zeros_like(itc)
     if tag_emb is None:
@@ -55,6 +161,8 @@ def compute_loss(model, images, tokens, targets, args, tag_tokens=None, tag_emb=
             tag_emb = F.normalize(model.encode_text(tag_tokens), dim=-1)  # (K, E)
     tag_scale = model.tag_logit_scale.exp().clamp(max=100)
     tag = kernels.tag_loss(img, tag_emb.to(img.dtype), targets, tag_scale, kind=args.tag_loss, impl=args.kernels)
+    if dist.is_initialized():
+        tag = tag_loss_across_ranks(tag, targets, args.tag_loss)
     return itc + args.tag_weight * tag, itc, tag
 
 
@@ -223,7 +331,7 @@ def tag_embeddings(model, tokenizer, vocab, tags_dir, clip_sha256, template, dev
 def paper_setup(args, ckpt, device):
     """OpenAI CLIP frozen, TagAlign's decoder on top, trained on image-text shards: (model,
     tokenizer, vocab, shard tags, the shard stream, CLIP file identity)."""
-    clip_path = args.clip
+    clip_path, (rank, ranks) = args.clip, rank_and_count()
     sha = model_lib.file_sha256(clip_path) if os.path.isfile(clip_path) else None
     if ckpt and ckpt["clip"]["sha256"] != sha:
         raise SystemExit(f"error: --resume: {args.out}/ckpt.pt was trained on the CLIP file with sha256 "
@@ -244,14 +352,15 @@ def paper_setup(args, ckpt, device):
         mean, std = (data.CLIP_MEAN, data.CLIP_STD) if args.norm == "clip" else (data.IMAGENET_MEAN, data.IMAGENET_STD)
         stream = data.ImageTextStream(sources, tags, tokenizer, model.cfg.context_length, args.batch_size,
                                       model.cfg.image_size, args.seed, args.shuffle_buffer, mean, std,
-                                      workers=args.workers, crop_scale=(args.crop_scale, 1.0))
+                                      rank=rank, world_size=ranks, workers=args.workers,
+                                      crop_scale=(args.crop_scale, 1.0))
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     if ckpt:
         if ckpt["data"]["workers"] != args.workers:
             raise SystemExit(f"error: --resume: the run read its shards with --workers {ckpt['data']['workers']}; "
                              f"the stream continues exactly only with the same number")
-        stream.resume(ckpt["data"]["states"], ckpt["step"] + 1)
+        stream.resume(ckpt["data"]["states"][rank], ckpt["step"] + 1)  # this rank's workers
     vocab = tags.vocab if tags else data.TagVocab([], [], [])
     print(f"data: {len(sources)} shards ({args.data}), tags: {args.tags or 'none'} ({len(vocab)} tags)")
     return model.to(device), tokenizer, vocab, tags, stream, {"path": os.path.abspath(clip_path), "sha256": sha}
@@ -259,7 +368,10 @@ def paper_setup(args, ckpt, device):
 
 # ---------------------------------------------------------------- checkpoints
 def save_checkpoint(path, state):
-    """Write a checkpoint atomically: a crash mid-write leaves the old file."""
+    """Write a checkpoint atomically: a crash mid-write leaves the old file. Under torchrun rank 0
+    alone writes (every rank builds `state`: gathering it may need them all)."""
+    if rank_and_count()[0] > 0:
+        return
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
 
@@ -271,6 +383,140 @@ def checkpoint_state(model, optimizer, scaler, step, args):
             "scaler": scaler.state_dict(), "step": step,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
             "config": dataclasses.asdict(model.cfg), "args": vars(args)}
+
+
+# ---------------------------------------------------------------- distributed training (torchrun)
+# `torchrun --nproc_per_node R tagalign.py train ...` starts R copies of this program with RANK,
+# LOCAL_RANK, WORLD_SIZE and the rendezvous in the environment. Each rank trains on --batch-size
+# samples of every step's global batch of R x --batch-size: the world's rank r takes batch
+# step R + r of the single-process stream of that size (so the world's contrast pairs, scenes
+# 2k and 2k + 1, stay on one rank when --batch-size is even); the paper's shards are dealt each
+# epoch to R x --workers slots (data.ImageTextStream: every sample once per epoch; a slot dealt
+# one shard fewer starts its next epoch earlier). Rank 0 alone writes the log, the checkpoints
+# and the curves and runs the evaluation; the other ranks stop after the final checkpoint (a
+# barrier would time out under a long evaluation).
+PROGRESS = {"step": None}  # the step in progress, named when a collective fails
+
+
+@contextlib.contextmanager
+def process_group(args):
+    """The process group of a torchrun run (nothing without one, args.ranks == 1): NCCL with
+    one GPU per rank (cuda:LOCAL_RANK) or gloo on CPUs, collectives that give up after
+    --dist-timeout seconds; the other ranks' stdout silenced. A failed collective (a rank died,
+    or stalled past the timeout) becomes one line naming this rank and the step."""
+    if args.ranks == 1:
+        yield
+        return
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" is now this rank's GPU
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=args.dist_timeout))
+    rank = dist.get_rank()
+    if rank == 0:
+        print(f"torchrun: {args.ranks} ranks ({dist.get_backend()}), batch {args.batch_size} per rank = "
+              f"{args.batch_size * args.ranks} global")
+    try:
+        with contextlib.redirect_stdout(open(os.devnull, "w")) if rank else contextlib.nullcontext():
+            yield
+    except BaseException as e:
+        # Free the run (train's frames, its DDP among them) while the group still exists: DDP's
+        # C++ reducer, freed after destroy_process_group, destroys the group while holding the GIL
+        # and joins gloo's thread, which may be waiting for the GIL: a hang at exit (torch 2.13).
+        traceback.clear_frames(e.__traceback__)
+        # NCCL and the store raise DistError; gloo's transport a RuntimeError that names gloo
+        if isinstance(e, RuntimeError) and (isinstance(e, dist.DistError) or "gloo" in str(e)):
+            why = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip()).split(". ")[0]  # "[.../pair.cc:553] Connection..."
+            raise SystemExit(f"error: rank {rank}: a collective failed at step {PROGRESS['step']} (another rank "
+                             f"died, or stalled past --dist-timeout {args.dist_timeout:g}s): {why}") from None
+        raise
+    finally:
+        gc.collect()  # the same for a run that returned (DDP may sit in reference cycles)
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def rank0_first():
+    """Rank 0 runs the block first (e.g. writes a cache), then the others (which read it)."""
+    rank, ranks = rank_and_count()
+    if rank > 0:
+        dist.barrier()
+    yield
+    if rank == 0 and ranks > 1:
+        dist.barrier()
+
+
+class LossOfBatch(nn.Module):
+    """compute_loss as a module, so that DDP sees the whole step (the gathers included) in one
+    forward: (images, tokens, targets, tag_tokens, tag_emb) -> (total, itc, tag)."""
+
+    def __init__(self, model, args):
+        super().__init__()
+        self.model, self.args = model, args
+
+    def forward(self, images, tokens, targets, tag_tokens=None, tag_emb=None):
+        return compute_loss(self.model, images, tokens, targets, self.args, tag_tokens, tag_emb)
+
+
+def data_parallel(model, args, device):
+    """The training step's loss function: LossOfBatch, wrapped in DDP under torchrun.
+
+    DDP averages the gradients of the parameters that train; a frozen CLIP is left out even of
+    its start-up broadcast (every rank loaded the same file). Some parameters get no gradient
+    (the world model's unused CLIP head, the tag temperature with --tag-weight 0): static_graph
+    has DDP find them in the first step (the graph is the same every step) and leaves their .grad
+    None, as one process does (find_unused_parameters would too, with a graph traversal every
+    step). The world model's BatchNorms become SyncBatchNorm2d; their running statistics stay
+    equal on every rank, so DDP need not broadcast buffers before each forward."""
+    step = LossOfBatch(model, args)
+    if not dist.is_initialized():
+        return step
+    # A 1x1 conv's weight gradient comes with other strides than DDP's bucket: a copy, not an error
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    for m in model.modules():
+        if type(m) is nn.BatchNorm2d:
+            m.__class__ = SyncBatchNorm2d  # a subclass with no state of its own: same parameters and keys
+    frozen = [f"model.{k}" for k, p in model.named_parameters() if not p.requires_grad]
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(step, frozen)
+    return torch.nn.parallel.DistributedDataParallel(
+        step, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None,  # cuda:LOCAL_RANK
+        static_graph=True, forward_sync_buffers=False)
+
+
+def losses_across_ranks(step, loss, itc, tag, counts):
+    """The global batch's (loss, itc, tag) as floats and the skip counts summed over the ranks.
+
+    Each rank's losses are R x its share (see compute_loss), so the global ones are their means.
+    A non-finite loss stops the run here, before the backward: the values are all-gathered first,
+    so every rank stops at the same step with the same message (a rank that raised alone would
+    leave the others waiting in the backward's collectives)."""
+    if not dist.is_initialized():
+        if not torch.isfinite(loss):
+            raise SystemExit(f"error: loss is {loss.item()} at step {step} (itc {itc.item()}, "
+                             f"tag {tag.item()}); lower --lr or check the data")
+        return loss.item(), itc.item(), tag.item(), dict(counts)
+    _, R = rank_and_count()
+    mine = torch.tensor([loss.item(), itc.item(), tag.item(), *(counts.get(k, 0) for k in data.SKIPS)],
+                        dtype=torch.float64, device=loss.device)
+    every = [torch.empty_like(mine) for _ in range(R)]
+    dist.all_gather(every, mine)
+    every = torch.stack(every).cpu()  # (R, 3 + skips)
+    bad = [r for r in range(R) if not torch.isfinite(every[r, 0])]
+    if bad:
+        loss, itc, tag = every[bad[0], :3].tolist()
+        raise SystemExit(f"error: loss is {loss} at step {step} on rank {', '.join(map(str, bad))} (itc {itc}, "
+                         f"tag {tag}); lower --lr or check the data")
+    total = every.mean(0).tolist()
+    skipped = {k: int(v) for k, v in zip(data.SKIPS, every[:, 3:].sum(0).tolist())} if counts else {}
+    return *total[:3], skipped
+
+
+def gather_objects(obj):
+    """[rank 0's obj, rank 1's, ...] on every rank (pickled); [obj] without a process group."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 # ---------------------------------------------------------------- training
@@ -298,17 +544,24 @@ def train(args):
             if ckpt["args"].get(k) != getattr(args, k, None):
                 raise SystemExit(f"error: {ckpt_path} was trained with --{k.replace('_', '-')} "
                                  f"{ckpt['args'].get(k)}, this command says {getattr(args, k, None)}")
+        if ckpt["args"].get("ranks", 1) != args.ranks:  # each rank's data and the global batch depend on it
+            raise SystemExit(f"error: {ckpt_path} was trained on {ckpt['args'].get('ranks', 1)} ranks, this run has "
+                             f"{args.ranks}: resume with as many (torchrun --nnodes x --nproc_per_node)")
+        if isinstance(ckpt.get("data", {}).get("states"), dict):  # written before torchrun: one rank's
+            ckpt["data"]["states"] = [ckpt["data"]["states"]]
     device = torch.device(args.device)
+    rank, ranks = rank_and_count()
 
     paper = args.clip is not None
     if paper:
         model, tokenizer, vocab, tags, stream, clip_file = paper_setup(args, ckpt, device)
-        tag_emb = (tag_embeddings(model, tokenizer, vocab, args.tags, clip_file["sha256"], args.template, device)
-                   if args.tag_weight and len(vocab) else None)
+        with rank0_first():  # rank 0 writes the cache of tag embeddings, the others read it
+            tag_emb = (tag_embeddings(model, tokenizer, vocab, args.tags, clip_file["sha256"], args.template, device)
+                       if args.tag_weight and len(vocab) else None)
         loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.workers,
                                              pin_memory=device.type == "cuda",
                                              timeout=600 if args.workers else 0)
-        batches, states = iter(loader), dict(ckpt["data"]["states"]) if ckpt else {}
+        batches, states = iter(loader), dict(ckpt["data"]["states"][rank]) if ckpt else {}
         counts = {}
 
         def next_batch(step):
@@ -320,7 +573,7 @@ def train(args):
 
         def mode_state():
             return {"clip": clip_file, "tokenizer": "clip", "tags": vocab.tags,
-                    "data": {"states": dict(states), "workers": args.workers}}
+                    "data": {"states": gather_objects(dict(states)), "workers": args.workers}}  # [rank][worker]
     else:
         model, tokenizer, vocab, world, tag_tokens = world_setup(args, ckpt)
         model, tag_emb, counts = model.to(device), None, {}
@@ -329,7 +582,9 @@ def train(args):
         prefetch = ThreadPoolExecutor(1)
         pretrain = args.command == "pretrain"
         norm = (data.IMAGENET_MEAN, data.IMAGENET_STD) if pretrain else (data.WORLD_MEAN, data.WORLD_STD)
-        fetch = lambda s: world_batch(world, s, args.batch_size, tokenizer, vocab, model.cfg, norm)  # noqa: E731
+        # rank r of R reads batch s R + r of the stream: its share of the global batch (see process_group)
+        fetch = lambda s: world_batch(world, s * ranks + rank, args.batch_size, tokenizer, vocab, model.cfg,  # noqa: E731
+                                      norm)
         pending = {}
 
         def next_batch(step):
@@ -363,20 +618,22 @@ def train(args):
         print(f"model: {n_params / 1e6:.2f}M parameters, grid {model.cfg.image_size // model.cfg.patch_size}^2, "
               f"tag weight {args.tag_weight} ({args.tag_loss}), kernels {args.kernels}")
 
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=args.quiet,
+    loss_of_batch = data_parallel(model, args, device)  # compute_loss; through DDP under torchrun
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=args.quiet or rank > 0,
                dynamic_ncols=True)
     log_path = os.path.join(args.out, "log.jsonl")
     rows = []
-    if ckpt and os.path.exists(log_path):  # keep the log up to the checkpoint: no step twice
+    if ckpt and rank == 0 and os.path.exists(log_path):  # keep the log up to the checkpoint: no step twice
         with open(log_path) as f:
             rows = [line for line in f if json.loads(line)["step"] < start]
-    log = open(log_path, "w")
+    log = open(log_path if rank == 0 else os.devnull, "w")  # rank 0 alone writes the log
     log.writelines(rows)
     t_train, seen = 0.0, 0
     tag_tokens = None if paper else tag_tokens.to(device)
     model.train()
     for step in bar:
         t0 = time.time()
+        PROGRESS["step"] = step  # named if a collective fails
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
         try:
@@ -385,10 +642,8 @@ def train(args):
             raise SystemExit(f"error: data at step {step}: {str(e).strip().splitlines()[-1]}") from None
         images, tokens, targets = (x.to(device, non_blocking=True) for x in (images, tokens, targets))
         with autocast(device, args.precision):
-            loss, itc, tag = compute_loss(model, images, tokens, targets, args, tag_tokens, tag_emb)
-        if not torch.isfinite(loss):
-            raise SystemExit(f"error: loss is {loss.item()} at step {step} (itc {itc.item()}, "
-                             f"tag {tag.item()}); lower --lr or check the data")
+            loss, itc, tag = loss_of_batch(images, tokens, targets, tag_tokens, tag_emb)
+        loss_v, itc_v, tag_v, skipped = losses_across_ranks(step, loss, itc, tag, counts)  # stops on non-finite
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -396,13 +651,13 @@ def train(args):
         scaler.step(optimizer)
         scaler.update()
         t_train += time.time() - t0
-        seen += args.batch_size
-        skipped = sum(counts.values())
-        bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / t_train:.0f}", **({"skipped": skipped} if paper else {}))
+        seen += args.batch_size * ranks
+        bar.set_postfix(loss=f"{loss_v:.3f}", img_s=f"{seen / t_train:.0f}",
+                        **({"skipped": sum(skipped.values())} if paper else {}))
         if step % args.log_every == 0 or step == args.steps - 1:
-            row = {"step": step, "loss": loss.item(), "itc": itc.item(), "tag": tag.item(),
+            row = {"step": step, "loss": loss_v, "itc": itc_v, "tag": tag_v,
                    "lr": lr_at(step, args), "scale": model.itc_logit_scale.exp().item(),
-                   "img_per_s": seen / t_train, **({"skipped": dict(counts)} if paper else {})}
+                   "img_per_s": seen / t_train, **({"skipped": skipped} if paper else {})}
             log.write(json.dumps(row) + "\n")
             log.flush()
             if args.quiet or step % (10 * args.log_every) == 0:
@@ -415,9 +670,11 @@ def train(args):
         prefetch.shutdown()
     if start <= args.steps:  # the final checkpoint (a finished run resumed has nothing to add)
         save_checkpoint(ckpt_path, {**checkpoint_state(model, optimizer, scaler, args.steps, args), **mode_state()})
+    if rank > 0:  # rank 0 alone draws the curves and evaluates
+        return model
     if t_train:
         print(f"trained {args.steps - start} steps in {t_train:.0f}s ({seen / t_train:.0f} images/s)"
-              + (f"; skipped samples: {counts}" if paper else ""))
+              + (f"; skipped samples: {skipped}" if paper else ""))
     if eval_seg.save_curves(log_path, os.path.join(args.out, "curves.png")):
         print(f"wrote {os.path.join(args.out, 'curves.png')}")
     if args.command == "pretrain":
@@ -468,8 +725,9 @@ def build_parser():
                                       "folder with captions.tsv/.jsonl")
         p.add_argument("--tags", help="paper mode: the `tags` command's output folder for those shards")
         p.add_argument("--steps", type=int, help="optimizer steps (world: 1500; paper: 30000)")
-        p.add_argument("--batch-size", type=int, help="images (and captions) per step (world: 64; paper: 512)")
-        p.add_argument("--lr", type=float, help="learning rate of AdamW (world: 1e-3; paper: 1e-3 x batch / 4096)")
+        p.add_argument("--batch-size", type=int, help="images (and captions) per step and per rank: under torchrun the "
+                                                      "global batch is ranks x this (world: 64; paper: 512)")
+        p.add_argument("--lr", type=float, help="learning rate of AdamW (world: 1e-3; paper: 1e-3 x global batch / 4096)")
         p.add_argument("--warmup", type=float, help="fraction of the steps spent warming up the lr (world: 0.05; paper: 0)")
         p.add_argument("--schedule", choices=("cosine", "constant"), help="lr after the warm-up (world: cosine to "
                                                                          "10%%; paper: constant)")
@@ -496,7 +754,10 @@ def build_parser():
         p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                        help="autocast (auto: bf16 on CUDA, fp32 on CPU)")
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="training device")
-        p.add_argument("--workers", type=int, default=0, help="paper mode: DataLoader workers reading the shards")
+        p.add_argument("--workers", type=int, default=0, help="paper mode: DataLoader workers reading the shards "
+                                                              "(per rank: ranks x max(1, workers) shards at least)")
+        p.add_argument("--dist-timeout", type=float, default=600, help="under torchrun: seconds a rank waits for the "
+                                                                       "others in a collective before the run stops")
         p.add_argument("--shuffle-buffer", type=int, default=1000, help="paper mode: samples in each worker's shuffle buffer")
         p.add_argument("--crop-scale", type=float, default=0.08, help="paper mode: smallest area fraction of the "
                                                                        "random resized crop (the official 0.08)")
@@ -546,8 +807,9 @@ def finish_train_args(parser, args):
     for k, v in MODE_DEFAULTS[mode].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    if args.lr is None:
-        args.lr = 1e-3 * args.batch_size / 4096 if args.clip else 1e-3
+    args.ranks = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's world size: processes, one per device
+    if args.lr is None:  # the paper: 1e-3 at a global batch of 4096, scaled linearly
+        args.lr = 1e-3 * args.batch_size * args.ranks / 4096 if args.clip else 1e-3
     if args.precision == "auto":
         args.precision = "bf16" if args.device.startswith("cuda") else "fp32"
     if args.clip and not args.data:
@@ -565,6 +827,13 @@ def finish_train_args(parser, args):
         parser.error("--lr must be positive, --tag-weight and --workers non-negative, --crop-scale in (0, 1]")
     if args.precision != "fp32" and not args.device.startswith("cuda"):
         parser.error(f"--precision {args.precision} needs a CUDA device (fp32 on CPU)")
+    if args.ranks > 1 and not args.clip and args.batch_size % 2:
+        parser.error("under torchrun the world needs an even --batch-size: its contrast pairs (scenes 2k, 2k+1) "
+                     "must stay on one rank")
+    if args.ranks > 1 and ":" in args.device:
+        parser.error(f"--device {args.device}: under torchrun each rank takes cuda:LOCAL_RANK; give --device cuda")
+    if args.dist_timeout <= 0:
+        parser.error("--dist-timeout must be positive")
     return args
 
 
@@ -588,7 +857,9 @@ def main(argv=None):
         print(f"wrote {args.scenes} world scenes in {len(paths)} shards: {paths[0]} ... {paths[-1]}")
         return paths
     if args.command in ("train", "pretrain"):
-        return train(finish_train_args(parser, args))
+        args = finish_train_args(parser, args)
+        with process_group(args):  # under torchrun; nothing otherwise
+            return train(args)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,30 @@ def test_every_sample_once_per_epoch_across_two_workers(world):
         assert sorted(r for e, r in seen if e == epoch) == list(range(56)), epoch
 
 
+def test_every_sample_once_per_epoch_across_two_ranks_of_two_workers(world):
+    """torchrun's split: 2 ranks x 2 workers = 4 slots over 5 shards (one slot reads two, and
+    starts its next epoch later; the others earlier). Over the first two epochs every (epoch,
+    sample) comes exactly once from all four slots together, and the ranks' streams differ."""
+    root, paths, tok = world
+    tags = data.ShardTags(str(root / "tags"), paths)
+    seen, per_rank = Counter(), []
+    for rank in (0, 1):
+        s = data.ImageTextStream(paths, tags, tok, 16, 4, image_size=16, buffer=7, rank=rank, world_size=2, workers=2)
+        mine = Counter()
+        for k, b in enumerate(torch.utils.data.DataLoader(s, batch_size=None, num_workers=2)):
+            mine.update(zip(b["epochs"].tolist(), b["rows"].tolist()))
+            if k == 40:  # 164 samples: past the second epoch of the slowest slot (24 samples an epoch)
+                break
+        seen.update(mine)
+        per_rank.append({r for e, r in mine if e == 0})
+    assert max(seen.values()) == 1
+    for epoch in (0, 1):
+        assert sorted(r for e, r in seen if e == epoch) == list(range(56)), epoch
+    assert not per_rank[0] & per_rank[1]  # an epoch's samples split, not shared, between the ranks
+    with pytest.raises(ValueError, match="5 shards for 2 ranks x 3 workers"):
+        data.ImageTextStream(paths, tags, tok, 16, 4, rank=1, world_size=2, workers=3)
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_continues_the_stream_exactly(world, workers):
     """Restarted from the worker states of the first 9 batches (mid-shard, mid-buffer), the
