@@ -1484,6 +1484,11 @@ def train_transform(image, size, rng, mean, std, scale=(0.08, 1.0)):
     return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
 
 
+def as_is(batch):
+    """A DataLoader's collate_fn for a dataset that yields whole batches."""
+    return batch
+
+
 class ImageTextStream(torch.utils.data.IterableDataset):
     """Endless batches of (image, caption, tag row) from shards, for a DataLoader with
     batch_size=None: each worker yields whole batches.

@@ -558,8 +558,10 @@ def train(args):
         with rank0_first():  # rank 0 writes the cache of tag embeddings, the others read it
             tag_emb = (tag_embeddings(model, tokenizer, vocab, args.tags, clip_file["sha256"], args.template, device)
                        if args.tag_weight and len(vocab) else None)
+        # The stream yields whole batches; collate_fn=data.as_is spares the default conversion
+        # a walk through every batch's stream state (the shuffle buffer's references).
         loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.workers,
-                                             pin_memory=device.type == "cuda",
+                                             collate_fn=data.as_is, pin_memory=device.type == "cuda",
                                              timeout=600 if args.workers else 0)
         batches, states = iter(loader), dict(ckpt["data"]["states"][rank]) if ckpt else {}
         counts = {}
