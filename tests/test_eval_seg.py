@@ -545,6 +545,51 @@ def test_background_threshold_on_sigmoid_scores():
     assert s.argmax(1)[0, 0].tolist() == [0] * 6 + [1]  # 0.9 <=> cos* = 0.4697
 
 
+def test_tagalign_blend_of_decoder_and_raw_clip_scores():
+    """TagAlign's generate_masks: (1 - w) sigmoid(10 cos_decoder - 2.5) + w sigmoid(10 cos_clip -
+    2.5) per class on the patch grid (w = clip_w = 0.3), then the background constant. The two
+    paths see different cosines here, so a dropped or swapped path shows."""
+    cos_dec, cos_clip = torch.tensor([0.9, 0.1, 0.3]), torch.tensor([0.0, 0.8, 0.3])
+
+    def embed(c):  # (3,) cosines to class "a" -> (1, 3, 1, 3) unit embeddings
+        return torch.stack([c, torch.zeros_like(c), (1 - c ** 2).sqrt()], 0)[None, :, None, :]
+
+    class Model:
+        clip_blend = True
+
+        def encode_text(self, texts):
+            return torch.eye(3)[:2][[("b" in t) * 1 for t in texts]]
+
+        def encode_dense(self, x, with_clip=False):
+            return (embed(cos_dec), embed(cos_clip)) if with_clip else embed(cos_dec)
+
+    text = E.text_embeddings(Model(), ["a", "b"], ("a photo of a {}.",))
+    s = E.crop_scorer(Model(), text, E.PRESETS["tcl"], True)(torch.zeros(1, 3, 1, 3))
+    sig = lambda c: torch.sigmoid(10 * c - 2.5)  # noqa: E731
+    torch.testing.assert_close(s[0, 1, 0], 0.7 * sig(cos_dec) + 0.3 * sig(cos_clip))
+    torch.testing.assert_close(s[0, 2, 0], sig(torch.zeros(3)))  # class "b": cosine 0 on both paths
+    assert torch.all(s[0, 0] == 0.4)
+    assert E.effective_clip_w(Model(), E.PRESETS["tcl"]) == 0.3
+    plain = E.crop_scorer(Model(), text, dataclasses.replace(E.PRESETS["tcl"], clip_w=0.0), True)
+    torch.testing.assert_close(plain(torch.zeros(1, 3, 1, 3))[0, 1, 0], sig(cos_dec))
+    Model.clip_blend = False  # a model without a raw CLIP path: nothing to blend
+    assert E.effective_clip_w(Model(), E.PRESETS["tcl"]) == 0.0
+
+
+def test_raw_clip_end_to_end_on_a_voc_tree(tmp_path):
+    """`eval_seg.py --clip FILE --benchmarks voc --data-root ROOT` on a small OpenAI-format CLIP:
+    the published protocol (448 resize, 448/224 windows) through raw CLIP, each reading."""
+    from _clip import make_ref_clip, write_clip
+    write_tree(tmp_path, "voc", n=2, size=(40, 60))
+    clip = write_clip(make_ref_clip(vision_layers=8), tmp_path / "small.pt", "torchscript")
+    for reading in ("plain", "maskclip", "surgery"):
+        m = E.main(["--clip", clip, "--dense", reading, "--benchmarks", "voc", "--data-root", str(tmp_path),
+                    "--n-vis", "0", "--out", str(tmp_path / reading)])
+        r = m["voc"]
+        assert r["images"] == 2 and r["crops"] == 2 * 2 and 0 <= r["mIoU"] <= 100  # 448 x 672: two windows
+        assert r["protocol"].clip_w == 0.0 and m["config"]["dense"] == "surgery"
+
+
 def test_background_on_softmax_scores_is_relative():
     """The world preset: softmax over classes at the model's logit scale; the background (0.5)
     wins where no class holds the majority, however high the cosines are in absolute terms."""
