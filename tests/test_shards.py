@@ -2,7 +2,6 @@
 across workers, its skip counts on broken data, and its exact resume."""
 import io
 import os
-import tarfile
 from collections import Counter
 
 import numpy as np
@@ -11,15 +10,7 @@ import torch
 from PIL import Image
 
 import data
-
-
-def write_tar(path, members):
-    with tarfile.open(path, "w") as tf:
-        for name, payload in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tf.addfile(info, io.BytesIO(payload))
-    return str(path)
+from test_tags_cli import write_tar
 
 
 def png(seed, size=24):

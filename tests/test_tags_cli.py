@@ -11,11 +11,13 @@ import data
 
 
 def write_tar(path, members):
+    """A tar of (name, bytes) members in the given order; returns its path."""
     with tarfile.open(path, "w") as tf:
         for name, payload in members:
             info = tarfile.TarInfo(name)
             info.size = len(payload)
             tf.addfile(info, io.BytesIO(payload))
+    return str(path)
 
 
 @pytest.fixture
