@@ -706,7 +706,7 @@ MODE_DEFAULTS = {
               "eval_benchmarks": ",".join(data.WORLD_BENCHMARKS)},
     "paper": {"steps": 30000, "batch_size": 512, "warmup": 0.0, "schedule": "constant", "beta2": 0.999,
               "eval_benchmarks": ""},
-    "pretrain": {"steps": 3000, "batch_size": 64, "warmup": 0.05, "schedule": "cosine", "beta2": 0.98,
+    "pretrain": {"steps": 5000, "batch_size": 64, "warmup": 0.05, "schedule": "cosine", "beta2": 0.98,
                  "eval_benchmarks": ",".join(data.WORLD_BENCHMARKS)},
 }
 PAPER_SETTINGS = ("dense", "surgery_blocks", "decoder_blocks")  # what --set may change beside a CLIP file
@@ -726,7 +726,7 @@ def build_parser():
         p.add_argument("--data", help="paper mode: webdataset shards ('shards/{00000..00999}.tar', globs) or a "
                                       "folder with captions.tsv/.jsonl")
         p.add_argument("--tags", help="paper mode: the `tags` command's output folder for those shards")
-        p.add_argument("--steps", type=int, help="optimizer steps (world: 1500; paper: 30000)")
+        p.add_argument("--steps", type=int, help="optimizer steps (world: 1500; pretrain: 5000; paper: 30000)")
         p.add_argument("--batch-size", type=int, help="images (and captions) per step and per rank: under torchrun the "
                                                       "global batch is ranks x this (world: 64; paper: 512)")
         p.add_argument("--lr", type=float, help="learning rate of AdamW (world: 1e-3; paper: 1e-3 x global batch / 4096)")
