@@ -249,6 +249,9 @@ class Protocol:
 # own learned temperature, and the background wins unless one class holds the majority (0.5).
 PRESETS = {"tcl": Protocol(),
            "world": Protocol(short_side=None, window=None, score="softmax", score_scale=None, bg_thresh=0.5)}
+# TagAlign's scoring, for the world benchmarks too (`--scoring tagalign`): the world's geometry
+# and normalisation, the published per-class score and constant background.
+TAGALIGN_SCORING = {"score": "sigmoid", "score_scale": 10.0, "score_bias": -2.5, "bg_thresh": 0.4}
 
 # ----------------------------------------------------------------------------- resizing
 def resize_bilinear(x, size):
@@ -1025,6 +1028,9 @@ def main(argv=None):
     p.add_argument("--data-root", help="folder holding the standard datasets in their mmseg layouts")
     p.add_argument("--out", help="folder for metrics.json and vis/ "
                    "(default: the checkpoint's folder, or out/)")
+    p.add_argument("--scoring", choices=("preset", "tagalign"), default="preset",
+                   help="preset: each benchmark's (world: softmax at the model's temperature, background "
+                   "0.5); tagalign: sigmoid(10 cos - 2.5), background 0.4 everywhere")
     p.add_argument("--bg-thresh", type=float, help="constant background score (default 0.4; world: 0.5)")
     p.add_argument("--score", choices=("sigmoid", "softmax"),
                    help="class scores: sigmoid(10 cos - 2.5) (default) or softmax over classes (world)")
@@ -1054,7 +1060,8 @@ def main(argv=None):
     if args.clip_w is not None and not 0 <= args.clip_w <= 1:
         raise SystemExit("eval_seg: --clip-w must lie in [0, 1]")
     names = parse_names(args.benchmarks)
-    overrides = {k: v for k, v in (("bg_thresh", args.bg_thresh), ("pamr", args.pamr or None),
+    overrides = dict(TAGALIGN_SCORING) if args.scoring == "tagalign" else {}
+    overrides |= {k: v for k, v in (("bg_thresh", args.bg_thresh), ("pamr", args.pamr or None),
                                    ("score", args.score), ("score_scale", args.score_scale),
                                    ("clip_w", args.clip_w),
                                    ("templates", TEMPLATES.get(args.templates))) if v is not None}

@@ -249,6 +249,11 @@ def test_paper_checkpoint_evaluates_through_eval_seg(paper, tmp_path):
     m = eval_seg.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--benchmarks", "world-object,world-attr",
                        "--world-images", "3", "--n-vis", "0", "--out", str(tmp_path / "eval")])
     assert m["world-object"]["protocol"].clip_w == 0.3 and m["world-object"]["images"] == 3
+    assert m["world-object"]["protocol"].score == "softmax"  # the world preset
+    t = eval_seg.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--benchmarks", "world-object", "--scoring", "tagalign",
+                       "--world-images", "3", "--n-vis", "0", "--out", str(tmp_path / "eval_t")])
+    p = t["world-object"]["protocol"]
+    assert (p.score, p.score_scale, p.score_bias, p.bg_thresh, p.clip_w, p.window) == ("sigmoid", 10, -2.5, 0.4, 0.3, None)
     raw = eval_seg.main(["--clip", paper[1], "--dense", "maskclip", "--benchmarks", "world-object",
                          "--world-images", "3", "--n-vis", "0", "--out", str(tmp_path / "raw")])
     assert raw["world-object"]["protocol"].clip_w == 0.0  # raw CLIP has nothing to blend
