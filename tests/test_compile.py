@@ -36,6 +36,9 @@ import pytest
 # Shared memory one block may use: the opt-in maximum, which triton checks at launch (bytes).
 GPUS = {80: 166912,   # sm_80, A100: 163 KiB
         90: 232448}   # sm_90, H100 / H200: 227 KiB
+# D is a runtime argument, specialised only on its divisibility by 16; the backward's BLOCK_D
+# (D rounded up to a power of two) is a constexpr and sets its shared memory. So 512, 768 and
+# 1024 compile one forward, and 768 and 1024 one backward (Triton's cache compiles each once).
 DIMS = (512, 768, 1024)
 # bf16, fp16, and fp32 with both dots the launchers pick from torch's matmul precision:
 # "highest" (torch's default) -> ieee, anything else -> tf32.
