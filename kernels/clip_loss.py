@@ -92,6 +92,35 @@ interpreter bf16 ``tl.dot`` is silently wrong, so bf16 tiles are upcast to fp32 
 Gradients are stored in fp32 and cast with torch (the interpreter's fp32 -> bf16 store
 truncates, and one code path is easier to trust than two).
 
+Configs (the GPU's; the interpreter runs one small config)
+---------------------------------------------------------
+Forward: BLOCK_M = 128 rows (fixed: it sizes the column partials) against BLOCK_N = 64 or 128
+columns, BLOCK_K = 32 or 64, 3 or 4 pipeline stages: 4 configs. Backward: each program holds
+its whole (BLOCK_M, BLOCK_D) fp32 dq accumulator (BLOCK_D = D rounded up to a power of two),
+so the configs have few rows, 32 to 128, BLOCK_N = 32 or 64, BLOCK_K = 64: 7 configs, the last
+(32 rows on 8 warps) for BLOCK_D = 1024. Before autotuning, prune_configs drops those that
+- need more shared memory than a block may use on the device (shared_memory_bound: the
+  forward's pipelined x and y slices; the backward's k block (BLOCK_N, BLOCK_D) and, on sm_90,
+  its accumulator on the way to the store, 4 BLOCK_M BLOCK_D bytes: 256 KiB at BLOCK_M = 64,
+  D = 1024, over H100's 227 KiB), or
+- hold more than 128 accumulator values per thread, which spill (the register rule:
+  dq_values_per_thread).
+tests/test_compile.py compiles every kernel, branch and config for sm_80 and sm_90 and checks
+the shared-memory bound against the compiler's figure. What is left, the same on A100 and
+H100 in fp16, bf16 and fp32:
+
+                  D <= 256    D 257-512                      D 513-1024
+    forward       4 of 4      4 of 4                         4 of 4
+    backward      7 of 7      5 of 7 (not 128 x 32, nor      1 of 7 (32 x 32 on 8 warps)
+                              64 x 32 on 4 warps)
+
+On A100 and H100 every config that passes the register rule also fits in shared memory: the
+shared-memory check guards GPUs with less of it (99 KiB on RTX 30xx / 40xx) and new configs.
+Beyond D = 1024 every backward config spills, and on H100 none is known to fit (the one tried
+may raise OutOfResources).
+fp32 at torch's default matmul precision ("highest") takes the "ieee" dot, which has no
+tensor-core path: it stages less shared memory than the bound assumes.
+
 References (ideas, not code): FlashAttention 1/2 (online softmax, recompute in backward),
 Inf-CL "Breaking the Memory Barrier" (tiled contrastive loss), Apple's Cut Cross-Entropy
 (never materialise the logits; error vs fp64 no worse than torch's), open_clip's ClipLoss.
@@ -415,7 +444,8 @@ def _ce_bwd_kernel(q_ptr, k_ptr,          # q (Nq, D): the side whose gradient w
 # small blocks make the tests hit both sides of every block size), with backward tiles shaped
 # unlike the forward's so that its recompute rounds differently, as autotuned GPU configs may;
 # the GPU gets a few configs sized for H100 (fp32 accumulators: 128 x 128 forward tiles,
-# (64, BLOCK_D) backward rows).
+# (64, BLOCK_D) backward rows), of which the autotuner times those that fit the device's shared
+# memory (prune_configs below; the module docstring's "Configs" says which).
 FWD_BLOCK_M = 64 if INTERPRET else 128  # fixed: it sets the size of the column-partial buffers
 BWD_MIN_BLOCK_M = 32                    # the smallest backward BLOCK_M: sizes the ds buffer
 if INTERPRET:
@@ -428,12 +458,77 @@ else:
     BWD_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64},
                                  num_warps=w, num_stages=st)
                    for bm, bn, w, st in [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2),
-                                         (32, 64, 4, 2), (128, 32, 8, 1),
-                                         (32, 32, 4, 1)]]  # the last for large D (BLOCK_D 1024)
-_ce_fwd = triton.autotune(FWD_CONFIGS, key=["N", "M", "D", "DENSE_T", "HAS_COL"])(
+                                         (32, 64, 4, 2), (128, 32, 8, 1), (32, 32, 4, 1),
+                                         (32, 32, 8, 1)]]  # the last for BLOCK_D 1024 (docstring)
+
+
+def shared_memory_bound(config, meta, itemsize, arch):
+    """Bytes of shared memory one program of `config` needs at most. meta: the launch's
+    constexprs (BLOCK_M of the forward, BLOCK_D of the backward); itemsize: bytes per input
+    element; arch: the GPU's compute capability, 10 major + minor (80 for A100, 90 for H100).
+    The largest of what is live at one time:
+    - the tile loop (_dot_tile): the pipelined x and y slices, (BLOCK_M + BLOCK_N, BLOCK_K)
+      elements per buffer, num_stages buffers on sm_90 (TMA), num_stages - 1 before it;
+    - backward, the dq product's operands: the k block (BLOCK_N, BLOCK_D) and G (BLOCK_M,
+      BLOCK_N) in the input dtype;
+    - backward on sm_90, the (BLOCK_M, BLOCK_D) fp32 dq accumulator, which crosses shared
+      memory when its wgmma layout is converted for the store.
+    tests/test_compile.py compiles every config for sm_80 and sm_90 and checks the bound
+    against the compiler's figure: exact where these terms dominate, above it elsewhere (the
+    fp32 "ieee" dots run without tensor cores and stage less). Other GPUs are treated like the
+    older (< 90) or newer of the two.
+    """
+    b = {**meta, **config.kwargs}
+    stages = config.num_stages if arch >= 90 else max(config.num_stages - 1, 1)
+    tiles = stages * (b["BLOCK_M"] + b["BLOCK_N"]) * b["BLOCK_K"] * itemsize
+    if "BLOCK_D" not in b:  # forward
+        return tiles
+    dq_operands = (b["BLOCK_N"] * b["BLOCK_D"] + b["BLOCK_M"] * b["BLOCK_N"]) * itemsize
+    dq_store = 4 * b["BLOCK_M"] * b["BLOCK_D"] if arch >= 90 else 0
+    return max(tiles, dq_operands, dq_store)
+
+
+def device_shared_memory(device):
+    """(compute capability as 10 major + minor, bytes of shared memory one block may use) of a
+    CUDA device. The bytes are the opt-in maximum that triton checks at launch: 227 KiB on
+    H100, 163 KiB on A100, 99 KiB on RTX 30xx / 40xx."""
+    major, minor = torch.cuda.get_device_capability(device)
+    props = triton.runtime.driver.active.utils.get_device_properties(device.index)
+    return 10 * major + minor, props["max_shared_mem"]
+
+
+def dq_values_per_thread(config, meta):
+    """fp32 values of the backward's (BLOCK_M, BLOCK_D) dq accumulator each thread holds (0 in
+    the forward). A thread has 255 registers. In these configs, ptxas spills 2-84 KB per thread
+    wherever a thread holds 256 or more, and 0-0.9 KB (up to 2 KB with fp32 "ieee" dots) where
+    it holds 128 or fewer (measured at BLOCK_D 512 and 1024, on sm_80 and sm_90)."""
+    b = {**meta, **config.kwargs}
+    return b["BLOCK_M"] * b.get("BLOCK_D", 0) // (32 * config.num_warps)
+
+
+def prune_configs(configs, named_args, **meta):
+    """The autotuners' early_config_prune: the configs whose shared_memory_bound fits the
+    device and that hold at most 128 dq values per thread. If there is none, the best of the
+    rest: one that fits (with the fewest dq values per thread: it spills, but runs), else the
+    smallest (triton then raises OutOfResources at launch if that does not fit either). Runs
+    once per autotune key (sizes, D, dtypes), before any config is compiled or timed."""
+    x = next(iter(named_args.values()))  # the first argument: x or q, the (rows, D) embeddings
+    arch, limit = device_shared_memory(x.device)
+
+    def cost(c):  # (does not fit, dq values per thread, bound): ordered for the fallback
+        bound = shared_memory_bound(c, meta, x.element_size(), arch)
+        return bound > limit, dq_values_per_thread(c, meta), bound
+
+    kept = [c for c in configs if not cost(c)[0] and cost(c)[1] <= 128]
+    return kept or [min(configs, key=cost)]
+
+
+_ce_fwd = triton.autotune(FWD_CONFIGS, key=["N", "M", "D", "DENSE_T", "HAS_COL"],
+                          prune_configs_by={"early_config_prune": prune_configs})(
     _ce_fwd_kernel)
 _ce_bwd = triton.autotune(BWD_CONFIGS, key=["Nq", "Nk", "D", "HAS_Q_TERM", "HAS_K_TERM",
-                                            "DENSE_T"], reset_to_zero=["ds_ptr"])(
+                                            "DENSE_T"], reset_to_zero=["ds_ptr"],
+                          prune_configs_by={"early_config_prune": prune_configs})(
     _ce_bwd_kernel)
 
 

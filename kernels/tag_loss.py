@@ -31,6 +31,8 @@ for dI (programs own image rows) and, only if W needs a gradient, again with the
 for dW (programs own tag rows); G in [-1, 1] (after dividing by g = max |a|) feeds the fp16/bf16
 dot, g and s are applied in the epilogue; the scale gradient is summed per program.
 No atomics. Work: forward 1 matmul unit, backward 2 (4 when W is trainable).
+The GPU configs, and the pruning that keeps those that fit the device's shared memory, are
+clip_loss.py's (its "Configs" section): the tiles and the dq product have the same shapes.
 
 Memory (bytes beyond the inputs; b = bytes per input element)
 -------------------------------------------------------------
@@ -51,7 +53,7 @@ import triton.language as tl
 
 from .clip_loss import (BWD_CONFIGS, BWD_MIN_BLOCK_M, FWD_BLOCK_M, FWD_CONFIGS, INTERPRET,
                         _acc_dtype, _dot_tile, _log1p, _row_chunks, check_pair, check_triton,
-                        dot_precision, pick_impl, scaled_matmul_ce, targets_arg)
+                        dot_precision, pick_impl, prune_configs, scaled_matmul_ce, targets_arg)
 
 KINDS = ("softmax", "bce")
 
@@ -190,10 +192,15 @@ def _bce_bwd_kernel(q_ptr, k_ptr,        # q (Nq, D): the side whose gradient we
     tl.store(ds_ptr + pid, tl.sum(ds, axis=0))
 
 
-# Same block sizes and configs as clip_loss.py (see there).
-_bce_fwd = triton.autotune(FWD_CONFIGS, key=["N", "K", "D"])(_bce_fwd_kernel)
+# Same block sizes, configs and shared-memory pruning as clip_loss.py (see there): the tiles
+# and the dq product have the same shapes.
+_bce_fwd = triton.autotune(FWD_CONFIGS, key=["N", "K", "D"],
+                           prune_configs_by={"early_config_prune": prune_configs})(
+    _bce_fwd_kernel)
 _bce_bwd = triton.autotune(BWD_CONFIGS, key=["Nq", "Nk", "D", "ROWS_ON_Q"],
-                           reset_to_zero=["ds_ptr"])(_bce_bwd_kernel)
+                           reset_to_zero=["ds_ptr"],
+                           prune_configs_by={"early_config_prune": prune_configs})(
+    _bce_bwd_kernel)
 
 
 # ----------------------------------------------------------------------------- launchers

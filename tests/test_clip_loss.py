@@ -1,6 +1,5 @@
 """kernels/clip_loss.py: the fused Triton path (the interpreter on CPU) and the chunked torch path
 against an fp64 ground truth, with native torch in the same dtype as the yardstick."""
-import importlib
 import os
 import subprocess
 import sys
@@ -10,67 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from _diag import assert_no_worse, diff_report, rel_err
-
-clip_mod = importlib.import_module("kernels.clip_loss")  # `kernels.clip_loss` is the function
-
-# Slack over torch's own error (errors relative to the size of the true tensor). The fused
-# paths accumulate and reduce in fp32 and round the gradient once; torch rounds the logits to
-# the input dtype as well, so in fp16/bf16 it is usually the less accurate one. The slack is
-# half an ulp of the gradient's final rounding (fp16 2^-11, bf16 2^-9), 1e-6 in fp32 (about
-# 10x the regular cases' errors: confident rows, at 1e-4, are held by the factor 1.25).
-SLACK = {torch.float32: 1e-6, torch.float16: 2e-4, torch.bfloat16: 1e-3}
-UPSTREAM = 0.7  # a non-unit upstream gradient, so a dropped factor shows
-# With a GPU the compiled kernels run, on CUDA tensors, and CUDA torch is the yardstick; without
-# one, the interpreter on CPU tensors (conftest sets TRITON_INTERPRET=1).
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# Errors are relative to max(|truth|, floor). The loss (nats) is measured absolutely below 1;
-# the scale's gradient is a sum of terms of size ~UPSTREAM that cancel on confident rows, so it
-# is measured against at least 1% of that size (a missing term is still off by ~UPSTREAM).
-FLOOR = {"loss": 1.0, "dscale": 0.01 * UPSTREAM}
-
-
-@pytest.fixture(autouse=True)
-def _small_chunks(monkeypatch):
-    # Several chunks even at N <= 257, so the chunked path's loop and merges are exercised.
-    monkeypatch.setattr(clip_mod, "CHUNK_LOGITS", 1000)
-
-
-def embeddings(n, d, dtype, near=None, noise=0.5):
-    """(n, d) unit rows rounded to dtype; near: rows to perturb instead (confident pairs)."""
-    x = torch.randn(n, d, dtype=torch.float64)
-    if near is not None:
-        x = near.double() + noise * x / d ** 0.5
-    return F.normalize(x, dim=1).to(dtype)
-
-
-def run(loss_fn, impl, x, y, scale, grad_y=True, **kw):
-    """Loss and gradients (x, y, scale) for a fresh copy of the inputs."""
-    x = x.detach().to(DEVICE, copy=True).requires_grad_()
-    y = y.detach().to(DEVICE, copy=True).requires_grad_(grad_y)
-    s = scale.detach().to(DEVICE, copy=True).requires_grad_()
-    before = [t.detach().clone() for t in (x, y, s)]
-    loss = loss_fn(x, y, s, impl=impl, **kw)
-    loss.backward(torch.tensor(UPSTREAM, dtype=loss.dtype))
-    for t, b in zip((x, y, s), before):
-        assert torch.equal(t, b), f"{impl} modified an input"
-    return {"loss": loss.detach(), "dx": x.grad, "dy": y.grad, "dscale": s.grad}
-
-
-def check_against_truth(loss_fn, x, y, scale, dtype, impls=("triton", "chunked"), **kw):
-    truth = run(loss_fn, "torch", x.double(), y.double(), scale.double(), **kw)
-    native = run(loss_fn, "torch", x, y, scale, **kw)
-    for impl in impls:
-        got = run(loss_fn, impl, x, y, scale, **kw)
-        assert got["loss"].dtype == torch.float32 and got["loss"].shape == ()
-        for name, want in truth.items():
-            if want is None:
-                assert got[name] is None, f"{impl} {name}: expected no gradient"
-                continue
-            assert got[name].dtype == native[name].dtype
-            floor = FLOOR.get(name, 1e-30)
-            assert_no_worse(f"{impl} {name} ({dtype})", got[name], native[name], want,
-                            SLACK[dtype], floor=floor)
+from _harness import (DEVICE, check_against_truth, clip_mod, count_launches, diff_report,
+                      embeddings, rel_err, small_chunks)  # noqa: F401 (small_chunks: autouse)
 
 
 # ----------------------------------------------------------------------------- symmetric loss
@@ -85,7 +25,7 @@ def check_against_truth(loss_fn, x, y, scale, dtype, impls=("triton", "chunked")
 ])
 def test_clip_loss_matches_fp64(N, D, scale, dtype):
     x, y = embeddings(N, D, dtype), embeddings(N, D, dtype)
-    check_against_truth(kernels.clip_loss, x, y, torch.tensor(scale), dtype)
+    check_against_truth(kernels.clip_loss, x, y, scale)
 
 
 # Confident rows: every text is a small perturbation of its image, so softmax - onehot nearly
@@ -99,7 +39,7 @@ def test_clip_loss_matches_fp64(N, D, scale, dtype):
 def test_clip_loss_confident_rows(N, D, scale, dtype):
     x = embeddings(N, D, torch.float64)
     y = embeddings(N, D, dtype, near=x)
-    check_against_truth(kernels.clip_loss, x.to(dtype), y, torch.tensor(scale), dtype)
+    check_against_truth(kernels.clip_loss, x.to(dtype), y, scale)
 
 
 @pytest.mark.parametrize("impl", ["triton", "chunked"])
@@ -128,19 +68,18 @@ def test_confident_row_losses_keep_their_digits(impl):
 ])
 def test_one_sided_matches_fp64(n, M, offset, D, scale, dtype):
     q, k = embeddings(n, D, dtype), embeddings(M, D, dtype)
-    check_against_truth(kernels.clip_loss_one_sided, q, k, torch.tensor(scale), dtype,
-                        offset=offset)
+    check_against_truth(kernels.clip_loss_one_sided, q, k, scale, offset=offset)
 
 
 def test_one_sided_confident_rows():
     k = embeddings(128, 96, torch.float64)
     q = embeddings(64, 96, torch.float32, near=k[64:])  # the positive of row i is key 64 + i
-    check_against_truth(kernels.clip_loss_one_sided, q, k.float(), torch.tensor(14.3),
-                        torch.float32, offset=64)
+    check_against_truth(kernels.clip_loss_one_sided, q, k.float(), 14.3, offset=64)
 
 
-def test_one_sided_frozen_keys_and_float_scale():
-    # keys without gradient: the second backward launch is skipped; a Python float as scale
+def test_one_sided_frozen_keys_and_float_scale(monkeypatch):
+    # keys without gradient: the second backward launch (dk) is skipped; a Python float as scale
+    bwd = count_launches(monkeypatch, clip_mod, "_ce_bwd")
     q = embeddings(31, 48, torch.float32).to(DEVICE)
     k = embeddings(100, 48, torch.float32).to(DEVICE)
     grads = {}
@@ -152,6 +91,7 @@ def test_one_sided_frozen_keys_and_float_scale():
     for impl in ("triton", "chunked"):
         for a, b, what in zip(grads[impl], grads["torch"], ("loss", "dq")):
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), diff_report(f"{impl} {what}", a, b)
+    assert bwd.launches == 1, f"{bwd.launches} backward launches for frozen keys, expected 1"
 
 
 def test_two_one_sided_calls_make_the_symmetric_loss():
