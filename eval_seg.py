@@ -880,6 +880,47 @@ def evaluate(model, bench, protocol, name="", batch_size=16, n_vis=0, vis_dir=No
     return {**metric.compute(), "images": n, "crops": n_crops, "seconds": seconds}
 
 
+def prompt_cosines(model, bench, protocol, name="", batch_size=16, limit=None):
+    """Why a class wins or loses, before any scoring: over the patches whose centre pixel is
+    labelled c, the mean cosine of the dense embedding to c's prompt embedding, and the mean
+    margin over the best other class's (negative: another prompt is closer on average).
+    For world benchmarks, whose images are one crop at the model's size (each image is encoded
+    whole); ignore-labelled patches and, on world-object, the background class are left out.
+    Returns {class: {"cos", "margin", "patches"}}."""
+    device = torch.device(getattr(model, "device", "cpu"))
+    names = bench.classes[1:] if bench.background else bench.classes
+    text = text_embeddings(model, names, protocol.templates).to(device)
+    C = len(names)
+    total = torch.zeros(C, 3, dtype=torch.float64)  # sum cos, sum margin, patches
+    n = len(bench) if limit is None else min(limit, len(bench))
+    for start in range(0, n, batch_size):
+        items = [bench[i] for i in range(start, min(start + batch_size, n))]
+        x = torch.cat([preprocess(image, protocol, device) for image, _, _ in items])
+        with autocast(device):
+            f = model.encode_dense(x)
+        cos = torch.einsum("nehw,ce->nhwc", F.normalize(f.float(), dim=1), text).cpu()
+        h, w = cos.shape[1:3]
+        H, W = x.shape[-2:]
+        rows, cols = (torch.arange(h) * H // h + H // (2 * h)), (torch.arange(w) * W // w + W // (2 * w))
+        label = torch.from_numpy(np.stack([np.asarray(lab) for _, lab, _ in items]).astype(np.int64))
+        label = label[:, rows][:, :, cols] - (1 if bench.background else 0)  # (n, h, w) into names
+        keep = (label >= 0) & (label < C)
+        cos, label = cos[keep], label[keep]  # (P, C), (P,)
+        own = cos.gather(1, label[:, None])[:, 0]
+        other = cos.scatter(1, label[:, None], -math.inf).amax(1)
+        total.index_add_(0, label, torch.stack([own, own - other, torch.ones_like(own)], 1).double())
+    return {c: {"cos": (t[0] / t[2]).item() if t[2] else None,
+                "margin": (t[1] / t[2]).item() if t[2] else None, "patches": int(t[2])}
+            for c, t in zip(names, total)}
+
+
+def print_cosines(name, cosines):
+    print(f"\n{name}: prompt cosine on each class's patches, and its margin over the best other class")
+    for c, v in cosines.items():
+        print(f"  {c:<24}" + ("      -" if v["cos"] is None else f"{v['cos']:7.3f}{v['margin']:+8.3f}")
+              + f"{v['patches']:8d} patches")
+
+
 def evaluate_preds(bench, preds_dir, name="", n_vis=0, vis_dir=None, limit=None):
     """Score saved predictions: preds_dir/<image id>.png per image at the label's size, class
     index in the benchmark's 0-based order after reduce_zero_label, a value outside the classes
@@ -964,13 +1005,15 @@ def protocol_for(name, bench, overrides=None, norm=None):
 
 
 def run_benchmarks(model, names=WORLD, data_root=None, out_dir="out", n_vis=4, batch_size=16,
-                   extra=None, overrides=None, n_images=None, limit=None, preds_dir=None, world=None):
+                   extra=None, overrides=None, n_images=None, limit=None, preds_dir=None, world=None,
+                   cosines=False):
     """Evaluate `model` (or saved predictions in preds_dir when model is None) on `names`,
     print the tables, write out_dir/metrics.json and out_dir/vis/*.png; returns the metrics:
     {name: {"mIoU", "mAcc", "aAcc", "IoU": {class: value}, ...}, "mean": {"mIoU": ..}, **extra}.
     overrides: Protocol fields to change (e.g. {"bg_thresh": 0.5, "pamr": True});
     n_images: world benchmark size (data.py's default when None); limit: first N images only;
-    world: the data.WorldConfig of the world benchmarks (the default world when None)."""
+    world: the data.WorldConfig of the world benchmarks (the default world when None);
+    cosines: also measure prompt_cosines (world benchmarks) into metrics[name]["cosines"]."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     benches = {k: load_benchmark(k, data_root, n_images, world) for k in names}  # fail early on bad paths
@@ -986,6 +1029,9 @@ def run_benchmarks(model, names=WORLD, data_root=None, out_dir="out", n_vis=4, b
         else:
             r = evaluate_preds(bench, preds_dir, k, n_vis, out_dir / "vis", limit)
         print_class_table(k, bench.classes, r)
+        if cosines:
+            r["cosines"] = prompt_cosines(model, bench, protocol, k, batch_size, limit)
+            print_cosines(k, r["cosines"])
         results[k] = r
         metrics[k] = {**r, "IoU": dict(zip(bench.classes, r["IoU"])),
                       "Acc": dict(zip(bench.classes, r["Acc"]))}
@@ -1040,6 +1086,8 @@ def main(argv=None):
                    "model's (default 0.3, TagAlign's; 0 = the decoder alone)")
     p.add_argument("--templates", choices=sorted(TEMPLATES), help="prompt set (default: simple)")
     p.add_argument("--pamr", action="store_true", help="refine crop scores with PAMR (10 iterations)")
+    p.add_argument("--cosines", action="store_true", help="world benchmarks: also report each class's "
+                   "mean prompt cosine on its patches and the margin over the best other class")
     p.add_argument("--n-vis", type=int, default=4, help="overlay images saved per benchmark")
     p.add_argument("--batch-size", type=int, default=16, help="crops per forward pass")
     p.add_argument("--limit", type=int, help="evaluate only the first N images of each benchmark")
@@ -1060,6 +1108,8 @@ def main(argv=None):
     if args.clip_w is not None and not 0 <= args.clip_w <= 1:
         raise SystemExit("eval_seg: --clip-w must lie in [0, 1]")
     names = parse_names(args.benchmarks)
+    if args.cosines and (args.preds is not None or any(k not in WORLD for k in names)):
+        raise SystemExit("eval_seg: --cosines needs a model and world benchmarks only")
     overrides = dict(TAGALIGN_SCORING) if args.scoring == "tagalign" else {}
     overrides |= {k: v for k, v in (("bg_thresh", args.bg_thresh), ("pamr", args.pamr or None),
                                    ("score", args.score), ("score_scale", args.score_scale),
@@ -1081,7 +1131,8 @@ def main(argv=None):
         extra["world"] = getattr(model, "world", None)
     out = args.out or (str(Path(args.ckpt).parent) if args.ckpt else "out")
     return run_benchmarks(model, names, args.data_root, out, args.n_vis, args.batch_size, extra,
-                          overrides, args.world_images, args.limit, args.preds, getattr(model, "world", None))
+                          overrides, args.world_images, args.limit, args.preds, getattr(model, "world", None),
+                          args.cosines)
 
 
 if __name__ == "__main__":

@@ -853,3 +853,56 @@ def test_save_curves_empty_and_malformed_logs(tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text('{"loss": 1}\n')
     with pytest.raises(ValueError, match="line 1: expected a JSON object with a 'step'"):
         E.save_curves(tmp_path / "bad.jsonl", tmp_path / "b.png")
+
+
+class RandomDense:
+    """Random dense embeddings on a stride-4 grid and random prompt embeddings, remembered so
+    that a test can recompute what was measured from them."""
+
+    def __init__(self, E_dim=6):
+        self.g, self.E, self.text, self.outputs = torch.Generator().manual_seed(0), E_dim, {}, []
+
+    def encode_text(self, texts):
+        for t in texts:
+            self.text.setdefault(t, torch.randn(self.E, generator=self.g))
+        return torch.stack([self.text[t] for t in texts])
+
+    def encode_dense(self, x):
+        out = torch.randn(len(x), self.E, x.shape[-2] // 4, x.shape[-1] // 4, generator=self.g)
+        self.outputs.append(out)
+        return out
+
+
+@pytest.mark.parametrize("name", ["world-stuff", "world-object"])
+def test_prompt_cosines_against_a_loop(name):
+    bench = FakeWorld(name, n_images=3)
+    model = RandomDense()
+    protocol = E.protocol_for(name, bench)
+    got = E.prompt_cosines(model, bench, protocol, name, batch_size=2)
+    names = bench.classes[1:] if bench.background else bench.classes
+    text = torch.stack([sum(model.text[t.format(n)] for t in bench.templates) for n in names])
+    text = text / text.norm(dim=1, keepdim=True)
+    dense = torch.cat(model.outputs)  # (3, E, 5, 7) for 20 x 28 images
+    sums = {n: [0.0, 0.0, 0] for n in names}
+    for i in range(len(bench)):
+        label = bench[i][1]
+        for r in range(dense.shape[2]):
+            for c in range(dense.shape[3]):
+                k = int(label[4 * r + 2, 4 * c + 2]) - (1 if bench.background else 0)  # the patch centre
+                if not 0 <= k < len(names):
+                    continue
+                f = dense[i, :, r, c] / dense[i, :, r, c].norm()
+                cos = [float(f @ t) for t in text]
+                sums[names[k]][0] += cos[k]
+                sums[names[k]][1] += cos[k] - max(v for j, v in enumerate(cos) if j != k)
+                sums[names[k]][2] += 1
+    assert set(got) == set(names)
+    for n, (cos, margin, count) in sums.items():
+        assert got[n]["patches"] == count and count > 0
+        assert got[n]["cos"] == pytest.approx(cos / count, abs=1e-6)
+        assert got[n]["margin"] == pytest.approx(margin / count, abs=1e-6)
+
+
+def test_cosines_flag_refuses_other_benchmarks():
+    with pytest.raises(SystemExit, match="--cosines"):
+        E.main(["--ckpt", "x.pt", "--benchmarks", "voc", "--cosines"])
