@@ -321,6 +321,7 @@ def test_synonym_groups_make_one_tag(tmp_path):
 def test_world_synonym_file_covers_the_world_caption_synonyms():
     """Every synonym the world's captions use maps to the class name the benchmarks prompt with."""
     canon = data.read_synonyms(os.path.join(os.path.dirname(data.__file__), "words", "world_synonyms.txt"))
-    captions = [data.World(0).caption(i) for i in range(3000)]
+    world = data.World(0)
+    captions = [world.caption(i) for i in range(3000)]
     vocab = data.build_vocab(captions, min_count=1, synonyms=canon)
     assert sorted(t for t, k in zip(vocab.tags, vocab.kinds) if k == "object") == sorted(data.SHAPES + data.STUFF)

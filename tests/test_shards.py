@@ -25,7 +25,8 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
     paths = data.write_world_shards(str(root / "shards"), 56, per_shard=12)
     data.tag_files(paths, str(root / "tags"), min_count=1, workers=1, progress=False)
-    tok = data.Tokenizer.train([data.World(0).caption(i) for i in range(300)], 600)
+    w = data.World(0)
+    tok = data.Tokenizer.train([w.caption(i) for i in range(300)], 600)
     return root, paths, tok
 
 
