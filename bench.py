@@ -408,11 +408,6 @@ def bench_world(args):
 
 
 # ----------------------------------------------------------------------------- paper mode
-VIT_B16 = dict(image_size=224, patch_size=16, stem="patch", vision_width=768, vision_layers=12, vision_heads=12,
-               vision_local=-1, vocab_size=49408, context_length=77, text_width=512, text_layers=12,
-               text_heads=8, embed_dim=512, dense="surgery", surgery_blocks=6, decoder_blocks=2, quick_gelu=True)
-
-
 def bench_paper(args):
     """Paper mode on a ViT-B/16-shaped CLIP (random weights, or --clip FILE): one training step
     (frozen towers, decoder, losses, AdamW) and its parts, and the evaluator's crops/s."""
@@ -424,8 +419,11 @@ def bench_paper(args):
     gpu = device.type == "cuda"
     B = args.batch_size or (512 if gpu else 8)
     precision = "bf16" if gpu else "fp32"
-    net = (M.load_clip(args.clip) if args.clip else M.TagAlign(M.Config(**VIT_B16), frozen_clip=True)).to(device)
-    net.init_head_from_clip()
+    if args.clip:
+        net = M.load_clip(args.clip).to(device)  # its head starts as CLIP's ln_post + proj
+    else:
+        net = M.TagAlign(M.Config(**M.VIT_B16), frozen_clip=True).to(device)
+        net.init_head_from_clip()
     cfg = net.cfg
     targs = tagalign.build_parser().parse_args(["train", "--clip", "x", "--data", "x", "--tags", "x"])
     targs = tagalign.finish_train_args(argparse.ArgumentParser(), targs)
@@ -481,7 +479,6 @@ def bench_paper(args):
           f"cache of caption embeddings would save per step")
 
     seg = M.SegmentationModel(net, data.Tokenizer.from_clip(), device)
-    seg.norm = (data.IMAGENET_MEAN, data.IMAGENET_STD)
     protocol = eval_seg.PRESETS["tcl"]
     text = eval_seg.text_embeddings(seg, eval_seg.VOC[1:], protocol.templates).to(device)
     scores = eval_seg.crop_scorer(seg, text, protocol, background=True)

@@ -864,10 +864,11 @@ def read_synonyms(path):
     with f:
         for n, line in enumerate(f, 1):
             names = [w.replace("_", " ") for w in line.split("#")[0].lower().split()]
-            for w in names[1:]:
-                if w in canon or w == names[0] or any(w == c for c in canon.values()):
+            for i, w in enumerate(names):  # the group's name may not be another group's synonym
+                if w in canon or (i and (w == names[0] or w in canon.values())):
                     raise ValueError(f"{path}:{n}: {w!r} is in two synonym groups")
-                canon[w] = names[0]
+                if i:
+                    canon[w] = names[0]
     return canon
 
 
@@ -1373,6 +1374,7 @@ def read_tags(out_dir, keys=False):
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the official training norm
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+NORMS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "clip": (CLIP_MEAN, CLIP_STD)}  # --norm
 SKIPS = ("unpaired", "bad_image", "bad_caption", "truncated")  # what the stream skips and counts
 
 
@@ -1446,12 +1448,12 @@ class ShardTags:
                              f"the tags have {got!r} (re-run `tagalign.py tags` on these files)")
         return row
 
-    def targets(self, rows, device=None):
+    def targets(self, rows):
         """(B,) rows -> (B, K) bool multi-hot targets."""
         t = torch.zeros(len(rows), len(self.vocab), dtype=torch.bool)
         for i, r in enumerate(rows.tolist()):
             t[i, torch.from_numpy(self.ids[self.offsets[r]:self.offsets[r + 1]].astype(np.int64))] = True
-        return t.to(device)
+        return t
 
 
 def random_resized_crop(width, height, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -1696,7 +1698,7 @@ class WorldConfig:
 
     def check(self):
         """Raise ValueError with one line naming the setting when the world cannot be made."""
-        for k, names, known in (("shapes", self.shapes, ("circle", "square", "triangle", "star", "cross", "ring")),
+        for k, names, known in (("shapes", self.shapes, tuple(_SHAPE_WORDS)),
                                 ("colours", self.colours, tuple(COLOURS))):
             bad = [n for n in names if n not in known]
             if bad or not names or len(set(names)) != len(names):
@@ -1722,8 +1724,7 @@ _SHAPE_WORDS = {
     "ring": (("ring", "rings"), ("ring", "rings"), ("donut", "donuts")),
 }
 _SIZE_WORDS = {"small": ("small", "little", "tiny"), "big": ("big", "large", "huge")}
-# Without synonyms (WorldConfig.synonyms false) a stuff is named by these phrases only.
-_PLAIN_STUFF_PHRASES = {
+_STUFF_PHRASES = {
     "grass": ("on grass", "on the grass"), "sand": ("on sand", "on the sand"),
     "water": ("on water", "in the water"), "snow": ("in the snow", "on snow", "lying in the snow"),
     "sky": ("in the sky", "against the sky", "up in the sky"), "road": ("on a road", "on the road"),
@@ -1736,6 +1737,8 @@ _STUFF_PHRASES = {
     "sky": ("in the sky", "against the sky", "up in the sky"),
     "road": ("on a road", "on the road", "on the street", "on asphalt"),
 }
+# Without synonyms (WorldConfig.synonyms false) a stuff is named by the phrases that say its name.
+_PLAIN_STUFF_PHRASES = {k: tuple(p for p in v if k in p.split()) for k, v in _STUFF_PHRASES.items()}
 _PREFIXES = ("", "", "", "", "a picture of ", "an image showing ", "we can see ",
              "in this scene, ", "a photo of ", "there is ")
 _LINKS = (" and ", " and ", ", ", " next to ", " beside ", " near ", " together with ")

@@ -251,7 +251,7 @@ PRESETS = {"tcl": Protocol(),
            "world": Protocol(short_side=None, window=None, score="softmax", score_scale=None, bg_thresh=0.5)}
 # TagAlign's scoring, for the world benchmarks too (`--scoring tagalign`): the world's geometry
 # and normalisation, the published per-class score and constant background.
-TAGALIGN_SCORING = {"score": "sigmoid", "score_scale": 10.0, "score_bias": -2.5, "bg_thresh": 0.4}
+TAGALIGN_SCORING = {k: getattr(PRESETS["tcl"], k) for k in ("score", "score_scale", "score_bias", "bg_thresh")}
 
 # ----------------------------------------------------------------------------- resizing
 def resize_bilinear(x, size):
@@ -880,7 +880,7 @@ def evaluate(model, bench, protocol, name="", batch_size=16, n_vis=0, vis_dir=No
     return {**metric.compute(), "images": n, "crops": n_crops, "seconds": seconds}
 
 
-def prompt_cosines(model, bench, protocol, name="", batch_size=16, limit=None):
+def prompt_cosines(model, bench, protocol, batch_size=16, limit=None):
     """Why a class wins or loses, before any scoring: over the patches whose centre pixel is
     labelled c, the mean cosine of the dense embedding to c's prompt embedding, and the mean
     margin over the best other class's (negative: another prompt is closer on average).
@@ -1030,7 +1030,7 @@ def run_benchmarks(model, names=WORLD, data_root=None, out_dir="out", n_vis=4, b
             r = evaluate_preds(bench, preds_dir, k, n_vis, out_dir / "vis", limit)
         print_class_table(k, bench.classes, r)
         if cosines:
-            r["cosines"] = prompt_cosines(model, bench, protocol, k, batch_size, limit)
+            r["cosines"] = prompt_cosines(model, bench, protocol, batch_size, limit)
             print_cosines(k, r["cosines"])
         results[k] = r
         metrics[k] = {**r, "IoU": dict(zip(bench.classes, r["IoU"])),
@@ -1123,7 +1123,7 @@ def main(argv=None):
     elif args.clip is not None:
         model = SegmentationModel(load_clip(args.clip), data.Tokenizer.from_clip(), args.device,
                                   args.dense, head="clip")
-        model.norm = (data.CLIP_MEAN, data.CLIP_STD) if args.norm == "clip" else (data.IMAGENET_MEAN, data.IMAGENET_STD)
+        model.norm = data.NORMS[args.norm]
     elif not Path(args.preds).is_dir():
         raise SystemExit(f"eval_seg: --preds {args.preds}: no such folder")
     if model is not None:

@@ -306,8 +306,6 @@ class CLIP(nn.Module):
 
     # What the training loop asks of a model (TagAlign has the same): a CLIP trained on its own
     # (tagalign.py pretrain) uses its logit_scale for ITC and trains every parameter.
-    frozen_clip = False
-
     @property
     def itc_logit_scale(self):
         return self.logit_scale
@@ -449,6 +447,10 @@ def trainable_parameters(model):
 WORLD_CLIP = dict(image_size=64, patch_size=8, stem="patch", vision_width=128, vision_layers=3, vision_heads=2,
                   vision_local=-1, vocab_size=49408, context_length=32, text_width=128, text_layers=3,
                   text_heads=2, embed_dim=128, dense="surgery", surgery_blocks=3, decoder_blocks=2, quick_gelu=True)
+# OpenAI's ViT-B/16 with TagAlign's head: what load_clip infers from ViT-B-16.pt (bench.py, tests)
+VIT_B16 = dict(image_size=224, patch_size=16, stem="patch", vision_width=768, vision_layers=12, vision_heads=12,
+               vision_local=-1, vocab_size=49408, context_length=77, text_width=512, text_layers=12,
+               text_heads=8, embed_dim=512, dense="surgery", surgery_blocks=6, decoder_blocks=2, quick_gelu=True)
 
 
 # ---------------------------------------------------------------- OpenAI CLIP files
@@ -601,5 +603,5 @@ def load_model(path, device="cpu", reading=None, clip=None):
     if ckpt.get("world"):  # world benchmarks are made with the world the model was trained on
         seg.world = data.WorldConfig(**ckpt["world"])
     if ckpt.get("clip"):  # the normalisation it was trained with
-        seg.norm = (data.CLIP_MEAN, data.CLIP_STD) if ckpt["args"].get("norm") == "clip" else (data.IMAGENET_MEAN, data.IMAGENET_STD)
+        seg.norm = data.NORMS[ckpt["args"]["norm"]]
     return seg

@@ -293,8 +293,7 @@ def world_setup(args, ckpt):
 def export_clip(model, path):
     """A pretrained CLIP as an OpenAI-format state dict (its module names are OpenAI's), written
     atomically; `--clip path` reads it through the same loader as ViT-B-16.pt."""
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    save_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
 
 
 def as_raw_clip(clip, device):
@@ -322,8 +321,7 @@ def tag_embeddings(model, tokenizer, vocab, tags_dir, clip_sha256, template, dev
     with torch.no_grad():
         emb = torch.cat([model.encode_text(tokens[i:i + 1024].to(device)).float() for i in range(0, len(tokens), 1024)])
     emb = F.normalize(emb, dim=-1).cpu()
-    torch.save({**key, "embeddings": emb}, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    save_atomic({**key, "embeddings": emb}, path)
     print(f"tag embeddings: {len(vocab)} computed with {template!r}, saved to {path}")
     return emb.to(device)
 
@@ -349,7 +347,7 @@ def paper_setup(args, ckpt, device):
     try:
         sources = data.expand_shards(args.data)
         tags = data.ShardTags(args.tags, sources) if args.tags else None
-        mean, std = (data.CLIP_MEAN, data.CLIP_STD) if args.norm == "clip" else (data.IMAGENET_MEAN, data.IMAGENET_STD)
+        mean, std = data.NORMS[args.norm]
         stream = data.ImageTextStream(sources, tags, tokenizer, model.cfg.context_length, args.batch_size,
                                       model.cfg.image_size, args.seed, args.shuffle_buffer, mean, std,
                                       rank=rank, world_size=ranks, workers=args.workers,
@@ -367,13 +365,17 @@ def paper_setup(args, ckpt, device):
 
 
 # ---------------------------------------------------------------- checkpoints
-def save_checkpoint(path, state):
-    """Write a checkpoint atomically: a crash mid-write leaves the old file. Under torchrun rank 0
-    alone writes (every rank builds `state`: gathering it may need them all)."""
-    if rank_and_count()[0] > 0:
-        return
-    torch.save(state, path + ".tmp")
+def save_atomic(obj, path):
+    """torch.save through a temporary file: a crash mid-write leaves the old file, never half of one."""
+    torch.save(obj, path + ".tmp")
     os.replace(path + ".tmp", path)
+
+
+def save_checkpoint(path, state):
+    """Write a checkpoint atomically. Under torchrun rank 0 alone writes (every rank builds
+    `state`: gathering it may need them all)."""
+    if rank_and_count()[0] == 0:
+        save_atomic(state, path)
 
 
 def checkpoint_state(model, optimizer, scaler, step, args):
@@ -489,22 +491,19 @@ def losses_across_ranks(step, loss, itc, tag, counts):
     A non-finite loss stops the run here, before the backward: the values are all-gathered first,
     so every rank stops at the same step with the same message (a rank that raised alone would
     leave the others waiting in the backward's collectives)."""
-    if not dist.is_initialized():
-        if not torch.isfinite(loss):
-            raise SystemExit(f"error: loss is {loss.item()} at step {step} (itc {itc.item()}, "
-                             f"tag {tag.item()}); lower --lr or check the data")
-        return loss.item(), itc.item(), tag.item(), dict(counts)
-    _, R = rank_and_count()
     mine = torch.tensor([loss.item(), itc.item(), tag.item(), *(counts.get(k, 0) for k in data.SKIPS)],
                         dtype=torch.float64, device=loss.device)
-    every = [torch.empty_like(mine) for _ in range(R)]
-    dist.all_gather(every, mine)
+    every = [mine]
+    if dist.is_initialized():
+        every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(every, mine)
     every = torch.stack(every).cpu()  # (R, 3 + skips)
-    bad = [r for r in range(R) if not torch.isfinite(every[r, 0])]
+    bad = [r for r in range(len(every)) if not torch.isfinite(every[r, 0])]
     if bad:
         loss, itc, tag = every[bad[0], :3].tolist()
-        raise SystemExit(f"error: loss is {loss} at step {step} on rank {', '.join(map(str, bad))} (itc {itc}, "
-                         f"tag {tag}); lower --lr or check the data")
+        where = f" on rank {', '.join(map(str, bad))}" if dist.is_initialized() else ""
+        raise SystemExit(f"error: loss is {loss} at step {step}{where} (itc {itc}, tag {tag}); "
+                         "lower --lr or check the data")
     total = every.mean(0).tolist()
     skipped = {k: int(v) for k, v in zip(data.SKIPS, every[:, 3:].sum(0).tolist())} if counts else {}
     return *total[:3], skipped
@@ -544,11 +543,9 @@ def train(args):
             if ckpt["args"].get(k) != getattr(args, k, None):
                 raise SystemExit(f"error: {ckpt_path} was trained with --{k.replace('_', '-')} "
                                  f"{ckpt['args'].get(k)}, this command says {getattr(args, k, None)}")
-        if ckpt["args"].get("ranks", 1) != args.ranks:  # each rank's data and the global batch depend on it
-            raise SystemExit(f"error: {ckpt_path} was trained on {ckpt['args'].get('ranks', 1)} ranks, this run has "
+        if ckpt["args"]["ranks"] != args.ranks:  # each rank's data and the global batch depend on it
+            raise SystemExit(f"error: {ckpt_path} was trained on {ckpt['args']['ranks']} ranks, this run has "
                              f"{args.ranks}: resume with as many (torchrun --nnodes x --nproc_per_node)")
-        if isinstance(ckpt.get("data", {}).get("states"), dict):  # written before torchrun: one rank's
-            ckpt["data"]["states"] = [ckpt["data"]["states"]]
     device = torch.device(args.device)
     rank, ranks = rank_and_count()
 
@@ -583,7 +580,7 @@ def train(args):
         # and Python, and torch releases the GIL inside its kernels, so the two overlap.
         prefetch = ThreadPoolExecutor(1)
         pretrain = args.command == "pretrain"
-        norm = (data.IMAGENET_MEAN, data.IMAGENET_STD) if pretrain else (data.WORLD_MEAN, data.WORLD_STD)
+        norm = data.NORMS[args.norm] if pretrain else (data.WORLD_MEAN, data.WORLD_STD)
         # rank r of R reads batch s R + r of the stream: its share of the global batch (see process_group)
         fetch = lambda s: world_batch(world, s * ranks + rank, args.batch_size, tokenizer, vocab, model.cfg,  # noqa: E731
                                       norm)
@@ -604,7 +601,8 @@ def train(args):
     start = 0
     if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"]) if ckpt.get("scaler") else None
+        if ckpt["scaler"]:  # empty when fp16 was off
+            scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         np.random.set_state(ckpt["rng"]["numpy"])
         random.setstate(ckpt["rng"]["python"])
@@ -689,7 +687,7 @@ def train(args):
         else:
             seg = SegmentationModel(model, tokenizer, device)
         if paper or args.command == "pretrain":
-            seg.norm = (data.CLIP_MEAN, data.CLIP_STD) if args.norm == "clip" else (data.IMAGENET_MEAN, data.IMAGENET_STD)
+            seg.norm = data.NORMS[args.norm]
         extra = {"config": dataclasses.asdict(model.cfg), "args": vars(args)}
         extra.update({} if paper else {"world": dataclasses.asdict(world.cfg)})
         eval_seg.run_benchmarks(seg, names, data_root=args.data_root, out_dir=args.out, n_images=args.eval_images,
@@ -747,7 +745,7 @@ def build_parser():
         p.add_argument("--synonyms", help="world: a synonym-group file (e.g. words/world_synonyms.txt) that makes "
                                           "each group one tag (paper mode: give it to `tags` instead)")
         p.add_argument("--norm", choices=("imagenet", "clip"), default="imagenet",
-                       help="paper mode: image normalisation (the official code's ImageNet mean/std, or CLIP's)")
+                       help="paper mode and pretrain: image normalisation (the official code's ImageNet mean/std, or CLIP's)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="change a model setting (Config field, e.g. vision_layers=2) or a world setting "
                             "(world.pairs=false); repeat for several; paper mode: dense, surgery_blocks, decoder_blocks")
@@ -806,6 +804,8 @@ def finish_train_args(parser, args):
         parser.error("pretrain trains a CLIP on the world with ITC alone: no --clip, --data, --tags or --tag-weight")
     if mode == "pretrain":
         args.tag_weight = 0.0
+    if mode == "world" and args.norm != "imagenet":
+        parser.error("--norm: paper mode and pretrain only (the world model uses the world's own pixel statistics)")
     for k, v in MODE_DEFAULTS[mode].items():
         if getattr(args, k) is None:
             setattr(args, k, v)

@@ -582,12 +582,15 @@ def test_raw_clip_end_to_end_on_a_voc_tree(tmp_path):
     from _clip import make_ref_clip, write_clip
     write_tree(tmp_path, "voc", n=2, size=(40, 60))
     clip = write_clip(make_ref_clip(vision_layers=8), tmp_path / "small.pt", "torchscript")
+    miou = {}
     for reading in ("plain", "maskclip", "surgery"):
         m = E.main(["--clip", clip, "--dense", reading, "--benchmarks", "voc", "--data-root", str(tmp_path),
                     "--n-vis", "0", "--out", str(tmp_path / reading)])
         r = m["voc"]
         assert r["images"] == 2 and r["crops"] == 2 * 2 and 0 <= r["mIoU"] <= 100  # 448 x 672: two windows
         assert r["protocol"].clip_w == 0.0 and m["config"]["dense"] == "surgery"
+        miou[reading] = r["mIoU"]
+    assert miou["plain"] != miou["surgery"], miou  # the reading reached the model
 
 
 def test_background_on_softmax_scores_is_relative():
@@ -878,7 +881,7 @@ def test_prompt_cosines_against_a_loop(name):
     bench = FakeWorld(name, n_images=3)
     model = RandomDense()
     protocol = E.protocol_for(name, bench)
-    got = E.prompt_cosines(model, bench, protocol, name, batch_size=2)
+    got = E.prompt_cosines(model, bench, protocol, batch_size=2)
     names = bench.classes[1:] if bench.background else bench.classes
     text = torch.stack([sum(model.text[t.format(n)] for t in bench.templates) for n in names])
     text = text / text.norm(dim=1, keepdim=True)

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from _clip import make_ref_clip, ref_dense_tokens, write_clip
-from model import (CLIP, Config, LayerNorm, ResConv, SegmentationModel, TagAlign, load_clip,
+from model import (CLIP, VIT_B16, Config, LayerNorm, ResConv, SegmentationModel, TagAlign, load_clip,
                    read_clip_state_dict, trainable_parameters)
 
 
@@ -161,9 +161,7 @@ def test_paper_head_starts_as_raw_clip(small_clip):
 def test_vit_b16_trainable_parameters():
     """ViT-B/16's shapes, built on the meta device: TCL's decoder 4 x (768 * 768 * 9 + 768 +
     2 * 768 + 1) = 21,242,884, the head's LayerNorm and 768 x 512 projection 394,752, two scales."""
-    cfg = Config(image_size=224, patch_size=16, stem="patch", vision_width=768, vision_layers=12,
-                 vision_heads=12, vision_local=-1, vocab_size=49408, context_length=77, text_width=512,
-                 text_layers=12, text_heads=8, embed_dim=512, dense="surgery", decoder_blocks=2, quick_gelu=True)
+    cfg = Config(**VIT_B16)
     with torch.device("meta"):
         model = TagAlign(cfg, frozen_clip=True)
     counts = trainable_parameters(model)
