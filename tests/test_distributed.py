@@ -20,7 +20,8 @@ import torch.nn.functional as F
 import data
 import kernels
 import tagalign
-from test_train import TINY, Config, paper, read_log, run, run_paper, tiny  # noqa: F401 (fixtures)
+from test_train import (dies_at_call, paper, read_log, run, run_paper, tiny,  # noqa: F401 (fixtures)
+                        tiny_config)
 
 RANKS = 2
 
@@ -190,7 +191,7 @@ def check_pieces(ranks, impl, dtype, tol):
 
 # ---------------------------------------------------------------- 2 ranks x b = 1 process x 2b
 def _world(rank, ports, out, flags):
-    tagalign.Config = lambda **kw: Config(**{**TINY, **kw})  # the `tiny` fixture, in this process
+    tagalign.Config = tiny_config  # the `tiny` fixture, in this process
     model = run(out, *flags)
     return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -292,16 +293,9 @@ def _paper_resume(rank, ports, paper_files, root, flags):
     """Straight; killed after step 4 (checkpoint at 3); resumed: three runs, one port each."""
     os.environ["MASTER_PORT"] = str(ports[0])
     straight = run_paper(paper_files, root / "straight", *flags)
-    loss, calls = tagalign.compute_loss, []
-
-    def loss_or_die(*a, **kw):  # both ranks stop at the same point
-        calls.append(1)
-        if len(calls) == 6:
-            raise KeyboardInterrupt
-        return loss(*a, **kw)
-
+    loss = tagalign.compute_loss
     os.environ["MASTER_PORT"] = str(ports[1])
-    tagalign.compute_loss = loss_or_die
+    tagalign.compute_loss = dies_at_call(loss, 6)  # both ranks stop at the same point
     try:
         run_paper(paper_files, root / "broken", *flags)
     except KeyboardInterrupt:
@@ -335,7 +329,7 @@ def test_paper_resume_across_ranks_continues_exactly(paper, tmp_path):
 # ---------------------------------------------------------------- failures stop every rank
 def _failing(rank, ports, out, how):
     """World run in which rank 1's loss turns NaN at step 1 ("nan") or rank 1 dies at step 2."""
-    tagalign.Config = lambda **kw: Config(**{**TINY, **kw})
+    tagalign.Config = tiny_config
     loss, calls = tagalign.compute_loss, []
 
     def broken_loss(*a, **kw):

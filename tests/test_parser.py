@@ -316,6 +316,9 @@ def test_synonym_groups_make_one_tag(tmp_path):
     (tmp_path / "bad.txt").write_text("sofa couch\nchair couch\n")
     with pytest.raises(ValueError, match="bad.txt:2: 'couch' is in two synonym groups"):
         data.read_synonyms(str(tmp_path / "bad.txt"))
+    (tmp_path / "chain.txt").write_text("sofa couch\ncouch settee\n")  # "settee" would map to a synonym
+    with pytest.raises(ValueError, match="chain.txt:2: 'couch' is in two synonym groups"):
+        data.read_synonyms(str(tmp_path / "chain.txt"))
 
 
 def test_world_synonym_file_covers_the_world_caption_synonyms():

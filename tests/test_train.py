@@ -10,6 +10,7 @@ import torch
 import data
 import eval_seg
 import tagalign
+from _clip import make_ref_clip, write_clip
 from model import load_model
 
 TINY = dict(stem_width=8, vision_width=32, vision_layers=1, vision_heads=2, context_length=28,
@@ -19,10 +20,26 @@ TINY = dict(stem_width=8, vision_width=32, vision_layers=1, vision_heads=2, cont
 Config = tagalign.Config  # the real dataclass, before any test patches it
 
 
+def tiny_config(**kw):
+    return Config(**{**TINY, **kw})  # fields given explicitly win
+
+
 @pytest.fixture
 def tiny(monkeypatch):
-    """Every Config that train() builds is the tiny one (fields given explicitly still win)."""
-    monkeypatch.setattr(tagalign, "Config", lambda **kw: Config(**{**TINY, **kw}))
+    """Every Config that train() builds is the tiny one."""
+    monkeypatch.setattr(tagalign, "Config", tiny_config)
+
+
+def dies_at_call(fn, n):
+    """fn that raises KeyboardInterrupt at its n-th call (a run killed mid-training)."""
+    calls = []
+
+    def wrapped(*a, **kw):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return fn(*a, **kw)
+    return wrapped
 
 
 def run(out, *flags):
@@ -191,13 +208,18 @@ def test_set_refuses_bad_settings_with_one_line(tiny, tmp_path, setting, message
 @pytest.fixture(scope="module")
 def paper(tmp_path_factory):
     """A small OpenAI-format CLIP (8 blocks), the world as 4 shards of 12 scenes, their tags."""
-    from _clip import make_ref_clip, write_clip
     root = tmp_path_factory.mktemp("paper")
     clip = write_clip(make_ref_clip(vision_layers=8), root / "clip.pt", "torchscript")
     shards = data.write_world_shards(str(root / "shards"), 48, per_shard=12)
     tagalign.main(["tags", "--captions", *shards, "--out", str(root / "tags"), "--min-count", "1", "--quiet",
                    "--workers", "1"])
     return root, clip
+
+
+@pytest.fixture(scope="module")
+def other_clip(paper):
+    """Another CLIP file of the same shapes (other weights, fp16 state dict)."""
+    return write_clip(make_ref_clip(seed=1, vision_layers=8), paper[0] / "other.pt", "fp16")
 
 
 def run_paper(paper, out, *flags):
@@ -228,8 +250,7 @@ def test_paper_mode_trains_the_head_alone(paper, tmp_path):
     assert set(log[-1]["skipped"]) == set(data.SKIPS)
 
 
-def test_tag_embedding_cache_is_reused_and_invalidated(paper, tmp_path, capsys):
-    from _clip import make_ref_clip, write_clip
+def test_tag_embedding_cache_is_reused_and_invalidated(paper, other_clip, tmp_path, capsys):
     root, clip = paper
     cache = root / "tags" / "tag_embeddings.pt"
     if cache.exists():
@@ -242,27 +263,17 @@ def test_tag_embedding_cache_is_reused_and_invalidated(paper, tmp_path, capsys):
     run_paper(paper, tmp_path / "c", "--steps", "1", "--eval-images", "0", "--template", "a {}.")
     assert "recomputing" in capsys.readouterr().out
     assert not torch.equal(torch.load(cache, weights_only=True)["embeddings"], first["embeddings"])
-    other = write_clip(make_ref_clip(seed=1, vision_layers=8), tmp_path / "other.pt", "fp16")
-    tagalign.main(["train", "--clip", other, "--data", str(root / "shards" / "world-00000.tar"), "--tags",
-                   str(root / "tags"), "--out", str(tmp_path / "d"), "--batch-size", "4", "--shuffle-buffer",
-                   "5", "--quiet", "--steps", "1", "--eval-images", "0"])
+    run_paper(paper, tmp_path / "d", "--steps", "1", "--eval-images", "0", "--clip", other_clip)
     assert "recomputing" in capsys.readouterr().out  # another CLIP file
 
 
-def test_paper_mode_resume_continues_exactly(paper, tmp_path, monkeypatch):
+def test_paper_mode_resume_continues_exactly(paper, other_clip, tmp_path, monkeypatch):
     """Killed after step 4 with a checkpoint from step 3 (mid-shard, mid-buffer), resumed: the
     same losses and head as an uninterrupted run."""
     flags = ["--steps", "6", "--ckpt-every", "3", "--eval-images", "0"]
     reference = run_paper(paper, tmp_path / "straight", *flags)
-    loss, calls = tagalign.compute_loss, []
-
-    def loss_or_die(*a, **kw):
-        calls.append(1)
-        if len(calls) == 6:
-            raise KeyboardInterrupt
-        return loss(*a, **kw)
-
-    monkeypatch.setattr(tagalign, "compute_loss", loss_or_die)
+    loss = tagalign.compute_loss
+    monkeypatch.setattr(tagalign, "compute_loss", dies_at_call(loss, 6))
     with pytest.raises(KeyboardInterrupt):
         run_paper(paper, tmp_path / "broken", *flags)
     monkeypatch.setattr(tagalign, "compute_loss", loss)
@@ -273,14 +284,10 @@ def test_paper_mode_resume_continues_exactly(paper, tmp_path, monkeypatch):
     for k, v in reference.trainable_state_dict().items():
         torch.testing.assert_close(resumed.trainable_state_dict()[k], v, rtol=0, atol=0, msg=k)
     with pytest.raises(SystemExit, match="another file"):  # the same run needs the same CLIP
-        from _clip import make_ref_clip, write_clip
-        other = write_clip(make_ref_clip(seed=2, vision_layers=8), tmp_path / "other.pt", "fp16")
-        tagalign.main(["train", "--clip", other, "--data", str(paper[0] / "shards" / "world-{00000..00003}.tar"),
-                       "--tags", str(paper[0] / "tags"), "--out", str(tmp_path / "broken"), "--batch-size", "4",
-                       "--shuffle-buffer", "5", "--quiet", "--log-every", "1", "--lr", "1e-3", *flags, "--resume"])
+        run_paper(paper, tmp_path / "broken", *flags, "--resume", "--clip", other_clip)
 
 
-def test_paper_checkpoint_evaluates_through_eval_seg(paper, tmp_path):
+def test_paper_checkpoint_evaluates_through_eval_seg(paper, other_clip, tmp_path):
     run_paper(paper, tmp_path, "--steps", "2", "--eval-benchmarks", "world-object", "--eval-images", "3")
     seg = load_model(str(tmp_path / "ckpt.pt"))
     assert seg.clip_blend and seg.reading == "surgery" and seg.norm == (data.IMAGENET_MEAN, data.IMAGENET_STD)
@@ -296,9 +303,7 @@ def test_paper_checkpoint_evaluates_through_eval_seg(paper, tmp_path):
                          "--world-images", "3", "--n-vis", "0", "--out", str(tmp_path / "raw")])
     assert raw["world-object"]["protocol"].clip_w == 0.0  # raw CLIP has nothing to blend
     with pytest.raises(SystemExit, match="another file"):
-        from _clip import make_ref_clip, write_clip
-        other = write_clip(make_ref_clip(seed=3, vision_layers=8), tmp_path / "other.pt", "fp16")
-        load_model(str(tmp_path / "ckpt.pt"), clip=other)
+        load_model(str(tmp_path / "ckpt.pt"), clip=other_clip)
 
 
 def test_paper_mode_refuses_bad_input(paper, tmp_path, capsys):
