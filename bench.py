@@ -358,14 +358,14 @@ def bench_world(args):
     tokenizer, vocab = data.Tokenizer.train(corpus, 1024), data.build_vocab(corpus, min_count=1)
     cfg.vocab_size = tokenizer.vocab_size
     net = model.TagAlign(cfg)
-    targs = tagalign.build_parser().parse_args(["train"])  # the training defaults: lr, losses, kernels
-    opt = tagalign.make_optimizer(net, targs)
+    defaults = tagalign.MODE_DEFAULTS["world"]
+    opt = tagalign.make_optimizer(net, lr=1e-3, weight_decay=0.05, beta2=defaults["beta2"], decay="matrices")
     tag_tokens = tokenizer(tagalign.tag_texts(vocab), cfg.context_length)
     batch = tagalign.world_batch(world, 0, args.batch_size, tokenizer, vocab, cfg)
     times = []
     for step in range(args.warmup + args.repeat):
         t = time.perf_counter()
-        loss = tagalign.compute_loss(net, *batch[:2], tag_tokens, batch[2], targs)[0]
+        loss = tagalign.compute_loss(net, *batch, tag_tokens=tag_tokens)[0]
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -425,10 +425,8 @@ def bench_paper(args):
         net = M.TagAlign(M.Config(**M.VIT_B16), frozen_clip=True).to(device)
         net.init_head_from_clip()
     cfg = net.cfg
-    targs = tagalign.build_parser().parse_args(["train", "--clip", "x", "--data", "x", "--tags", "x"])
-    targs = tagalign.finish_train_args(argparse.ArgumentParser(), targs)
-    targs.precision, targs.kernels = precision, "auto"
-    opt = tagalign.make_optimizer(net, targs)
+    # the paper's optimizer: lr 1e-3 per 4096 images, the authors' decay groups
+    opt = tagalign.make_optimizer(net, lr=1e-3 * B / 4096, weight_decay=0.05, beta2=0.999, decay="official")
     g = torch.Generator().manual_seed(0)
     images = torch.randn(B, 3, cfg.image_size, cfg.image_size, generator=g).to(device)
     tokens = torch.randint(1, 49000, (B, cfg.context_length), generator=g)
@@ -451,7 +449,7 @@ def bench_paper(args):
 
     def step():
         with tagalign.autocast(device, precision):
-            loss = tagalign.compute_loss(net, images, tokens, targets, targs, tag_emb=tag_emb)[0]
+            loss = tagalign.compute_loss(net, images, tokens, targets, tag_emb=tag_emb)[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -91,21 +91,6 @@ def clip_loss_across_ranks(img, txt, scale, impl):
     return (i2t + t2i) / 2
 
 
-def tag_loss_across_ranks(tag, targets, kind):
-    """This rank's tag loss `tag` (a mean over its rows) -> R x its share of the global batch's.
-    The softmax tag loss is a mean over the rows that have tags, c_r of them here and C over all
-    ranks, so the global mean is sum_r c_r L_r / C: the weight is R c_r / C (1 when every rank
-    has as many tagged rows; without it a rank with fewer tagged rows would weigh more). BCE is
-    a mean over all n K entries, the same count on every rank: weight 1."""
-    if kind != "softmax":
-        return tag
-    _, R = rank_and_count()
-    c = (targets.sum(1) > 0).sum().double()  # rows with tags on this rank
-    C = c.clone()
-    dist.all_reduce(C)
-    return tag * (R * c / C.clamp(min=1)).to(tag.dtype)
-
-
 class SyncBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are those of the global batch: per-channel sums
     gathered (with gradients) over the ranks, so that R ranks normalise as one process with the
@@ -134,46 +119,64 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
 
 
 # ---------------------------------------------------------------- losses
-def compute_loss(model, images, tokens, targets, args, tag_tokens=None, tag_emb=None):
+def compute_loss(model, images, tokens, targets, *, tag_tokens=None, tag_emb=None, tag_weight=1.0,
+                 tag_loss="softmax", tag_grad="both", impl="auto"):
     """Total loss = ITC + tag_weight x tag loss, as in the paper; returns (total, itc, tag).
 
     images (B, 3, H, W), tokens (B, L) captions, targets (B, K) multi-hot tags parsed from the
     captions. The tag embeddings: tag_tokens (K, L), the tag names embedded afresh each step by
     the text tower being trained (the world, from scratch), or tag_emb (K, E), fixed (a frozen
-    CLIP's, computed once). A frozen text tower embeds the captions without gradients. Under
-    torchrun each term is R x this rank's share of the global batch's (see the section above).
+    CLIP's, computed once). A frozen text tower embeds the captions without gradients.
+    tag_loss: "softmax" (the paper's) or "bce"; tag_grad (from scratch): "both" or "image";
+    impl: the kernels' implementation. Under torchrun each term is R x this rank's share of the
+    global batch's (see the distributed section): ITC through the gathered negatives, the tag
+    loss as it is (a mean over this rank's rows, as every rank has as many).
     """
     img = F.normalize(model.encode_image(images), dim=-1)  # (B, E)
     txt = F.normalize(model.encode_text(tokens), dim=-1)  # (B, E)
     scale = model.itc_logit_scale.exp().clamp(max=100)  # CLIP's cap on the temperature
     if dist.is_initialized():  # under torchrun: the negatives of every rank (see above)
-        itc = clip_loss_across_ranks(img, txt, scale, args.kernels)
+        itc = clip_loss_across_ranks(img, txt, scale, impl)
     else:
-        itc = kernels.clip_loss(img, txt, scale, impl=args.kernels)
-    if args.tag_weight == 0:  # the ITC-only baseline: tags are not even embedded
+        itc = kernels.clip_loss(img, txt, scale, impl=impl)
+    if tag_weight == 0:  # the ITC-only baseline: tags are not even embedded
         return itc, itc, torch.zeros_like(itc)
     if tag_emb is None:
         # --tag-grad image is the paper's wiring: tag embeddings are targets the tag loss does not
         # move, as frozen CLIP's are. From scratch (the default, both) the tag loss also teaches
         # the text tower the tag words: ITC alone leaves "a triangle." and "a cross." at cosine
         # 0.98 on the world, and a detached tag loss cannot then tell the two shapes apart.
-        with torch.no_grad() if args.tag_grad == "image" else contextlib.nullcontext():
+        with torch.no_grad() if tag_grad == "image" else contextlib.nullcontext():
             tag_emb = F.normalize(model.encode_text(tag_tokens), dim=-1)  # (K, E)
     tag_scale = model.tag_logit_scale.exp().clamp(max=100)
-    tag = kernels.tag_loss(img, tag_emb.to(img.dtype), targets, tag_scale, kind=args.tag_loss, impl=args.kernels)
-    if dist.is_initialized():
-        tag = tag_loss_across_ranks(tag, targets, args.tag_loss)
-    return itc + args.tag_weight * tag, itc, tag
+    tag = kernels.tag_loss(img, tag_emb.to(img.dtype), targets, tag_scale, kind=tag_loss, impl=impl)
+    return itc + tag_weight * tag, itc, tag
 
 
 # ---------------------------------------------------------------- optimizer
-def make_optimizer(model, args):
-    """AdamW as the paper: eps 1e-6, weight decay on matrices only (no decay on 1-d params),
-    over the parameters that train (a frozen CLIP's are left out)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), eps=1e-6)
+DECAY_RULES = ("official", "matrices")
+
+
+def decays(name, p, rule):
+    """Whether AdamW's weight decay applies to parameter `name`.
+    official: the authors' set_weight_decay (utils/optimizer.py of Qinying-Liu/TagAlign at
+    02757a4): every tensor that is not 1-d and whose name does not end in ".bias". Its quirk is
+    kept: 0-d tensors are "not 1-d", so the decoder's tanh gates and both logit scales decay
+    (at wd 0.05 and lr 1e-3 over 30k steps, a factor of about e^-1.5 on each, from the decay
+    alone); LayerNorm weights and biases and conv biases do not.
+    matrices: ndim >= 2 only (the world from scratch: its temperatures and norms do not decay)."""
+    if rule == "official":
+        return p.ndim != 1 and not name.endswith(".bias")
+    return p.ndim >= 2
+
+
+def make_optimizer(model, *, lr, weight_decay, beta2=0.999, decay="official"):
+    """AdamW as the paper (betas (0.9, beta2), eps 1e-6) over the parameters that train (a frozen
+    CLIP's are left out), weight decay on the parameters `decays` picks by rule `decay`."""
+    params = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for k, p in params if decays(k, p, decay)], "weight_decay": weight_decay},
+              {"params": [p for k, p in params if not decays(k, p, decay)], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2), eps=1e-6)
 
 
 def lr_at(step, args):
@@ -456,7 +459,9 @@ class LossOfBatch(nn.Module):
         self.model, self.args = model, args
 
     def forward(self, images, tokens, targets, tag_tokens=None, tag_emb=None):
-        return compute_loss(self.model, images, tokens, targets, self.args, tag_tokens, tag_emb)
+        a = self.args
+        return compute_loss(self.model, images, tokens, targets, tag_tokens=tag_tokens, tag_emb=tag_emb,
+                            tag_weight=a.tag_weight, tag_loss=a.tag_loss, tag_grad=a.tag_grad, impl=a.kernels)
 
 
 def data_parallel(model, args, device):
@@ -596,7 +601,9 @@ def train(args):
             return {"tokenizer": "clip" if pretrain else tokenizer.state_dict(), "tags": vocab.tags,
                     "synonyms": vocab.synonyms, "world": dataclasses.asdict(world.cfg)}
 
-    optimizer = make_optimizer(model, args)
+    # the paper's head: the authors' decay groups; the world from scratch (and pretrain): matrices
+    optimizer = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay, beta2=args.beta2,
+                               decay="official" if paper else "matrices")
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     start = 0
     if ckpt:
@@ -732,7 +739,8 @@ def build_parser():
         p.add_argument("--schedule", choices=("cosine", "constant"), help="lr after the warm-up (world: cosine to "
                                                                          "10%%; paper: constant)")
         p.add_argument("--beta2", type=float, help="AdamW's beta2 (world: 0.98; paper: 0.999)")
-        p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay on matrices")
+        p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (paper mode: on the authors' groups, "
+                       "0-d gates and temperatures included; world: on matrices)")
         p.add_argument("--grad-clip", type=float, default=5.0, help="clip the gradient norm to this")
         p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and of the training stream")
         p.add_argument("--tag-weight", type=float, default=1.0, help="weight of the tag loss; 0 = the ITC-only baseline")

@@ -40,6 +40,20 @@ Two precision details matter for confident rows, where softmax - onehot nearly c
   single-tag rows: 6e-4 before, 1e-4 like torch after). Elsewhere the recompute noise is
   FlashAttention's, about 1e-6 relative to each softmax entry, with nothing to cancel against.
 
+Capped positives (dense targets; TagAlign's tag loss, which takes log(max(P, 1e-8))): each
+positive's cross-entropy c_ij = LSE_i - X_ij is capped at C = -log(1e-8), so
+
+    row_i = sum_j yhat_ij min(c_ij, C),   yhat_ij = Y_ij / n_i
+    G_ij  = a_i (U_i exp(X_ij - LSE_i) - yhat_ij [c_ij <= C]),   U_i = sum_j yhat_ij [c_ij <= C]
+
+a capped positive adds C and no gradient, and the LSE term is weighted by the target mass that
+is not capped. The cap needs the final LSE, so the forward finds the capped positives after the
+kernel: the targets' nonzeros, their logits recomputed as row dot products (O(nnz D)), and
+subtracts sum yhat (c - C) from row_i (_capped_positives). The backward decides [c_ij <= C] in
+the tile it recomputes anyway and takes U_i from the forward. (A logit within rounding of the
+cap could be decided differently by the two recomputes; its gradient then differs by yhat_ij
+times the row's weight. No test data comes near it.)
+
 The one-sided variant (rows only: c and b drop out) is the loss of open_clip's distributed
 "local loss": each rank scores its n local queries against all M gathered keys, and the
 positive of row i is column i + offset (offset = rank * n).
@@ -218,8 +232,9 @@ def _ce_fwd_chunked(x, y, scale, targets, offset, symmetric):
     return (m, logl, pos, cnt, None), (cm, cl)  # no argmax: its recompute is bitwise the same
 
 
-def _ce_bwd_chunked(x, y, scale, targets, offset, rows, cols, need_dy):
-    """rows, cols: (max, log-sum, upstream grad, upstream grad / n) or None for cols."""
+def _ce_bwd_chunked(x, y, scale, targets, offset, rows, cols, need_dy, cap=None):
+    """rows, cols: (max, log-sum, upstream grad, upstream grad / n) or None for cols; cap: the
+    cap on each positive's cross-entropy (dense targets), or None."""
     acc = _acc_dtype(x.dtype)
     xf, yf, s = x.to(acc), y.to(acc), scale.to(acc)
     dx = torch.empty_like(xf)
@@ -231,12 +246,16 @@ def _ce_bwd_chunked(x, y, scale, targets, offset, rows, cols, need_dy):
             # three (rows, M) blocks at a time: A, X and G (in-place ops)
             A = xf[i0:i1] @ yf.T  # unscaled cosines
             X = A * s
-            G = (X - m[i0:i1, None]).sub_(logl[i0:i1, None]).exp_().mul_(a[i0:i1, None])
+            G = (X - m[i0:i1, None]).sub_(logl[i0:i1, None])  # log-probabilities
             if targets is None:
+                G.exp_().mul_(a[i0:i1, None])
                 i = torch.arange(i1 - i0, device=x.device)
                 G[i, i + i0 + offset] -= a_pos[i0:i1]
             else:
-                G.addcmul_(targets[i0:i1].to(acc), a_pos[i0:i1, None], value=-1)
+                t = targets[i0:i1].to(acc)
+                if cap is not None:  # capped positives have no gradient of their own
+                    t = torch.where(G < -cap, 0.0, t)
+                G.exp_().mul_(a[i0:i1, None]).addcmul_(t, a_pos[i0:i1, None], value=-1)
             if cols is not None:  # symmetric: diagonal positives, offset 0
                 cm, cl, b, _ = cols
                 G += X.sub_(cm[None, :]).sub_(cl[None, :]).exp_().mul_(b[None, :])
@@ -366,6 +385,8 @@ def _ce_bwd_kernel(q_ptr, k_ptr,          # q (Nq, D): the side whose gradient w
                    ds_ptr,                # (cdiv(Nq, 32),) fp32 out: per-program sum G <q_i, k_j>
                    Nq, Nk, D,
                    diag_offset,           # diagonal positives: at (i, j) with j - i == diag_offset
+                   cap,                   # DENSE_T: a positive whose cross-entropy LSE - X
+                                          # exceeds this gets no gradient of its own (inf: none)
                    stride_q, stride_k, stride_dq,
                    stride_tq, stride_tk,  # strides of Y along q rows and along k rows
                    HAS_Q_TERM: tl.constexpr,  # the softmax over q's rows is part of the loss
@@ -411,12 +432,17 @@ def _ce_bwd_kernel(q_ptr, k_ptr,          # q (Nq, D): the side whose gradient w
             else:
                 X = tl.where(t > 0, tl.load(pos_ptr + offs_n, mask=mask_n, other=0.0)[None, :], X)
         # softmax - onehot, in fp32, before anything is rounded (see the module docstring)
+        # (log-probability: a capped positive, -lp > cap, drops out of the positives' term)
         G = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if HAS_Q_TERM:
             Xq = X
             if DENSE_T:  # at the row's argmax, the forward's maximum (see the docstring)
                 Xq = tl.where(offs_n[None, :] == q_arg, q_m, X)
-            G += tl.exp((Xq - q_m) - q_l) * q_d - t * q_dpos
+            lp = (Xq - q_m) - q_l
+            tq = t
+            if DENSE_T:
+                tq = tl.where(lp >= -cap, t, 0.0)
+            G += tl.exp(lp) * q_d - tq * q_dpos
         if HAS_K_TERM:
             k_m = tl.load(k_m_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
             k_l = tl.load(k_l_ptr + offs_n, mask=mask_n, other=float("inf"))[None, :]
@@ -426,7 +452,11 @@ def _ce_bwd_kernel(q_ptr, k_ptr,          # q (Nq, D): the side whose gradient w
             if DENSE_T:
                 k_arg = tl.load(k_arg_ptr + offs_n, mask=mask_n, other=-1)[None, :]
                 Xk = tl.where(offs_m[:, None] == k_arg, k_m, X)
-            G += tl.exp((Xk - k_m) - k_l) * k_d - t * k_dpos
+            lp = (Xk - k_m) - k_l
+            tk = t
+            if DENSE_T:
+                tk = tl.where(lp >= -cap, t, 0.0)
+            G += tl.exp(lp) * k_d - tk * k_dpos
         G = tl.where(mask_mn, G, 0.0)
         ds += tl.sum(G * acc, axis=1)
         k_blk = tl.load(k_ptr + offs_n[:, None] * stride_k + offs_d[None, :],
@@ -577,13 +607,14 @@ def _ce_fwd_triton(x, y, scale, targets, offset, symmetric):
     return (m, logl, pos, cnt, arg), cols
 
 
-def _ce_bwd_triton(q, k, scale, g, targets, diag_offset, pos, pos_on_q, q_stats, k_stats):
+def _ce_bwd_triton(q, k, scale, g, targets, diag_offset, pos, pos_on_q, q_stats, k_stats, cap):
     """dq (fp32) = s g sum_j G_ij k_j and the scale-gradient sum, G as in the module docstring.
 
     q_stats, k_stats: (max, log-sum, argmax, a / g, a / (g n)) of the softmax over q's or k's
     rows, or None (argmax: any placeholder unless targets are dense). targets: dense Y with rows
     indexed by q (transposed for the second launch), or None for diagonal positives at
     diag_offset. pos: the forward's positive logit per row of x, on q's side if pos_on_q.
+    cap: the cap on each positive's cross-entropy (dense targets), or None.
     """
     Nq, D = q.shape
     dq = torch.empty((Nq, D), dtype=torch.float32, device=q.device)
@@ -594,7 +625,7 @@ def _ce_bwd_triton(q, k, scale, g, targets, diag_offset, pos, pos_on_q, q_stats,
     grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]),)  # noqa: E731
     _ce_bwd[grid](
         q, k, scale, g, t, pos, *q_stats, *k_stats, dq, ds, Nq, k.shape[0], D, diag_offset,
-        q.stride(0), k.stride(0), dq.stride(0),
+        float("inf") if cap is None else float(cap), q.stride(0), k.stride(0), dq.stride(0),
         t.stride(0) if targets is not None else 0, t.stride(-1) if targets is not None else 0,
         HAS_Q_TERM=q_stats[0] is not ds, HAS_K_TERM=k_stats[0] is not ds,
         DENSE_T=targets is not None, POS_ON_Q=pos_on_q,
@@ -604,33 +635,58 @@ def _ce_bwd_triton(q, k, scale, g, targets, diag_offset, pos, pos_on_q, q_stats,
 
 
 # ----------------------------------------------------------------------------- autograd
+def _capped_positives(x, y, scale, targets, m, logl, cnt, cap):
+    """What capping each positive's cross-entropy at `cap` takes from each row: (sum_j yhat_ij
+    (c_ij - cap), sum_j yhat_ij) over the row's positives with c_ij = LSE_i - X_ij > cap, (N,)
+    each. The positives are gathered from the targets' nonzeros and their logits recomputed as
+    row dot products in fp32: O(nnz D) work in chunks, no N x M matrix."""
+    acc = m.dtype
+    over, lost = torch.zeros_like(m), torch.zeros_like(m)
+    i, j = targets.nonzero(as_tuple=True)  # (nnz,) each
+    chunk = max(1, CHUNK_LOGITS // x.shape[1])
+    for c0 in range(0, i.numel(), chunk):
+        ii, jj = i[c0:c0 + chunk], j[c0:c0 + chunk]
+        X = scale.to(acc) * (x[ii].to(acc) * y[jj].to(acc)).sum(1)
+        c = (m[ii] - X) + logl[ii]  # the positive's cross-entropy, -log p
+        w = torch.where(c > cap, targets[ii, jj].to(acc) / cnt[ii], 0.0)  # yhat where capped
+        over.index_add_(0, ii, w * (c - cap))
+        lost.index_add_(0, ii, w)
+    return over, lost
+
+
 class ScaledMatmulCE(torch.autograd.Function):
     """(x, y, s, Y) -> (row (N,), col (M,) or empty, n (N,)); see the module docstring.
-    n, the positives' count per row, is not differentiable."""
+    n, the positives' count per row, is not differentiable. cap (dense targets): each
+    positive's cross-entropy is capped, see "Capped positives" in the module docstring."""
 
     @staticmethod
-    def forward(ctx, x, y, scale, targets, offset, symmetric, impl):
+    def forward(ctx, x, y, scale, targets, offset, symmetric, impl, cap=None):
         fwd = _ce_fwd_triton if impl == "triton" else _ce_fwd_chunked
         (m, logl, pos, cnt, arg), (cm, cl) = fwd(x, y, scale, targets, offset, symmetric)
         row = (m - pos / torch.where(cnt > 0, cnt, 1.0)) + logl  # LSE - mean positive logit
+        u = torch.ones_like(m)  # U_i: the weight of the row's LSE term
+        if cap is not None:
+            over, lost = _capped_positives(x, y, scale, targets, m, logl, cnt, cap)
+            row, u = row - over, u - lost
         # symmetric: the positive of column j is X_jj = pos_j (offset is 0)
         col = (cm - pos) + cl if symmetric else cm
-        ctx.save_for_backward(x, y, scale, targets, m, logl, pos, cnt, arg, cm, cl)
-        ctx.offset, ctx.symmetric, ctx.impl = offset, symmetric, impl
+        ctx.save_for_backward(x, y, scale, targets, m, logl, pos, cnt, arg, cm, cl, u)
+        ctx.offset, ctx.symmetric, ctx.impl, ctx.cap = offset, symmetric, impl, cap
         ctx.mark_non_differentiable(cnt)
         return row, col, cnt
 
     @staticmethod
     def backward(ctx, a, b, _dcnt):
-        x, y, scale, targets, m, logl, pos, cnt, arg, cm, cl = ctx.saved_tensors
-        offset, sym = ctx.offset, ctx.symmetric
+        x, y, scale, targets, m, logl, pos, cnt, arg, cm, cl, u = ctx.saved_tensors
+        offset, sym, cap = ctx.offset, ctx.symmetric, ctx.cap
         need_dx, need_dy, need_ds = ctx.needs_input_grad[:3]
         a = a.to(m.dtype)
         b = b.to(m.dtype) if sym else None
         a_pos = a / torch.where(cnt > 0, cnt, 1.0)  # the positives' share of a row's gradient
+        a = a * u  # the LSE term's share: the target mass that is not capped
         if ctx.impl != "triton":
             rows, cols = (m, logl, a, a_pos), ((cm, cl, b, b) if sym else None)
-            dx, dy, ds = _ce_bwd_chunked(x, y, scale, targets, offset, rows, cols, need_dy)
+            dx, dy, ds = _ce_bwd_chunked(x, y, scale, targets, offset, rows, cols, need_dy, cap)
         else:
             # Divide the upstream gradients by g so that G stays O(1) for the fp16/bf16 dot.
             g = torch.maximum(a.abs().max(), a_pos.abs().max())
@@ -641,15 +697,16 @@ class ScaledMatmulCE(torch.autograd.Function):
             cols = (cm, cl, cm, b / g, b / g) if sym else None  # 3rd: placeholder, no argmax
             dx = dy = ds = None
             if need_dx or need_ds:
-                dx, ds = _ce_bwd_triton(x, y, scale, g, targets, offset, pos, True, rows, cols)
+                dx, ds = _ce_bwd_triton(x, y, scale, g, targets, offset, pos, True, rows, cols,
+                                        cap)
                 dx, ds = dx.to(x.dtype), ds * g
             if need_dy:
                 # G^T: y's rows now own the column softmax, x's rows the row softmax
                 t = targets.T if targets is not None else None
-                dy, _ = _ce_bwd_triton(y, x, scale, g, t, -offset, pos, False, cols, rows)
+                dy, _ = _ce_bwd_triton(y, x, scale, g, t, -offset, pos, False, cols, rows, cap)
                 dy = dy.to(y.dtype)
         ds = ds.to(scale.dtype).reshape(scale.shape) if need_ds else None
-        return (dx if need_dx else None), dy, ds, None, None, None, None
+        return (dx if need_dx else None), dy, ds, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- public API
@@ -691,13 +748,15 @@ def pick_impl(name, impl, x, n_logits):
     return "chunked" if n_logits > AUTO_CHUNK_LOGITS else "torch"
 
 
-def scaled_matmul_ce(x, y, scale, targets=None, offset=0, symmetric=False, impl="triton"):
+def scaled_matmul_ce(x, y, scale, targets=None, offset=0, symmetric=False, impl="triton",
+                     cap=None):
     """The fused op: (row (N,), col (M,) or empty, n (N,)) as in the module docstring; fp32
-    (fp64 for fp64 inputs on the chunked path). impl: "triton" or "chunked"."""
+    (fp64 for fp64 inputs on the chunked path). impl: "triton" or "chunked". cap: with dense
+    targets, the cap on each positive's cross-entropy (None: uncapped)."""
     if impl == "triton":
         check_triton("scaled_matmul_ce", x, y)
     return ScaledMatmulCE.apply(x.contiguous(), y.contiguous(), scale, targets, offset,
-                                symmetric, impl)
+                                symmetric, impl, cap)
 
 
 def clip_loss(image_emb, text_emb, scale, impl="auto"):

@@ -5,11 +5,20 @@ Math
 Image embeddings I (N, D), tag embeddings W (K, D) (L2-normalised rows; frozen in TagAlign),
 multi-hot targets Y (N, K), a scale s: logits Z = s I W^T.
 
-Soft-target softmax CE (TagAlign's loss): with n_i = sum_k Y_ik and yhat_i = Y_i / n_i,
+Soft-target softmax CE, as TagAlign's code computes it (MultiClassificationLoss in
+models/tagalign/loss.py of Qinying-Liu/TagAlign at 02757a4: `-(softmax(Z).clamp(1e-8).log() *
+F.normalize(Y, p=1)).sum(-1).mean()`): with n_i = sum_k Y_ik, yhat_i = Y_i / n_i (0 for a row
+without tags) and P = softmax(Z) over the K tags,
 
-    L_i = LSE_k Z_ik - sum_k yhat_ik Z_ik,     L = mean of L_i over the rows with n_i > 0
+    L_i = -sum_k yhat_ik log max(P_ik, p_min) = sum_k yhat_ik min(LSE_i - Z_ik, -log p_min),
+    L = (1/N) sum_i L_i      over ALL N rows, p_min = 1e-8.
 
-(0, with zero gradients, when no row has a tag). BCE (the ablation, BCEWithLogits' mean):
+Two quirks of the official loss are kept: a row without tags adds 0 but counts in the mean, and
+a tag whose probability is below 1e-8 (an image far from a tag its caption names: parsing noise)
+adds -log 1e-8 = 18.42 and no gradient. The gradient is dL/dZ_ij = (U_i P_ij - yhat_ij
+[P_ij >= p_min]) / N with U_i = sum_k yhat_ik [P_ik >= p_min], the target mass not clamped.
+min_prob=0 drops the clamp (then L_i is the plain soft-target CE). BCE (the ablation,
+BCEWithLogits' mean):
 
     L = 1/(N K) sum_ik [softplus(Z_ik) - Y_ik Z_ik].
 
@@ -19,7 +28,8 @@ positives are picked out of each tile with the targets tile (1 byte per logit fo
 read next to 2 D flops per logit), not gathered with autograd: softmax - yhat (sigmoid - y) must
 be formed in fp32 before G is rounded for the dot (see clip_loss.py).
 - softmax: L_i and n_i come from ``scaled_matmul_ce`` of clip_loss.py, one-sided with dense
-  targets: the same kernels as the contrastive loss.
+  targets and the cap -log p_min on each positive's cross-entropy: the same kernels as the
+  contrastive loss (its docstring's "Capped positives" derives the cap's forward and backward).
 - BCE: the kernels below give the row sums b_i = sum_k [softplus(Z_ik) - Y_ik Z_ik], each term
   formed per element (as BCEWithLogits does, so confident logits do not cancel in a sum).
   Gradient: G_ik = (sigmoid(Z_ik) - Y_ik) a_i, dI = s G W, dW = s G^T I, ds = sum G_ik <I_i, W_k>.
@@ -46,6 +56,8 @@ frozen W). The bool targets themselves (N K bytes) are an input to both.
 References (ideas, not code): Cut Cross-Entropy (Wijmans et al., 2024), FlashAttention's
 online softmax, Inf-CL, Liger-Kernel's fused linear cross-entropy.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -56,11 +68,13 @@ from .clip_loss import (BWD_CONFIGS, BWD_MIN_BLOCK_M, FWD_BLOCK_M, FWD_CONFIGS, 
                         dot_precision, pick_impl, prune_configs, scaled_matmul_ce, targets_arg)
 
 KINDS = ("softmax", "bce")
+MIN_PROB = 1e-8  # the official clamp on each tag's probability before the log
 
 
 # ----------------------------------------------------------------------------- reference
-def tag_loss_ref(image_emb, tag_emb, targets, scale, kind="softmax"):
-    """The readable version: build the (N, K) logits, then soft-target CE or BCE with logits.
+def tag_loss_ref(image_emb, tag_emb, targets, scale, kind="softmax", min_prob=MIN_PROB):
+    """The readable version: build the (N, K) logits, then the official soft-target CE (its
+    formula as written: softmax, clamp, log) or BCE with logits.
 
     The matmul runs in the input dtype (as under autocast), the losses in fp32.
     """
@@ -69,12 +83,9 @@ def tag_loss_ref(image_emb, tag_emb, targets, scale, kind="softmax"):
     y = targets.to(acc)
     if kind == "bce":
         return F.binary_cross_entropy_with_logits(logits, y)
-    n = y.sum(1)  # tags per row
-    has = n > 0
-    if not has.any():
-        return logits.sum() * 0  # no row has a tag: loss 0, gradients 0 (not NaN)
-    # cross_entropy with probability targets: mean over the kept rows of -sum yhat log_softmax
-    return F.cross_entropy(logits[has], y[has] / n[has, None])
+    yhat = F.normalize(y, p=1, dim=1)  # rows sum to 1; a row without tags stays 0
+    logp = logits.softmax(1).clamp(min=min_prob).log() if min_prob else logits.log_softmax(1)
+    return -(logp * yhat).sum(1).mean()  # over all N rows
 
 
 # ----------------------------------------------------------------------------- chunked torch path
@@ -263,14 +274,14 @@ class ScaledMatmulBCE(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------- public API
-def tag_loss(image_emb, tag_emb, targets, scale, kind="softmax", impl="auto"):
+def tag_loss(image_emb, tag_emb, targets, scale, kind="softmax", impl="auto", min_prob=MIN_PROB):
     """Multi-tag loss of image_emb (N, D) against tag_emb (K, D) with logits scale I W^T.
 
     targets: dense (N, K) multi-hot, bool or float (nonnegative weights). kind: "softmax"
-    (soft-target CE; rows without tags are left out of the mean) or "bce" (BCEWithLogits, mean
-    over N K). scale: 0-d tensor holding the multiplier. impl: as in clip_loss. Returns the 0-d
-    fp32 loss (fp64 for fp64 inputs), differentiable in image_emb, tag_emb (when it requires
-    grad) and scale.
+    (TagAlign's soft-target CE: a mean over all N rows, each tag's probability clamped at
+    min_prob before the log; 0 drops the clamp) or "bce" (BCEWithLogits, mean over N K). scale:
+    0-d tensor holding the multiplier. impl: as in clip_loss. Returns the 0-d fp32 loss (fp64
+    for fp64 inputs), differentiable in image_emb, tag_emb (when it requires grad) and scale.
     """
     scale = check_pair("tag_loss", "image_emb", image_emb, "tag_emb", tag_emb, scale)
     N, K = image_emb.shape[0], tag_emb.shape[0]
@@ -285,15 +296,17 @@ def tag_loss(image_emb, tag_emb, targets, scale, kind="softmax", impl="auto"):
                          f"{image_emb.device}")
     if kind not in KINDS:
         raise ValueError(f"tag_loss: kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if not 0 <= min_prob < 1:
+        raise ValueError(f"tag_loss: min_prob must be in [0, 1), got {min_prob!r}")
     impl = pick_impl("tag_loss", impl, image_emb, N * K)
     if impl == "torch":
-        return tag_loss_ref(image_emb, tag_emb, targets, scale, kind)
+        return tag_loss_ref(image_emb, tag_emb, targets, scale, kind, min_prob)
     if impl == "triton":
         check_triton("tag_loss", image_emb, tag_emb)
     targets = targets.detach()
     x, w = image_emb.contiguous(), tag_emb.contiguous()
     if kind == "bce":
         return ScaledMatmulBCE.apply(x, w, scale, targets, impl).sum() / (N * K)
-    row, _, n = scaled_matmul_ce(x, w, scale, targets, impl=impl)  # L_i and n_i, (N,)
-    has = n > 0
-    return torch.where(has, row, 0.0).sum() / has.sum().clamp(min=1)
+    cap = -math.log(min_prob) if min_prob else None  # on each tag's cross-entropy
+    row, _, n = scaled_matmul_ce(x, w, scale, targets, impl=impl, cap=cap)  # L_i and n_i, (N,)
+    return torch.where(n > 0, row, 0.0).sum() / N  # a row without tags adds 0, and counts

@@ -12,9 +12,9 @@ from _harness import (DEVICE, check_against_truth, clip_mod, count_launches, dif
 tag_mod = importlib.import_module("kernels.tag_loss")
 
 
-def tag_loss(x, w, scale, targets, kind="softmax", impl="auto"):
+def tag_loss(x, w, scale, targets, kind="softmax", impl="auto", **kw):
     """kernels.tag_loss with the harness's argument order: (x, y, scale, **kw)."""
-    return kernels.tag_loss(x, w, targets, scale, kind=kind, impl=impl)
+    return kernels.tag_loss(x, w, targets, scale, kind=kind, impl=impl, **kw)
 
 
 def multi_hot(N, K, per_row=3.0, empty=0.2, dtype=torch.bool):
@@ -25,13 +25,15 @@ def multi_hot(N, K, per_row=3.0, empty=0.2, dtype=torch.bool):
 
 
 # N: 1, and both sides of the interpreter's 64-row blocks; K: 1, 7 and 1000 (16 tag blocks,
-# the last one partial); D: 48, 96, 123 against 64-wide slices; scale 100 overflows a naive exp.
+# the last one partial); D: 48, 96, 123 against 64-wide slices; scale 100 (the models' cap)
+# overflows a naive exp, and at 100 and 150 most random tags fall below the softmax loss's clamp.
 # Each kind meets each N, K, D, dtype and both target dtypes somewhere, not in a full product.
 @pytest.mark.parametrize("kind, N, K, D, scale, dtype, tdtype", [
     ("softmax", 1, 7, 48, 14.3, torch.float32, torch.bool),
     ("softmax", 31, 1000, 96, 100.0, torch.bfloat16, torch.bool),
     ("softmax", 100, 1, 123, 1.0, torch.float16, torch.float32),
     ("softmax", 257, 7, 48, 14.3, torch.float32, torch.float32),
+    ("softmax", 67, 250, 48, 150.0, torch.float32, torch.bool),
     ("bce", 1, 1000, 123, 100.0, torch.float16, torch.float32),
     ("bce", 31, 7, 48, 1.0, torch.float32, torch.bool),
     ("bce", 100, 7, 96, 14.3, torch.bfloat16, torch.bool),
@@ -82,7 +84,8 @@ def test_softmax_without_tags_is_zero_with_zero_gradients(impl):
 
 
 @pytest.mark.parametrize("impl", ["triton", "chunked"])
-def test_rows_without_tags_are_left_out_of_the_softmax_mean(impl):
+def test_rows_without_tags_count_in_the_softmax_mean(impl):
+    # the official mean is over all N rows: an untagged row adds 0 and counts
     x, w = (embeddings(31, 96, torch.float32).to(DEVICE),
             embeddings(7, 96, torch.float32).to(DEVICE))
     y = multi_hot(31, 7, empty=0.4).to(DEVICE)
@@ -91,7 +94,53 @@ def test_rows_without_tags_are_left_out_of_the_softmax_mean(impl):
     s = torch.tensor(14.3, device=DEVICE)
     every = kernels.tag_loss(x, w, y, s, impl=impl)
     kept = kernels.tag_loss(x[has], w, y[has], s, impl=impl)
-    assert torch.allclose(every, kept, rtol=1e-6), (every.item(), kept.item())
+    assert torch.allclose(every * 31, kept * has.sum(), rtol=1e-6), (every.item(), kept.item())
+
+
+def clamp_mix(N, K, D, scale):
+    """Rows near their first tag (unclamped at `scale`) with a second tag that is clamped
+    (probability below 1e-8) on about half of the rows; 1/8 of the rows untagged."""
+    w = embeddings(K, D)
+    first = torch.randint(0, K, (N,))
+    x = embeddings(N, D, near=w[first], noise=0.3)
+    y = torch.zeros(N, K, dtype=torch.bool)
+    y[torch.arange(N), first] = True
+    far = (x @ w.T).argmin(1)  # each row's least similar tag
+    second = torch.rand(N) < 0.5
+    y[torch.arange(N)[second], far[second]] = True
+    y[torch.rand(N) < 0.125] = False
+    p = (scale * x @ w.T).softmax(1)
+    clamped = (p < 1e-8) & y
+    assert clamped.any() and (y & ~clamped).any(), "the case must mix clamped and unclamped"
+    return x, w, y
+
+
+# Clamped and unclamped positives in one row: the clamped ones add -log 1e-8 and no gradient,
+# and the row's LSE term is weighted by the mass that is not clamped.
+@pytest.mark.parametrize("N, K, D, dtype, grad_w", [
+    (67, 300, 96, torch.float32, True),
+    (31, 1000, 48, torch.bfloat16, False),
+    (1, 7, 123, torch.float16, True),
+])
+def test_clamped_and_unclamped_targets(N, K, D, dtype, grad_w):
+    if N == 1:  # one row: its tag near, the other far
+        x, w, y = clamp_mix(8, K, D, 100.0)
+        keep = (y.sum(1) == 2).nonzero()[0]
+        x, y = x[keep], y[keep]
+    else:
+        x, w, y = clamp_mix(N, K, D, 100.0)
+    check_against_truth(tag_loss, x.to(dtype), w.to(dtype), 100.0, grad_y=grad_w, targets=y)
+
+
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+def test_without_the_clamp(impl):
+    # min_prob=0: the plain soft-target CE, whose far targets keep their gradient
+    x, w, y = clamp_mix(67, 300, 96, 100.0)
+    x, w = x.float(), w.float()
+    check_against_truth(tag_loss, x, w, 100.0, impls=(impl,), targets=y, min_prob=0.0)
+    capped = kernels.tag_loss(x, w, y, torch.tensor(100.0), impl=impl)
+    plain = kernels.tag_loss(x, w, y, torch.tensor(100.0), impl=impl, min_prob=0.0)
+    assert plain > capped + 1, (plain.item(), capped.item())
 
 
 def test_soft_target_weights():
@@ -113,6 +162,7 @@ def _bad_calls():
         (lambda: kernels.tag_loss(x, w, y, s, impl="fast"), "impl"),
         (lambda: kernels.tag_loss(x, w.half(), y, s), "dtype"),
         (lambda: kernels.tag_loss(x, w, y, torch.ones(2)), "scale"),
+        (lambda: kernels.tag_loss(x, w, y, s, min_prob=1.5), "min_prob"),
     ]
 
 

@@ -1,6 +1,5 @@
 """Training end to end on a tiny model: the loss goes down, checkpoints round-trip, --resume
 continues exactly where an interrupted run stopped, bad flags fail with one line."""
-import argparse
 import json
 import os
 
@@ -169,8 +168,8 @@ def test_tag_grad_chooses_the_towers_the_tag_loss_trains(tag_grad):
     model = tagalign.TagAlign(Config(image_size=32, patch_size=8, **TINY, vocab_size=60))
     images, tokens = torch.randn(4, 3, 32, 32), torch.randint(1, 60, (4, 28))
     tag_tokens, targets = torch.randint(1, 60, (5, 28)), torch.rand(4, 5) < 0.5
-    args = argparse.Namespace(kernels="torch", tag_weight=1.0, tag_loss="softmax", tag_grad=tag_grad)
-    _, _, tag = tagalign.compute_loss(model, images, tokens, targets, args, tag_tokens=tag_tokens)
+    _, _, tag = tagalign.compute_loss(model, images, tokens, targets, tag_tokens=tag_tokens, tag_grad=tag_grad,
+                                      impl="torch")
     tag.backward()
     text_grad = model.clip.token_embedding.weight.grad
     image_grad = model.clip.visual.conv1.weight.grad
@@ -248,6 +247,28 @@ def test_paper_mode_trains_the_head_alone(paper, tmp_path):
     log = read_log(tmp_path)
     assert [r["step"] for r in log] == [0, 1, 2, 3] and all(r["tag"] > 0 for r in log)
     assert set(log[-1]["skipped"]) == set(data.SKIPS)
+
+
+def test_weight_decay_groups(paper):
+    # paper: the authors' rule, not 1-d and not ".bias", so the 0-d gates and temperatures decay;
+    # the world from scratch: matrices only
+    from model import load_clip
+    head = load_clip(paper[1])
+    world = tagalign.TagAlign(tiny_config(vocab_size=60))
+    for model, rule in ((head, "official"), (world, "matrices")):
+        opt = tagalign.make_optimizer(model, lr=1e-3, weight_decay=0.05, decay=rule)
+        names = {id(p): k for k, p in model.named_parameters()}
+        decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0.05 for p in g["params"]}
+        kept = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+        trains = {k for k, p in model.named_parameters() if p.requires_grad}
+        assert decayed | kept == trains and not decayed & kept
+        if rule == "official":
+            gates = {k for k in trains if k.endswith("gate")}
+            assert gates and gates | {"logit_scale", "tag_logit_scale", "dense_proj"} <= decayed
+            assert all(k.endswith((".bias", "norm.weight", "dense_ln.weight")) for k in kept), kept
+        else:
+            assert decayed == {k for k in trains if model.get_parameter(k).ndim >= 2}
+            assert {"clip.logit_scale", "tag_logit_scale"} <= kept
 
 
 def test_tag_embedding_cache_is_reused_and_invalidated(paper, other_clip, tmp_path, capsys):
