@@ -262,6 +262,60 @@ def resize_bilinear(x, size):
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+# OpenCV's INTER_LINEAR on 8-bit images (opencv/opencv modules/imgproc/src/resize.cpp:
+# resize / hal::resize, HResizeLinear, VResizeLinear<uchar, int, short, ...>) is fixed point:
+# 11-bit weights (INTER_RESIZE_COEF_BITS), a horizontal pass into int32, then a vertical pass that
+# drops 4 bits of each row before weighting, floors each product's top 16 bits and rounds the
+# sum to 8 bits: ((b0 * (S0 >> 4)) >> 16) + ((b1 * (S1 >> 4)) >> 16) + 2) >> 2. Its SIMD version
+# (VResizeLinearVec_32s8u: v_shr<4>, v_mul_hi, v_rshr_pack_u<2>) and the scalar tail compute
+# exactly this, with no overflow or saturation for 8-bit input. An exact 2x downscale is sent to
+# INTER_AREA's fast path, whose (a + b + c + d + 2) >> 2 is what these formulas give for weights
+# 1024 / 1024; an exact 2x upscale (OpenCV 5) runs the same generic code. Float bilinear followed
+# by rounding misses by one grey level on some pixels.
+RESIZE_COEF_BITS = 11
+
+
+def _linear_taps(n_in, n_out, clamp):
+    """One axis of cv2.INTER_LINEAR: (i0, i1, w0, w1), each (n_out,); output k is
+    (w0 * in[i0] + w1 * in[i1]) / 2^11. OpenCV's arithmetic: scale = 1 / (n_out / n_in) in double,
+    f = float32((k + 0.5) * scale - 0.5), i0 = floor(f), f -= i0 in float32, weights
+    saturate_cast<short>((1 - f) * 2048) and (f * 2048), which round half to even (cvRound).
+    Columns are clamped (i0 < 0 or i0 >= n_in - 1: the edge pixel, f = 0); rows are not: their
+    fraction stays and the two row indices are clipped into the image instead."""
+    scale = 1.0 / (n_out / n_in)
+    f = ((np.arange(n_out) + 0.5) * scale - 0.5).astype(np.float32)
+    i0 = np.floor(f).astype(np.int64)
+    f = f - i0.astype(np.float32)  # float32, as OpenCV's `fx -= sx`
+    if clamp:
+        outside = (i0 < 0) | (i0 >= n_in - 1)
+        f[outside] = 0
+        i0 = np.clip(i0, 0, n_in - 1)
+    one = np.float32(1 << RESIZE_COEF_BITS)
+    w0 = np.rint((np.float32(1) - f) * one).astype(np.int32)  # float32 products, ties to even
+    w1 = np.rint(f * one).astype(np.int32)
+    return np.clip(i0, 0, n_in - 1), np.clip(i0 + 1, 0, n_in - 1), w0, w1
+
+
+def resize_uint8_linear(image, size):
+    """uint8 (H, W) or (H, W, C) -> (*size, ...): cv2.resize(image, (w, h), interpolation=
+    cv2.INTER_LINEAR) bit for bit (what mmcv.imresize 'bilinear' and mmcv.imrescale run on a
+    uint8 image), in int32 numpy. The same size returns the image as it is."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"resize_uint8_linear: expected a uint8 image, got {image.dtype}")
+    if tuple(image.shape[:2]) == tuple(size):
+        return image
+    x = image.reshape(image.shape[:2] + (-1,)).astype(np.int32)  # (H, W, C)
+    y0, y1, b0, b1 = _linear_taps(x.shape[0], size[0], clamp=False)
+    x0, x1, a0, a1 = _linear_taps(x.shape[1], size[1], clamp=True)
+    # horizontal pass on every source row: (H, w, C), at most 255 * 2048 (19 bits)
+    s = np.take(x, x0, 1) * a0[None, :, None] + np.take(x, x1, 1) * a1[None, :, None]
+    s >>= 4  # the vertical pass reads each row without its 4 low bits (15 bits left)
+    # vertical pass: each product fits int32 (2^11 * 2^15); t <= 1020, so the result fits uint8
+    t = ((b0[:, None, None] * s[y0]) >> 16) + ((b1[:, None, None] * s[y1]) >> 16)
+    return ((t + 2) >> 2).astype(np.uint8).reshape(tuple(size) + image.shape[2:])
+
+
 def resize_nearest(a, size):
     """(H, W, ...) array -> (*size, ...), nearest as cv2.INTER_NEAREST (mmcv.imresize 'nearest'):
     output row i copies input row min(floor(i * H / H'), H - 1), the scale computed as OpenCV
