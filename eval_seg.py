@@ -27,9 +27,10 @@ PRESETS).
 
 Protocol (TCL's, which TagAlign uses; read from the authors' configs): resize so the short side
 is 448 with the long side capped at 2048 (mmcv.imrescale: s = min(2048/long, 448/short),
-size int(x*s+0.5), bilinear on uint8), ImageNet mean/std, sliding window 448 with stride 224 on
-mmseg's grid (last window snapped to the border), per-crop scores averaged where windows overlap,
-bilinear resize back to the original size, argmax. The scoring is TagAlign's
+size int(x*s+0.5), cv2.INTER_LINEAR on the uint8 image: OpenCV's fixed-point 8-bit path,
+reproduced bit for bit by resize_uint8_linear), ImageNet mean/std, sliding window 448 with
+stride 224 on mmseg's grid (last window snapped to the border), per-crop scores averaged where
+windows overlap, bilinear resize back to the original size, argmax. The scoring is TagAlign's
 (github.com/Qinying-Liu/TagAlign, configs/eval.yml: bg_thresh 0.4, clip_w 0.3, scale 10,
 bias -2.5; models/tagalign/tagalign.py generate_masks): per class sigmoid(10 cos - 2.5) of the
 decoder's patch embeddings, blended 0.7 / 0.3 with the same score of the raw surgery tokens
@@ -255,8 +256,8 @@ TAGALIGN_SCORING = {k: getattr(PRESETS["tcl"], k) for k in ("score", "score_scal
 
 # ----------------------------------------------------------------------------- resizing
 def resize_bilinear(x, size):
-    """(B, C, H, W) -> (B, C, *size), bilinear with half-pixel centres and no antialiasing: what
-    cv2.INTER_LINEAR (mmcv) and mmseg's resize(align_corners=False) compute."""
+    """(B, C, H, W) -> (B, C, *size), float bilinear with half-pixel centres and no antialiasing:
+    mmseg's resize(align_corners=False), used on score maps. (uint8 images: resize_uint8_linear.)"""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
@@ -348,15 +349,15 @@ def read_rgb_label(path):
 
 def downsample_large(image, side=1000):
     """mmseg's LoadImageNetSImageFromFile(downsample_large_image=True): an image of more than
-    1000 x 1000 pixels (the area decides, not a side) is resized bilinearly so that its long side
-    is 1000, the short side int(1000 * short / long); smaller images are returned as they are."""
+    1000 x 1000 pixels (the area decides, not a side) is resized so that its long side is 1000, the
+    short side int(1000 * short / long), by mmcv.imresize(interpolation='bilinear') on the uint8
+    image as loaded, i.e. cv2.INTER_LINEAR: resize_uint8_linear. Smaller images are returned as
+    they are."""
     H, W = image.shape[:2]
     if H * W <= side * side:
         return image
     size = (side, int(side * W / H)) if H > W else (int(side * H / W), side)
-    x = torch.from_numpy(np.array(image, np.uint8)).permute(2, 0, 1)[None].float()  # (1, 3, H, W)
-    x = resize_bilinear(x, size).round().clamp(0, 255)  # cv2 resizes the uint8 image: round back
-    return x[0].permute(1, 2, 0).to(torch.uint8).numpy()
+    return resize_uint8_linear(np.asarray(image, np.uint8), size)
 
 
 def _check_pairs(pairs, img_dir, ann_dir):
@@ -641,12 +642,12 @@ def crop_scorer(model, text, protocol, background):
 
 def preprocess(image, protocol, device):
     """uint8 (H, W, 3) -> normalised float (1, 3, H', W') after the protocol's resize."""
+    image = np.asarray(image, np.uint8)
+    if protocol.short_side:  # mmcv.imrescale: cv2.resize(INTER_LINEAR) on the uint8 image
+        size = resized_shape(*image.shape[:2], protocol.short_side, protocol.long_cap)
+        image = resize_uint8_linear(image, size)
     x = torch.from_numpy(np.array(image, np.uint8))  # a copy: arrays from PIL are read-only
-    x = x.to(device).permute(2, 0, 1)[None].float()  # (1, 3, H, W) in 0..255
-    if protocol.short_side:
-        size = resized_shape(*x.shape[-2:], protocol.short_side, protocol.long_cap)
-        if size != tuple(x.shape[-2:]):  # mmcv resizes the uint8 image: round back to uint8 levels
-            x = resize_bilinear(x, size).round().clamp(0, 255)
+    x = x.to(device).permute(2, 0, 1)[None].float()  # (1, 3, H', W') in 0..255
     mean = torch.tensor(protocol.mean, device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor(protocol.std, device=device).view(1, 3, 1, 1) * 255
     return (x - mean) / std

@@ -281,8 +281,9 @@ def test_imagenet_s_downsampling_rule():
     image = rng.integers(0, 256, (1200, 900, 3)).astype(np.uint8)  # -> (1000, 750)
     small = E.downsample_large(image)
     assert small.shape == (1000, 750, 3) and small.dtype == np.uint8
+    np.testing.assert_array_equal(small, E.resize_uint8_linear(image, (1000, 750)))  # cv2's path
     ref = np.clip(np.round(ref_resize(image.astype(float), 1000, 750)), 0, 255)
-    assert np.abs(small.astype(float) - ref).max() <= 1  # float32 vs float64 rounding ties
+    assert np.abs(small.astype(float) - ref).max() <= 1  # fixed point vs float: one level at most
 
 # ----------------------------------------------------------------------------- models
 class Oracle:
@@ -474,8 +475,11 @@ def test_resizes_match_half_pixel_bilinear():
     protocol = dataclasses.replace(E.PRESETS["tcl"], short_side=64, mean=(0, 0, 0), std=(1 / 255,) * 3)
     x = E.preprocess(image, protocol, "cpu")  # (1, 3, 64, 87): scale 64/30, not an integer
     assert x.shape == (1, 3, 64, 87)
+    got = x[0].permute(1, 2, 0).numpy()
+    # the resize is cv2's 8-bit one (atol: std * 255 is 1 up to float32 rounding)
+    np.testing.assert_allclose(got, E.resize_uint8_linear(image, (64, 87)), atol=1e-3)
     want = np.clip(np.round(ref_resize(image.astype(float), 64, 87)), 0, 255)
-    assert np.abs(x[0].permute(1, 2, 0).numpy() - want).max() <= 1  # float32 vs float64 rounding ties
+    assert np.abs(got - want).max() <= 1  # OpenCV's fixed point vs float: one grey level at most
     scores = torch.from_numpy(rng.random((1, 5, 64, 87)))  # and back to the original size
     back = E.resize_bilinear(scores, (30, 41))[0].permute(1, 2, 0).numpy()
     np.testing.assert_allclose(back, ref_resize(scores[0].permute(1, 2, 0).numpy(), 30, 41), atol=1e-12)
