@@ -27,9 +27,10 @@ PRESETS).
 
 Protocol (TCL's, which TagAlign uses; read from the authors' configs): resize so the short side
 is 448 with the long side capped at 2048 (mmcv.imrescale: s = min(2048/long, 448/short),
-size int(x*s+0.5), bilinear on uint8), ImageNet mean/std, sliding window 448 with stride 224 on
-mmseg's grid (last window snapped to the border), per-crop scores averaged where windows overlap,
-bilinear resize back to the original size, argmax. The scoring is TagAlign's
+size int(x*s+0.5), cv2.INTER_LINEAR on the uint8 image: OpenCV's fixed-point 8-bit path,
+reproduced bit for bit by resize_uint8_linear), ImageNet mean/std, sliding window 448 with
+stride 224 on mmseg's grid (last window snapped to the border), per-crop scores averaged where
+windows overlap, bilinear resize back to the original size, argmax. The scoring is TagAlign's
 (github.com/Qinying-Liu/TagAlign, configs/eval.yml: bg_thresh 0.4, clip_w 0.3, scale 10,
 bias -2.5; models/tagalign/tagalign.py generate_masks): per class sigmoid(10 cos - 2.5) of the
 decoder's patch embeddings, blended 0.7 / 0.3 with the same score of the raw surgery tokens
@@ -255,11 +256,65 @@ TAGALIGN_SCORING = {k: getattr(PRESETS["tcl"], k) for k in ("score", "score_scal
 
 # ----------------------------------------------------------------------------- resizing
 def resize_bilinear(x, size):
-    """(B, C, H, W) -> (B, C, *size), bilinear with half-pixel centres and no antialiasing: what
-    cv2.INTER_LINEAR (mmcv) and mmseg's resize(align_corners=False) compute."""
+    """(B, C, H, W) -> (B, C, *size), float bilinear with half-pixel centres and no antialiasing:
+    mmseg's resize(align_corners=False), used on score maps. (uint8 images: resize_uint8_linear.)"""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+# OpenCV's INTER_LINEAR on 8-bit images (opencv/opencv modules/imgproc/src/resize.cpp:
+# resize / hal::resize, HResizeLinear, VResizeLinear<uchar, int, short, ...>) is fixed point:
+# 11-bit weights (INTER_RESIZE_COEF_BITS), a horizontal pass into int32, then a vertical pass that
+# drops 4 bits of each row before weighting, floors each product's top 16 bits and rounds the
+# sum to 8 bits: ((b0 * (S0 >> 4)) >> 16) + ((b1 * (S1 >> 4)) >> 16) + 2) >> 2. Its SIMD version
+# (VResizeLinearVec_32s8u: v_shr<4>, v_mul_hi, v_rshr_pack_u<2>) and the scalar tail compute
+# exactly this, with no overflow or saturation for 8-bit input. An exact 2x downscale is sent to
+# INTER_AREA's fast path, whose (a + b + c + d + 2) >> 2 is what these formulas give for weights
+# 1024 / 1024; an exact 2x upscale (OpenCV 5) runs the same generic code. Float bilinear followed
+# by rounding misses by one grey level on some pixels.
+RESIZE_COEF_BITS = 11
+
+
+def _linear_taps(n_in, n_out, clamp):
+    """One axis of cv2.INTER_LINEAR: (i0, i1, w0, w1), each (n_out,); output k is
+    (w0 * in[i0] + w1 * in[i1]) / 2^11. OpenCV's arithmetic: scale = 1 / (n_out / n_in) in double,
+    f = float32((k + 0.5) * scale - 0.5), i0 = floor(f), f -= i0 in float32, weights
+    saturate_cast<short>((1 - f) * 2048) and (f * 2048), which round half to even (cvRound).
+    Columns are clamped (i0 < 0 or i0 >= n_in - 1: the edge pixel, f = 0); rows are not: their
+    fraction stays and the two row indices are clipped into the image instead."""
+    scale = 1.0 / (n_out / n_in)
+    f = ((np.arange(n_out) + 0.5) * scale - 0.5).astype(np.float32)
+    i0 = np.floor(f).astype(np.int64)
+    f = f - i0.astype(np.float32)  # float32, as OpenCV's `fx -= sx`
+    if clamp:
+        outside = (i0 < 0) | (i0 >= n_in - 1)
+        f[outside] = 0
+        i0 = np.clip(i0, 0, n_in - 1)
+    one = np.float32(1 << RESIZE_COEF_BITS)
+    w0 = np.rint((np.float32(1) - f) * one).astype(np.int32)  # float32 products, ties to even
+    w1 = np.rint(f * one).astype(np.int32)
+    return np.clip(i0, 0, n_in - 1), np.clip(i0 + 1, 0, n_in - 1), w0, w1
+
+
+def resize_uint8_linear(image, size):
+    """uint8 (H, W) or (H, W, C) -> (*size, ...): cv2.resize(image, (w, h), interpolation=
+    cv2.INTER_LINEAR) bit for bit (what mmcv.imresize 'bilinear' and mmcv.imrescale run on a
+    uint8 image), in int32 numpy. The same size returns the image as it is."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"resize_uint8_linear: expected a uint8 image, got {image.dtype}")
+    if tuple(image.shape[:2]) == tuple(size):
+        return image
+    x = image.reshape(image.shape[:2] + (-1,)).astype(np.int32)  # (H, W, C)
+    y0, y1, b0, b1 = _linear_taps(x.shape[0], size[0], clamp=False)
+    x0, x1, a0, a1 = _linear_taps(x.shape[1], size[1], clamp=True)
+    # horizontal pass on every source row: (H, w, C), at most 255 * 2048 (19 bits)
+    s = np.take(x, x0, 1) * a0[None, :, None] + np.take(x, x1, 1) * a1[None, :, None]
+    s >>= 4  # the vertical pass reads each row without its 4 low bits (15 bits left)
+    # vertical pass: each product fits int32 (2^11 * 2^15); t <= 1020, so the result fits uint8
+    t = ((b0[:, None, None] * s[y0]) >> 16) + ((b1[:, None, None] * s[y1]) >> 16)
+    return ((t + 2) >> 2).astype(np.uint8).reshape(tuple(size) + image.shape[2:])
 
 
 def resize_nearest(a, size):
@@ -294,15 +349,15 @@ def read_rgb_label(path):
 
 def downsample_large(image, side=1000):
     """mmseg's LoadImageNetSImageFromFile(downsample_large_image=True): an image of more than
-    1000 x 1000 pixels (the area decides, not a side) is resized bilinearly so that its long side
-    is 1000, the short side int(1000 * short / long); smaller images are returned as they are."""
+    1000 x 1000 pixels (the area decides, not a side) is resized so that its long side is 1000, the
+    short side int(1000 * short / long), by mmcv.imresize(interpolation='bilinear') on the uint8
+    image as loaded, i.e. cv2.INTER_LINEAR: resize_uint8_linear. Smaller images are returned as
+    they are."""
     H, W = image.shape[:2]
     if H * W <= side * side:
         return image
     size = (side, int(side * W / H)) if H > W else (int(side * H / W), side)
-    x = torch.from_numpy(np.array(image, np.uint8)).permute(2, 0, 1)[None].float()  # (1, 3, H, W)
-    x = resize_bilinear(x, size).round().clamp(0, 255)  # cv2 resizes the uint8 image: round back
-    return x[0].permute(1, 2, 0).to(torch.uint8).numpy()
+    return resize_uint8_linear(np.asarray(image, np.uint8), size)
 
 
 def _check_pairs(pairs, img_dir, ann_dir):
@@ -587,12 +642,12 @@ def crop_scorer(model, text, protocol, background):
 
 def preprocess(image, protocol, device):
     """uint8 (H, W, 3) -> normalised float (1, 3, H', W') after the protocol's resize."""
+    image = np.asarray(image, np.uint8)
+    if protocol.short_side:  # mmcv.imrescale: cv2.resize(INTER_LINEAR) on the uint8 image
+        size = resized_shape(*image.shape[:2], protocol.short_side, protocol.long_cap)
+        image = resize_uint8_linear(image, size)
     x = torch.from_numpy(np.array(image, np.uint8))  # a copy: arrays from PIL are read-only
-    x = x.to(device).permute(2, 0, 1)[None].float()  # (1, 3, H, W) in 0..255
-    if protocol.short_side:
-        size = resized_shape(*x.shape[-2:], protocol.short_side, protocol.long_cap)
-        if size != tuple(x.shape[-2:]):  # mmcv resizes the uint8 image: round back to uint8 levels
-            x = resize_bilinear(x, size).round().clamp(0, 255)
+    x = x.to(device).permute(2, 0, 1)[None].float()  # (1, 3, H', W') in 0..255
     mean = torch.tensor(protocol.mean, device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor(protocol.std, device=device).view(1, 3, 1, 1) * 255
     return (x - mean) / std

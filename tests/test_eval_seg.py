@@ -281,8 +281,9 @@ def test_imagenet_s_downsampling_rule():
     image = rng.integers(0, 256, (1200, 900, 3)).astype(np.uint8)  # -> (1000, 750)
     small = E.downsample_large(image)
     assert small.shape == (1000, 750, 3) and small.dtype == np.uint8
+    np.testing.assert_array_equal(small, E.resize_uint8_linear(image, (1000, 750)))  # cv2's path
     ref = np.clip(np.round(ref_resize(image.astype(float), 1000, 750)), 0, 255)
-    assert np.abs(small.astype(float) - ref).max() <= 1  # float32 vs float64 rounding ties
+    assert np.abs(small.astype(float) - ref).max() <= 1  # fixed point vs float: one level at most
 
 # ----------------------------------------------------------------------------- models
 class Oracle:
@@ -474,11 +475,104 @@ def test_resizes_match_half_pixel_bilinear():
     protocol = dataclasses.replace(E.PRESETS["tcl"], short_side=64, mean=(0, 0, 0), std=(1 / 255,) * 3)
     x = E.preprocess(image, protocol, "cpu")  # (1, 3, 64, 87): scale 64/30, not an integer
     assert x.shape == (1, 3, 64, 87)
+    got = x[0].permute(1, 2, 0).numpy()
+    # the resize is cv2's 8-bit one (atol: std * 255 is 1 up to float32 rounding)
+    np.testing.assert_allclose(got, E.resize_uint8_linear(image, (64, 87)), atol=1e-3)
     want = np.clip(np.round(ref_resize(image.astype(float), 64, 87)), 0, 255)
-    assert np.abs(x[0].permute(1, 2, 0).numpy() - want).max() <= 1  # float32 vs float64 rounding ties
+    assert np.abs(got - want).max() <= 1  # OpenCV's fixed point vs float: one grey level at most
     scores = torch.from_numpy(rng.random((1, 5, 64, 87)))  # and back to the original size
     back = E.resize_bilinear(scores, (30, 41))[0].permute(1, 2, 0).numpy()
     np.testing.assert_allclose(back, ref_resize(scores[0].permute(1, 2, 0).numpy(), 30, 41), atol=1e-12)
+
+
+# A 3 x 5 image resized by hand with OpenCV's 8-bit INTER_LINEAR (resize.cpp), to check the
+# implementation against numbers that do not come from it.
+# Columns 5 -> 7: scale 5/7, f = (k + 0.5) * 5/7 - 0.5 = -1/7, 4/7, 9/7, 2, 19/7, 24/7, 29/7;
+# k = 0 and 6 fall off the image and take the edge pixel (weights 2048, 0); the others take
+# round((1 - frac) * 2048), round(frac * 2048) with frac in sevenths (2048/7 = 292.57):
+#   k:      0        1          2          3        4          5          6
+#   taps:   0,1      0,1        1,2        2,3      2,3        3,4        4,4
+#   w:      2048,0   878,1170   1463,585   2048,0   585,1463   1170,878   2048,0
+# Row 0 (10 50 200 30 255), horizontal sums S, then S >> 4:
+#   20480 67280 190150 409600 160890 258990 522240 -> 1280 4205 11884 25600 10055 16186 32640
+# Row 1 (0 100 20 220 90): 0 117000 158000 40960 333560 336420 184320
+#                       -> 0 7312 9875 2560 20847 21026 11520
+# Row 2 (255 7 64 128 33): 522240 232080 47681 131072 224704 178734 67584
+#                       -> 32640 14505 2980 8192 14044 11170 4224
+# Rows 3 -> 2: scale 1.5, f = 0.25, 1.75: rows (0, 1) with weights (1536, 512), rows (1, 2) with
+# (512, 1536). out = ((b0 * S0 >> 16) + (b1 * S1 >> 16) + 2) >> 2, e.g. column 4 of output row 0:
+# 1536 * 10055 >> 16 = 235, 512 * 20847 >> 16 = 162, (397 + 2) >> 2 = 99, where float bilinear
+# gives 99.64 -> 100 (and column 5 of row 1: 164 + 261 -> 106, float 106.52 -> 107).
+# Rows 3 -> 4 (upscaling): scale 0.75, f = -0.125, 0.625, 1.375, 2.125. Rows keep their fraction
+# and clip their indices, so output row 0 reads row 0 twice with weights (256, 1792):
+# (256 * 10055 >> 16) + (1792 * 10055 >> 16) = 39 + 274 -> (313 + 2) >> 2 = 78 (float: 78.56 -> 79);
+# then rows (0, 1) with (768, 1280), rows (1, 2) with (1280, 768), row 2 twice with (1792, 256).
+HAND_IMAGE = np.array([[10, 50, 200, 30, 255], [0, 100, 20, 220, 90], [255, 7, 64, 128, 33]],
+                      np.uint8)
+HAND_DOWN = [[8, 39, 89, 155, 99, 136, 214], [191, 99, 37, 53, 123, 106, 47]]  # (2, 7)
+HAND_UP = [[10, 33, 93, 200, 78, 126, 255], [4, 48, 83, 88, 131, 150, 152],  # (4, 7)
+           [96, 78, 57, 37, 143, 135, 69], [255, 113, 23, 64, 110, 87, 33]]
+
+
+def test_uint8_linear_by_hand():
+    assert E.resize_uint8_linear(HAND_IMAGE, (2, 7)).tolist() == HAND_DOWN
+    assert E.resize_uint8_linear(HAND_IMAGE, (4, 7)).tolist() == HAND_UP
+    # channels are independent: a (H, W, C) image gives each channel's own result
+    rgb = np.stack([HAND_IMAGE, 255 - HAND_IMAGE, HAND_IMAGE[:, ::-1]], -1)
+    out = E.resize_uint8_linear(rgb, (4, 7))
+    assert out.shape == (4, 7, 3) and out.dtype == np.uint8
+    assert out[..., 0].tolist() == HAND_UP
+    np.testing.assert_array_equal(out[..., 1], E.resize_uint8_linear(255 - HAND_IMAGE, (4, 7)))
+    # float bilinear + rounding misses by one on these pixels
+    fl = E.resize_bilinear(torch.from_numpy(HAND_IMAGE)[None, None].float(), (4, 7)).round()[0, 0]
+    assert (fl.numpy() != np.array(HAND_UP)).sum() == 2
+
+
+def test_uint8_linear_edges_and_exact_factors():
+    rng = np.random.default_rng(7)
+    image = rng.integers(0, 256, (6, 10, 3)).astype(np.uint8)
+    # exact 2x down: OpenCV sends it to INTER_AREA's fast path, the rounded mean of 2 x 2 blocks;
+    # the fixed-point weights (1024, 1024) give the same numbers
+    q = image.astype(int)
+    mean = (q[0::2, 0::2] + q[0::2, 1::2] + q[1::2, 0::2] + q[1::2, 1::2] + 2) >> 2
+    np.testing.assert_array_equal(E.resize_uint8_linear(image, (3, 5)), mean)
+    # integer upscale: output column 3k + 1 sits on input column k exactly (weights 2048, 0)
+    up = E.resize_uint8_linear(image, (18, 30))
+    np.testing.assert_array_equal(up[1::3, 1::3], image)
+    # a constant image stays constant, whatever the size, edges included
+    flat = np.full((5, 7, 3), 173, np.uint8)
+    for size in ((1, 1), (2, 13), (11, 3), (5, 8), (40, 41)):
+        assert (E.resize_uint8_linear(flat, size) == 173).all(), size
+    # one pixel or one row in, and the same size returned as it is
+    assert (E.resize_uint8_linear(image[:1, :1], (3, 4)) == image[0, 0]).all()
+    np.testing.assert_array_equal(E.resize_uint8_linear(image[:1], (2, 10)), image[[0, 0]])
+    assert E.resize_uint8_linear(image, (6, 10)) is image
+    with pytest.raises(ValueError, match="uint8"):
+        E.resize_uint8_linear(image.astype(np.float32), (3, 5))
+
+
+def test_uint8_linear_is_opencvs():
+    """Bit for bit against cv2.resize(INTER_LINEAR), where OpenCV is installed (it is not a
+    requirement): random sizes both ways, odd and prime sides, exact 2x, 1 to 4 channels, and
+    the protocol's own sizes."""
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(11)
+    cases = [((375, 500, 3), E.resized_shape(375, 500)), ((500, 375, 3), E.resized_shape(500, 375)),
+             ((1200, 900, 3), (1000, 750)), ((64, 46, 3), (128, 92)), ((64, 46, 3), (32, 23)),
+             ((1, 1, 1), (5, 3)), ((3, 5, 1), (2, 7)), ((97, 31, 4), (13, 211))]
+    for _ in range(300):
+        H, W = rng.integers(1, 60, 2)
+        h, w = rng.integers(1, 120, 2)
+        cases.append(((H, W, int(rng.choice([1, 2, 3, 4]))), (h, w)))
+    for shape, (h, w) in cases:
+        image = rng.integers(0, 256, shape).astype(np.uint8)
+        if rng.random() < 0.3:  # hard edges: the extremes 0 and 255 side by side
+            image = np.where(image > 127, 255, 0).astype(np.uint8)
+        want = cv2.resize(image, (int(w), int(h)), interpolation=cv2.INTER_LINEAR).reshape(h, w, -1)
+        got = E.resize_uint8_linear(image, (h, w)).reshape(h, w, -1)
+        bad = got != want
+        assert not bad.any(), (f"{shape} -> {(h, w)} (cv2 {cv2.__version__}): {bad.sum()} values "
+                               f"differ, first at {np.argwhere(bad)[0].tolist()}")
 
 
 def test_resize_nearest_is_opencvs():
