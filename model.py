@@ -10,9 +10,13 @@ reads models through `SegmentationModel` and `load_model` here.
 import contextlib
 import dataclasses
 import hashlib
+import io
 import math
 import os
+import pickle
+import re
 import warnings
+import zipfile
 from dataclasses import dataclass
 
 import torch
@@ -468,24 +472,102 @@ def file_sha256(path, chunk=1 << 24):
     return h.hexdigest()
 
 
+# OpenAI ships CLIP as a TorchScript archive: a zip of TorchScript code (code/), the module tree
+# pickled with it (data.pkl) and one record per tensor (data/0, data/1, ...). torch.jit.load
+# compiles that code and runs it (a class's __setstate__ runs while loading, and TorchScript
+# can write files, torch.from_file), so it is not how a file given on the command line is
+# read here: data.pkl is unpickled with nothing callable but the tensors' rebuilding, each
+# module becoming the dict of its attributes, and the tensors are collected by attribute path.
+# OpenAI's archives are traced, so a module's tensor attributes are its state dict's entries.
+class _Attributes:
+    """What an object of the archive becomes: its pickled attributes, none of its code."""
+    state = {}
+
+    def __init__(self, *args):  # a call the pickle makes (a TorchScript list helper, say): inert
+        pass
+
+    def __setstate__(self, state):
+        self.state = state if isinstance(state, dict) else {}
+
+
+class _TorchScriptUnpickler(pickle.Unpickler):
+    def __init__(self, archive, root):
+        super().__init__(io.BytesIO(archive.read(root + "data.pkl")))
+        self.archive, self.root = archive, root
+
+    def find_class(self, module, name):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):  # (storage, offset, size, stride, ...)
+            return lambda storage, offset, size, stride, *_: storage.as_strided(size, stride, offset)
+        if module == "torch" and name.endswith("Storage") and isinstance(getattr(torch, name, None), type):
+            return getattr(torch, name).dtype  # torch.HalfStorage -> torch.float16, read by persistent_load
+        return _Attributes  # a module class (__torch__.*) or anything else: attributes only
+
+    def persistent_load(self, pid):  # ("storage", dtype, key, location, numel): one tensor record
+        raw = bytearray(self.archive.read(f"{self.root}data/{pid[2]}"))
+        return torch.frombuffer(raw, dtype=pid[1]) if raw else torch.empty(0, dtype=pid[1])
+
+
+def read_torchscript_tensors(path):
+    """{attribute path: tensor} of a TorchScript archive, its code never run (see above)."""
+    def tensors(obj, prefix):  # a module's tensors, then its submodules', by attribute path
+        for k, v in obj.state.items():
+            if isinstance(v, torch.Tensor):
+                yield prefix + k, v
+            elif isinstance(v, _Attributes):
+                yield from tensors(v, f"{prefix}{k}.")
+
+    with zipfile.ZipFile(path) as archive, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.HalfStorage & co. are deprecated, and name the dtypes here
+        root = next(n for n in archive.namelist() if n.endswith("/data.pkl")).removesuffix("data.pkl")
+        return dict(tensors(_TorchScriptUnpickler(archive, root).load(), ""))
+
+
+def is_torchscript(path):
+    """A TorchScript archive: a zip with constants.pkl beside data.pkl (torch.save's zips have none)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(n.endswith("/constants.pkl") for n in archive.namelist())
+
+
+def load_plain(path):
+    """torch.load(path) of plain data only (weights_only=True: tensors, numbers, strings, bools,
+    None and lists, tuples and dicts of them): no object is built and no code runs."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's notes on pickle protocols
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def refused_global(e):
+    """The Python object (module.name) that load_plain refused to build, or None."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(e))  # weights_only's refusal names it so
+    return found[1] if found else None
+
+
+def why_unreadable(e):
+    """One line saying why load_plain or read_torchscript_tensors refused a file."""
+    if refused_global(e):
+        return f"it holds a Python object, {refused_global(e)}, that loading would build or call: refused"
+    text = str(e).strip()
+    if "TorchScript" in text:
+        return "a TorchScript archive (a CLIP file? give it with --clip)"
+    detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)  # under torch's note on weights_only
+    why = detail[1] if detail else text.split("\n")[0].split(". ")[0]
+    return f"truncated or foreign file ({why[:200] or type(e).__name__})"
+
+
 def read_clip_state_dict(path):
     """OpenAI CLIP ViT weights as a float32 state dict with OpenAI's keys, from the TorchScript
-    archive OpenAI distributes (ViT-B-16.pt: read as torch.jit.load(path).state_dict(), as
-    clip.load does) or a torch.save'd state dict (also under "state_dict" or "model", with or
-    without DDP's "module." prefix). Anything else: SystemExit with one line naming the file."""
+    archive OpenAI distributes (ViT-B-16.pt: its tensors, its code never run) or a torch.save'd
+    state dict (also under "state_dict" or "model", with or without DDP's "module." prefix).
+    Anything else: SystemExit with one line naming the file."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: --clip {path}: no such file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.jit is deprecated, and is how OpenAI ships CLIP
-            sd = torch.jit.load(path, map_location="cpu").state_dict()
-    except Exception:  # not TorchScript: a pickled state dict, or a broken file
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise SystemExit(f"error: --clip {path}: neither a TorchScript archive nor a torch state dict "
-                             f"(truncated or foreign file? {why})") from None
+        sd = read_torchscript_tensors(path) if is_torchscript(path) else load_plain(path)
+    except Exception as e:  # a pickled object, a broken file: one line, not a pickle traceback
+        raise SystemExit(f"error: --clip {path}: neither a TorchScript archive nor a torch state dict: "
+                         f"{why_unreadable(e)}") from None
     for key in ("state_dict", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
@@ -565,21 +647,69 @@ class SegmentationModel:
 
 
 # ---------------------------------------------------------------- checkpoints (reading)
-def read_checkpoint(path):
+# A checkpoint is plain data (tagalign.py writes nothing else), read with load_plain: sharing one
+# shares numbers, never code. What each reader needs of it, by dotted key, is checked up front.
+def checkpoint_keys(paper, resume):
+    """{dotted key: type of its value} that a reader needs: the model (eval_seg.py), or the whole
+    run (train --resume); paper: a checkpoint on a frozen CLIP file ("clip")."""
+    keys = {"model": dict, "config": dict, "args": dict, "args.command": str}
+    if paper:
+        keys |= {"clip.path": str, "clip.sha256": str, "args.norm": str}
+    if resume:
+        keys |= {"optimizer": dict, "scaler": dict, "step": int, "rng.torch": torch.Tensor, "rng.numpy": list,
+                 "rng.python": tuple, "args.ranks": int, "tags": list}
+        keys |= {"data.states": list, "data.workers": int} if paper else {"world": dict}
+    return keys
+
+
+def check_checkpoint(ckpt, path, resume=False):
+    """SystemExit with one line naming `path` unless ckpt has what a reader needs (checkpoint_keys)."""
+    if not isinstance(ckpt, dict):
+        raise SystemExit(f"error: {path} is not a tagalign checkpoint: a {type(ckpt).__name__}, not a dict")
+    for key, kind in checkpoint_keys(ckpt.get("clip") is not None, resume).items():
+        value = ckpt
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is None:
+            raise SystemExit(f"error: {path} is not a tagalign checkpoint: it has no {key!r}")
+        if not isinstance(value, kind):
+            raise SystemExit(f"error: {path} is not a tagalign checkpoint: its {key!r} is {type(value).__name__}, "
+                             f"not {kind.__name__}")
+    tokenizer = ckpt.get("tokenizer")  # "clip" (CLIP's own) or Tokenizer.state_dict()
+    if tokenizer != "clip" and not (isinstance(tokenizer, dict) and isinstance(tokenizer.get("merges"), list)):
+        raise SystemExit(f"error: {path} is not a tagalign checkpoint: its 'tokenizer' is neither 'clip' nor "
+                         f"a dict of 'merges'")
+
+
+def read_checkpoint(path, resume=False):
+    """A checkpoint written by tagalign.py, as plain data, with what its reader needs
+    (check_checkpoint). Anything else, or an earlier version's checkpoint (it held numpy's
+    RNG state as a numpy array): SystemExit with one line naming the file; nothing is built."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file: one line, not a pickle traceback
-        raise SystemExit(f"error: {path} is not a tagalign checkpoint ({type(e).__name__}: {e})")
+        ckpt = load_plain(path)
+    except Exception as e:  # a pickled object, a truncated or foreign file: one line, not a traceback
+        if (refused_global(e) or "").startswith("numpy."):
+            raise SystemExit(f"error: {path} was written by an earlier version of tagalign (it holds numpy "
+                             f"objects: {refused_global(e)}); retrain or re-save it") from None
+        raise SystemExit(f"error: {path} is not a tagalign checkpoint: {why_unreadable(e)}") from None
+    check_checkpoint(ckpt, path, resume)
+    return ckpt
 
 
 def model_from_checkpoint(ckpt, path, clip=None):
-    """The TagAlign of a checkpoint. A frozen-CLIP (paper-mode) checkpoint holds only what
-    trained: the CLIP comes from `clip` or the file the checkpoint names, and must be the same
-    file (sha256) that it was trained on."""
-    cfg = Config(**ckpt["config"])
-    if not ckpt.get("clip"):
+    """The model of a checkpoint (read_checkpoint's) with its weights: TagAlign, or the CLIP of
+    `tagalign.py pretrain`. A frozen-CLIP (paper-mode) checkpoint holds only what trained: the
+    CLIP comes from `clip` or the file the checkpoint names, and must be the same file (sha256)
+    that it was trained on. A config or weights that do not make a model: one line."""
+    try:
+        cfg = Config(**ckpt["config"]).check()
+    except (TypeError, ValueError) as e:  # a field of another version, or a shape that cannot be built
+        raise SystemExit(f"error: {path}: its config is not one this version of tagalign builds ({e})") from None
+    if ckpt["args"]["command"] == "pretrain":
+        model = CLIP(cfg)
+    elif not ckpt.get("clip"):
         model = TagAlign(cfg)
     else:
         clip = clip or ckpt["clip"]["path"]
@@ -589,13 +719,23 @@ def model_from_checkpoint(ckpt, path, clip=None):
             raise SystemExit(f"error: {path} was trained on the CLIP file with sha256 {ckpt['clip']['sha256'][:12]}..., "
                              f"and {clip} is another file (give the right one with --clip)")
         model = load_clip(clip, cfg)
-    model.load_trainable_state_dict(ckpt["model"])
+    try:
+        if isinstance(model, TagAlign):
+            model.load_trainable_state_dict(ckpt["model"])
+        else:
+            model.load_state_dict(ckpt["model"])
+    except (ValueError, RuntimeError) as e:  # missing or unexpected keys, other shapes
+        why = re.sub(r"\s+", " ", str(e)).strip()[:300]
+        raise SystemExit(f"error: {path}: its weights do not fit its config ({why})") from None
     return model
 
 
 def load_model(path, device="cpu", reading=None, clip=None):
     """A trained checkpoint as the evaluator's SegmentationModel (used by eval_seg.py)."""
     ckpt = read_checkpoint(path)
+    if ckpt["args"]["command"] == "pretrain":
+        raise SystemExit(f"error: {path} is a pretrain checkpoint: evaluate the CLIP file that run wrote, "
+                         f"--clip {os.path.join(os.path.dirname(path), 'clip.pt')}")
     model = model_from_checkpoint(ckpt, path, clip)
     tokenizer = (data.Tokenizer.from_clip() if ckpt["tokenizer"] == "clip"  # CLIP's merges, shipped
                  else data.Tokenizer.from_state_dict(ckpt["tokenizer"]))

@@ -270,7 +270,8 @@ def world_setup(args, ckpt):
     (pretrain). Returns (model, tokenizer, vocab, world, tag tokens (K, L))."""
     pretrain = args.command == "pretrain"
     if ckpt:
-        cfg, wcfg = Config(**ckpt["config"]), data.WorldConfig(**ckpt["world"])
+        model = model_lib.model_from_checkpoint(ckpt, os.path.join(args.out, "ckpt.pt"))
+        cfg, wcfg = model.cfg, data.WorldConfig(**ckpt["world"])
         world = data.World(args.seed, cfg.image_size, cfg=wcfg)
         tokenizer = (data.Tokenizer.from_clip() if ckpt["tokenizer"] == "clip"
                      else data.Tokenizer.from_state_dict(ckpt["tokenizer"]))
@@ -287,9 +288,7 @@ def world_setup(args, ckpt):
             print(f"world text: {args.corpus} captions, {tokenizer.vocab_size} tokens, {len(vocab.tags)} tags "
                   f"({time.time() - t0:.1f}s): {' '.join(vocab.tags)}")
         cfg.vocab_size = tokenizer.vocab_size
-    model = model_lib.CLIP(cfg.check()) if pretrain else TagAlign(cfg)
-    if ckpt:
-        model.load_state_dict(ckpt["model"])
+        model = model_lib.CLIP(cfg.check()) if pretrain else TagAlign(cfg)
     return model, tokenizer, vocab, world, tokenizer(tag_texts(vocab), cfg.context_length)  # (K, L)
 
 
@@ -315,8 +314,11 @@ def tag_embeddings(model, tokenizer, vocab, tags_dir, clip_sha256, template, dev
     key = {"clip_sha256": clip_sha256, "template": template,
            "tags_sha256": hashlib.sha256("\n".join(vocab.tags).encode()).hexdigest()}
     if os.path.isfile(path):
-        cached = torch.load(path, map_location="cpu", weights_only=True)
-        if {k: cached.get(k) for k in key} == key:
+        try:
+            cached = model_lib.load_plain(path)
+        except Exception:  # truncated or foreign: recomputed (and rewritten) below
+            cached = None
+        if isinstance(cached, dict) and {k: cached.get(k) for k in key} == key:
             print(f"tag embeddings: {len(vocab)} from {path}")
             return cached["embeddings"].to(device)
         print(f"tag embeddings: {path} was made for another CLIP, template or vocabulary: recomputing")
@@ -337,12 +339,13 @@ def paper_setup(args, ckpt, device):
     if ckpt and ckpt["clip"]["sha256"] != sha:
         raise SystemExit(f"error: --resume: {args.out}/ckpt.pt was trained on the CLIP file with sha256 "
                          f"{ckpt['clip']['sha256'][:12]}..., --clip {clip_path} is another file")
-    model = model_lib.load_clip(clip_path, Config(**ckpt["config"]) if ckpt else None)
     if ckpt:
-        model.load_trainable_state_dict(ckpt["model"])
-    elif args.set:  # the paper's head with other settings: build it anew
-        cfg, _ = apply_settings(args.set, model.cfg, data.WorldConfig(), allowed=PAPER_SETTINGS)
-        model = model_lib.load_clip(clip_path, cfg)
+        model = model_lib.model_from_checkpoint(ckpt, os.path.join(args.out, "ckpt.pt"), clip_path)
+    else:
+        model = model_lib.load_clip(clip_path)
+        if args.set:  # the paper's head with other settings: build it anew
+            cfg, _ = apply_settings(args.set, model.cfg, data.WorldConfig(), allowed=PAPER_SETTINGS)
+            model = model_lib.load_clip(clip_path, cfg)
     tokenizer = data.Tokenizer.from_clip()
     if model.cfg.vocab_size != tokenizer.vocab_size:
         raise SystemExit(f"error: --clip {clip_path}: {model.cfg.vocab_size} token embeddings, CLIP's tokenizer "
@@ -381,12 +384,28 @@ def save_checkpoint(path, state):
         save_atomic(state, path)
 
 
+def rng_state():
+    """torch's, numpy's and Python's RNG states as plain data: a uint8 tensor, numpy's MT19937
+    state with its key array as a list of ints, and Python's tuple of ints."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()  # key: (624,) uint32
+    return {"torch": torch.get_rng_state(), "numpy": [name, key.tolist(), pos, has_gauss, gauss],
+            "python": random.getstate()}
+
+
+def set_rng_state(rng):
+    name, key, pos, has_gauss, gauss = rng["numpy"]
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state((name, np.array(key, dtype=np.uint32), pos, has_gauss, gauss))
+    random.setstate(rng["python"])
+
+
 def checkpoint_state(model, optimizer, scaler, step, args):
     """What every checkpoint holds: what trains, the optimizer, the step, the RNGs, the config
-    and the arguments (the mode adds its own: tokenizer, tags, world or CLIP file, data)."""
+    and the arguments (the mode adds its own: tokenizer, tags, world or CLIP file, data). Plain
+    data only (tensors, numbers, strings, lists, tuples, dicts), which read_checkpoint reads
+    with weights_only=True: a shared checkpoint carries no code."""
     return {"model": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(), "step": step,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "scaler": scaler.state_dict(), "step": step, "rng": rng_state(),
             "config": dataclasses.asdict(model.cfg), "args": vars(args)}
 
 
@@ -539,11 +558,10 @@ def train(args):
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     random.seed(args.seed)
-    os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     ckpt = None
-    if args.resume:
-        ckpt = read_checkpoint(ckpt_path)
+    if args.resume:  # a file that is not a checkpoint is refused with one line before anything is written
+        ckpt = read_checkpoint(ckpt_path, resume=True)
         for k in RESUME_MUST_MATCH:  # a resumed run must be the same run
             if ckpt["args"].get(k) != getattr(args, k, None):
                 raise SystemExit(f"error: {ckpt_path} was trained with --{k.replace('_', '-')} "
@@ -551,6 +569,7 @@ def train(args):
         if ckpt["args"]["ranks"] != args.ranks:  # each rank's data and the global batch depend on it
             raise SystemExit(f"error: {ckpt_path} was trained on {ckpt['args']['ranks']} ranks, this run has "
                              f"{args.ranks}: resume with as many (torchrun --nnodes x --nproc_per_node)")
+    os.makedirs(args.out, exist_ok=True)
     device = torch.device(args.device)
     rank, ranks = rank_and_count()
 
@@ -610,9 +629,7 @@ def train(args):
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt["scaler"]:  # empty when fp16 was off
             scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        np.random.set_state(ckpt["rng"]["numpy"])
-        random.setstate(ckpt["rng"]["python"])
+        set_rng_state(ckpt["rng"])
         start = ckpt["step"] + 1
         print(f"resumed from {ckpt_path} at step {start}")
     if paper:

@@ -241,7 +241,7 @@ def test_two_ranks_train_the_world_as_one_process(tiny, tmp_path):
     compare_runs("world", one.state_dict(), two, read_log(tmp_path / "one"), read_log(tmp_path / "two"))
     for k in ("clip.visual.proj", "clip.visual.ln_post.weight"):  # unused: no gradient, no step, no decay
         assert torch.equal(two[0][k], one.state_dict()[k]), k
-    ckpt = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)
     assert ckpt["args"]["ranks"] == 2 and ckpt["args"]["batch_size"] == 8
 
 
@@ -318,7 +318,7 @@ def test_paper_resume_across_ranks_continues_exactly(paper, tmp_path):
     for straight, resumed in ranks:
         for k, v in straight.items():
             assert torch.equal(resumed[k], v), k
-    ckpt = torch.load(tmp_path / "broken" / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "broken" / "ckpt.pt", weights_only=True)
     states = ckpt["data"]["states"]
     assert ckpt["args"]["ranks"] == 2 and len(states) == 2 and all(set(s) == {0, 1} for s in states)
     assert states[0][0]["rng"] != states[1][0]["rng"]  # each rank's own streams

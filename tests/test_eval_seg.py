@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import eval_seg as E
+from _planted import Planted
 
 # ----------------------------------------------------------------------------- metric
 def ref_metric(preds, labels, C, ignore=255):
@@ -1003,3 +1004,14 @@ def test_prompt_cosines_against_a_loop(name):
 def test_cosines_flag_refuses_other_benchmarks():
     with pytest.raises(SystemExit, match="--cosines"):
         E.main(["--ckpt", "x.pt", "--benchmarks", "voc", "--cosines"])
+
+
+def test_ckpt_whose_pickle_would_run_code_is_refused(tmp_path):
+    """A checkpoint holding a pickled os.system call: one line, the call never made, nothing written."""
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {}, "config": {}, "args": Planted(tmp_path / "pwned")}, evil)
+    with pytest.raises(SystemExit) as e:
+        E.main(["--ckpt", str(evil), "--world-images", "2", "--n-vis", "0", "--out", str(tmp_path / "eval")])
+    assert e.value.code == (f"error: {evil} is not a tagalign checkpoint: it holds a Python object, posix.system, "
+                            f"that loading would build or call: refused")
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "eval").exists()

@@ -1,13 +1,21 @@
 """The hand-written ViT, text transformer and TagAlign head: shapes, causal masking, and
 OpenAI CLIP state-dict compatibility against an independent re-statement of CLIP's architecture
 (nn.MultiheadAttention, sequence-first layout, an additive causal mask), as in CLIP's model.py."""
+import dataclasses
+import io
+import random
+import warnings
+
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data
 from _clip import make_ref_clip, ref_dense_tokens, write_clip
-from model import (CLIP, VIT_B16, Config, LayerNorm, ResConv, SegmentationModel, TagAlign, load_clip,
+from _planted import Planted, write_planted_module
+from model import (CLIP, VIT_B16, Config, LayerNorm, ResConv, SegmentationModel, TagAlign, load_clip, load_model,
                    read_clip_state_dict, trainable_parameters)
 
 
@@ -183,6 +191,77 @@ def test_clip_file_errors(tmp_path, small_clip):
         with pytest.raises(SystemExit, match=message) as e:
             read_clip_state_dict(str(tmp_path / name))
         assert str(tmp_path / name) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_torchscript_archive_is_read_without_running_its_code(tmp_path):
+    """An archive whose __setstate__ writes a file: read for its tensors (none of CLIP's here),
+    the file never written; torch.jit.load, the control, runs the code and writes it."""
+    path, pwned = write_planted_module(tmp_path / "planted.pt", tmp_path / "pwned"), tmp_path / "pwned"
+    with pytest.raises(SystemExit, match="not an OpenAI CLIP state dict"):
+        read_clip_state_dict(path)
+    assert not pwned.exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated
+        torch.jit.load(path)
+    assert pwned.exists()
+
+
+def test_clip_file_holding_a_pickled_object_is_refused(tmp_path):
+    torch.save({"visual.conv1.weight": Planted(tmp_path / "pwned", call="open")}, tmp_path / "clip.pt")
+    with pytest.raises(SystemExit, match=r"a Python object, io.open, that loading would build or call: refused"):
+        read_clip_state_dict(str(tmp_path / "clip.pt"))
+    assert not (tmp_path / "pwned").exists()
+
+
+# ---------------------------------------------------------------- checkpoints (reading)
+def world_checkpoint():
+    """What `tagalign.py train` writes for a tiny world model, less what only --resume reads."""
+    cfg = tiny_config()
+    return {"model": TagAlign(cfg).trainable_state_dict(), "config": dataclasses.asdict(cfg),
+            "tokenizer": data.Tokenizer([]).state_dict(), "tags": ["circle"], "args": {"command": "train"},
+            "world": dataclasses.asdict(data.WorldConfig())}
+
+
+def test_load_model_refuses_what_is_not_a_plain_checkpoint(tmp_path):
+    """Pickled objects (code that loading would run), an earlier version's numpy RNG state,
+    broken and foreign files, missing entries, weights that do not fit: one line naming the file
+    (a SystemExit whose message starts "error: ", so exit status 1), and nothing run."""
+    good, pwned = world_checkpoint(), tmp_path / "pwned"
+    buf = io.BytesIO()
+    torch.save(good, buf)
+    saved = lambda obj: lambda path: torch.save(obj, path)  # noqa: E731
+    raw = lambda b: lambda path: path.write_bytes(b)  # noqa: E731
+    cases = {  # name: (how the file is written, what the line says)
+        "system": (saved({**good, "rng": Planted(pwned)}), "a Python object, posix.system, that loading would"),
+        "open": (saved({**good, "args": Planted(pwned, call="open")}), "a Python object, io.open,"),
+        "torchscript": (lambda path: write_planted_module(path, pwned), "a TorchScript archive"),
+        "earlier": (saved({**good, "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                                           "python": random.getstate()}}), "written by an earlier version of tagalign"),
+        "random": (raw(bytes(torch.randint(0, 256, (4096,)).tolist())), "truncated or foreign file"),
+        "truncated": (raw(buf.getvalue()[:len(buf.getvalue()) // 2]), "truncated or foreign file"),
+        "empty": (raw(b""), "truncated or foreign file (EOFError)"),
+        "list": (saved([good]), "a list, not a dict"),
+        "state_dict": (saved(TagAlign(tiny_config()).state_dict()), "it has no 'model'"),
+        "no_args": (saved({k: v for k, v in good.items() if k != "args"}), "it has no 'args'"),
+        "no_tokenizer": (saved({k: v for k, v in good.items() if k != "tokenizer"}), "its 'tokenizer' is neither"),
+        "config_str": (saved({**good, "config": "vit"}), "its 'config' is str, not dict"),
+        "no_model_keys": (saved({**good, "model": {"encoder.weight": torch.zeros(2)}}), "weights do not fit"),
+        "other_shape": (saved({**good, "config": {**good["config"], "vision_width": 64}}), "weights do not fit"),
+        "other_version": (saved({**good, "config": {**good["config"], "dropout": 0.1}}), "not one this version"),
+        "clip_no_sha256": (saved({**good, "clip": {"path": "x.pt"}}), "it has no 'clip.sha256'"),
+    }
+    for name, (write, message) in cases.items():
+        path = tmp_path / f"{name}.pt"
+        write(path)
+        with pytest.raises(SystemExit) as e:
+            load_model(str(path))
+        line = e.value.code
+        assert isinstance(line, str) and line.startswith(f"error: {path}") and "\n" not in line, (name, line)
+        assert message in line, (name, line)
+        assert not pwned.exists(), name
+    torch.save(good, tmp_path / "good.pt")  # the control: the same checkpoint, whole, loads
+    seg = load_model(str(tmp_path / "good.pt"))
+    assert all(torch.equal(seg.model.state_dict()[k], v) for k, v in good["model"].items())
 
 
 def test_layernorm_computes_in_fp32():

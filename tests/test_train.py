@@ -2,7 +2,9 @@
 continues exactly where an interrupted run stopped, bad flags fail with one line."""
 import json
 import os
+import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ import data
 import eval_seg
 import tagalign
 from _clip import make_ref_clip, write_clip
+from _planted import Planted
 from model import load_model
 
 TINY = dict(stem_width=8, vision_width=32, vision_layers=1, vision_heads=2, context_length=28,
@@ -72,7 +75,7 @@ def test_tag_weight_zero_trains_itc_only(tiny, tmp_path):
 
 def test_checkpoint_round_trip(tiny, tmp_path):
     model = run(tmp_path, "--steps", "2")
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 2 and ckpt["args"]["steps"] == 2
     assert ckpt["config"]["vision_width"] == TINY["vision_width"]
     assert not os.path.exists(tmp_path / "ckpt.pt.tmp")  # written atomically: no leftovers
@@ -107,7 +110,7 @@ def test_resume_continues_exactly(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(tagalign, "world_batch", batch_or_die)
     with pytest.raises(KeyboardInterrupt):
         run(broken, *flags)
-    assert torch.load(broken / "ckpt.pt", weights_only=False)["step"] == 3
+    assert torch.load(broken / "ckpt.pt", weights_only=True)["step"] == 3
     assert [r["step"] for r in read_log(broken)] == [0, 1, 2, 3, 4]
     monkeypatch.setattr(tagalign, "world_batch", batch)
     resumed = run(broken, *flags, "--resume")
@@ -125,6 +128,30 @@ def test_resume_refuses_a_different_run(tiny, tmp_path):
     run(tmp_path, "--steps", "2")
     with pytest.raises(SystemExit, match="--lr"):
         run(tmp_path, "--steps", "2", "--lr", "5e-4", "--resume")
+
+
+def test_resume_refuses_what_is_not_a_plain_checkpoint(tiny, tmp_path):
+    """--resume from a checkpoint whose pickle would run code, of an earlier version (numpy's RNG
+    state as an array), missing what a run needs or of another shape: one line naming it,
+    nothing run, nothing written (the folder stays as it was)."""
+    run(tmp_path, "--steps", "2")
+    good = torch.load(tmp_path / "ckpt.pt", weights_only=True)  # plain data only
+    earlier = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    cases = {"it holds a Python object, posix.system,": {**good, "rng": Planted(tmp_path / "pwned")},
+             "written by an earlier version of tagalign": {**good, "rng": earlier},
+             "it has no 'args'": {k: v for k, v in good.items() if k != "args"},
+             "it has no 'optimizer'": {k: v for k, v in good.items() if k != "optimizer"},
+             "it has no 'rng.numpy'": {**good, "rng": {"torch": good["rng"]["torch"]}},
+             "its weights do not fit its config": {**good, "config": {**good["config"], "vision_width": 64}}}
+    for message, ckpt in cases.items():
+        torch.save(ckpt, tmp_path / "ckpt.pt")
+        before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+        with pytest.raises(SystemExit) as e:
+            run(tmp_path, "--steps", "2", "--resume")
+        line = e.value.code
+        assert line.startswith(f"error: {tmp_path / 'ckpt.pt'}") and message in line and "\n" not in line, line
+        assert not (tmp_path / "pwned").exists()
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
 
 def test_bad_input_fails_with_one_line(tmp_path, capsys):
@@ -181,7 +208,7 @@ def test_tag_grad_chooses_the_towers_the_tag_loss_trains(tag_grad):
 def test_set_changes_the_model_and_the_world_and_is_recorded(tiny, tmp_path):
     run(tmp_path, "--steps", "1", "--eval-images", "2", "--set", "vision_layers=2", "--set", "world.pairs=false",
         "--set", "world.shapes=circle,ring", "--set", "vision_local=0")
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["config"]["vision_layers"] == 2 and ckpt["config"]["vision_local"] == 0
     assert ckpt["world"]["pairs"] is False and ckpt["world"]["shapes"] == ("circle", "ring")
     assert sum(k.endswith("attn.in_proj_weight") and k.startswith("clip.visual") for k in ckpt["model"]) == 2
@@ -236,7 +263,7 @@ def test_paper_mode_trains_the_head_alone(paper, tmp_path):
     for k, v in model.clip.state_dict().items():  # both towers bit-identical after training
         assert torch.equal(v, original[k]), k
     assert not model.clip.training and model.decoder.training  # a frozen CLIP stays in eval mode
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert not any(k.startswith("clip.") for k in ckpt["model"])  # checkpoints hold what trains
     trained = {k for k in ckpt["model"]}
     assert {k.split(".")[0] for k in trained} == {"decoder", "dense_ln", "dense_proj", "logit_scale", "tag_logit_scale"}
@@ -286,6 +313,10 @@ def test_tag_embedding_cache_is_reused_and_invalidated(paper, other_clip, tmp_pa
     assert not torch.equal(torch.load(cache, weights_only=True)["embeddings"], first["embeddings"])
     run_paper(paper, tmp_path / "d", "--steps", "1", "--eval-images", "0", "--clip", other_clip)
     assert "recomputing" in capsys.readouterr().out  # another CLIP file
+    cache.write_bytes(cache.read_bytes()[:100])
+    run_paper(paper, tmp_path / "e", "--steps", "1", "--eval-images", "0")
+    assert "recomputing" in capsys.readouterr().out  # a broken cache is made anew
+    assert torch.equal(torch.load(cache, weights_only=True)["embeddings"], first["embeddings"])
 
 
 def test_paper_mode_resume_continues_exactly(paper, other_clip, tmp_path, monkeypatch):
@@ -298,7 +329,7 @@ def test_paper_mode_resume_continues_exactly(paper, other_clip, tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         run_paper(paper, tmp_path / "broken", *flags)
     monkeypatch.setattr(tagalign, "compute_loss", loss)
-    assert torch.load(tmp_path / "broken" / "ckpt.pt", weights_only=False)["step"] == 3
+    assert torch.load(tmp_path / "broken" / "ckpt.pt", weights_only=True)["step"] == 3
     resumed = run_paper(paper, tmp_path / "broken", *flags, "--resume")
     a, b = read_log(tmp_path / "straight"), read_log(tmp_path / "broken")
     assert [r["step"] for r in b] == list(range(6)) and [r["loss"] for r in a] == [r["loss"] for r in b]
