@@ -1,6 +1,7 @@
 """kernels/tag_loss.py: soft-target softmax CE and BCE over K tags, fused Triton (the interpreter on
 CPU) and chunked torch paths against an fp64 ground truth, native torch as the yardstick."""
 import importlib
+import math
 
 import pytest
 import torch
@@ -173,3 +174,64 @@ def test_bad_input_gets_one_clear_line(i):
         call()
     msg = str(info.value)
     assert word in msg and "\n" not in msg, msg
+
+
+# ---------------------------------------------------------------- the official semantics, by hand
+# TagAlign's MultiClassificationLoss (models/tagalign/loss.py at 02757a4), which the softmax kind
+# computes: -(softmax(Z).clamp(min=1e-8).log() * F.normalize(Y, p=1, dim=-1)).sum(-1).mean().
+# With W = I and s = 1 the logits Z are the rows of x, so every expected value is written out.
+NEG_LOG_1E8 = 18.420680743952367  # -log(1e-8): what a clamped target's probability adds
+
+
+def by_hand(impl, Z, targets):
+    """Loss and gradients (dx, dW, ds) of kernels.tag_loss(x = Z, W = I, s = 1), fp32."""
+    x = torch.tensor(Z, dtype=torch.float32, device=DEVICE, requires_grad=True)
+    w = torch.eye(x.shape[1], device=DEVICE, requires_grad=True)
+    s = torch.tensor(1.0, device=DEVICE, requires_grad=True)
+    loss = kernels.tag_loss(x, w, targets.to(DEVICE), s, impl=impl)
+    loss.backward()
+    return loss.item(), x.grad.cpu().double(), w.grad.cpu().double(), s.grad.item()
+
+
+def check_by_hand(impl, Z, targets, loss, dZ):
+    """dZ by hand; then dx = dZ W s = dZ, dW = s dZ^T x = dZ^T Z, ds = sum dZ * (x W^T) = sum dZ * Z."""
+    Z, dZ = torch.tensor(Z, dtype=torch.float64), torch.tensor(dZ, dtype=torch.float64)
+    got, dx, dw, ds = by_hand(impl, Z.tolist(), targets)
+    assert abs(got - loss) <= 1e-6 * loss, (got, loss)  # fp32 log-sum-exp of O(1) logits
+    ds = torch.tensor(ds, dtype=torch.float64)
+    for name, g, want in (("dx", dx, dZ), ("dW", dw, dZ.T @ Z), ("ds", ds, (dZ * Z).sum())):
+        assert torch.allclose(g, want, rtol=1e-5, atol=1e-7), diff_report(name, g, want)  # fp32 sums of O(1)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton", "chunked"])
+def test_untagged_rows_count_in_the_official_mean(impl):
+    """Rows with 3, 2, 1 and 0 tags: the mean is over all 4 rows, the untagged one adding 0 to
+    the loss and getting no gradient; dL/dZ_ij = (P_ij - yhat_ij) / 4 on the others."""
+    l3, l2 = math.log(3), math.log(2)
+    Z = [[0.0, 0.0, 0.0, 0.0],   # P = 1/4 each; tags 0, 1, 2: -log(1/4)
+         [l3, 0.0, 0.0, 0.0],    # P = 1/2, 1/6, 1/6, 1/6; tags 0, 1: -(log(1/2) + log(1/6)) / 2
+         [0.0, l2, 0.0, 0.0],    # P = 1/5, 2/5, 1/5, 1/5; tag 1: -log(2/5)
+         [1.0, 2.0, 3.0, 4.0]]   # no tag
+    targets = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    loss = (math.log(4) + math.log(12) / 2 + math.log(5 / 2)) / 4
+    dZ = [[(1 / 4 - 1 / 3) / 4, (1 / 4 - 1 / 3) / 4, (1 / 4 - 1 / 3) / 4, (1 / 4) / 4],
+          [(1 / 2 - 1 / 2) / 4, (1 / 6 - 1 / 2) / 4, (1 / 6) / 4, (1 / 6) / 4],
+          [(1 / 5) / 4, (2 / 5 - 1) / 4, (1 / 5) / 4, (1 / 5) / 4],
+          [0.0, 0.0, 0.0, 0.0]]
+    check_by_hand(impl, Z, targets, loss, dZ)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton", "chunked"])
+def test_a_target_below_1e8_adds_log_1e8_and_no_gradient(impl):
+    """Row 0's tag 2 has probability e^-30 / (2 + e^-30), about 5e-14: the official clamp makes it
+    add -log(1e-8) x its weight 1/2 and pass no gradient, so the row's softmax gradient is scaled
+    by the unclamped weight U_0 = 1/2: dL/dZ_0j = (P_0j U_0 - yhat_0j [j unclamped]) / B."""
+    e = math.exp(-30.0)
+    Z = [[0.0, 0.0, -30.0],      # tags 0 and 2; P = (1, 1, e^-30) / (2 + e^-30)
+         [math.log(3), 0.0, 0.0]]  # tag 1; P = 3/5, 1/5, 1/5
+    targets = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    p0 = [1 / (2 + e), 1 / (2 + e), e / (2 + e)]
+    loss = ((math.log(2 + e) + NEG_LOG_1E8) / 2 + math.log(5)) / 2
+    dZ = [[(p0[0] / 2 - 1 / 2) / 2, (p0[1] / 2) / 2, (p0[2] / 2) / 2],  # tag 2 clamped: no -yhat term
+          [(3 / 5) / 2, (1 / 5 - 1) / 2, (1 / 5) / 2]]
+    check_by_hand(impl, Z, targets, loss, dZ)
