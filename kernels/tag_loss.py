@@ -73,8 +73,10 @@ MIN_PROB = 1e-8  # the official clamp on each tag's probability before the log
 
 # ----------------------------------------------------------------------------- reference
 def tag_loss_ref(image_emb, tag_emb, targets, scale, kind="softmax", min_prob=MIN_PROB):
-    """The readable version: build the (N, K) logits, then the official soft-target CE (its
-    formula as written: softmax, clamp, log) or BCE with logits.
+    """The readable version: build the (N, K) logits, then the official soft-target CE or BCE
+    with logits. The official log(max(softmax, p_min)) is taken as max(log_softmax, log p_min):
+    the same function and gradient (log is monotonic), without log(softmax)'s rounding on
+    confident rows.
 
     The matmul runs in the input dtype (as under autocast), the losses in fp32.
     """
@@ -84,7 +86,9 @@ def tag_loss_ref(image_emb, tag_emb, targets, scale, kind="softmax", min_prob=MI
     if kind == "bce":
         return F.binary_cross_entropy_with_logits(logits, y)
     yhat = F.normalize(y, p=1, dim=1)  # rows sum to 1; a row without tags stays 0
-    logp = logits.softmax(1).clamp(min=min_prob).log() if min_prob else logits.log_softmax(1)
+    logp = logits.log_softmax(1)
+    if min_prob:
+        logp = logp.clamp(min=math.log(min_prob))  # no gradient where clamped
     return -(logp * yhat).sum(1).mean()  # over all N rows
 
 
