@@ -52,8 +52,10 @@ import torch
 import numpy as np
 import torch.nn.functional as F
 
-import data
 import kernels
+from tags import build_vocab, parse_caption, score_tags
+from tokenizer import Tokenizer
+from world import WORLD_BENCHMARKS, World, WorldBenchmark
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -270,8 +272,8 @@ def run_spacy(python, gold_captions, speed_captions):
 
 _TAGS_SCRIPT = r"""
 import json, resource, sys
-import data
-stats = data.tag_files(sys.argv[1:-2], sys.argv[-2], workers=int(sys.argv[-1]) or None, progress=False)
+from tags import tag_files
+stats = tag_files(sys.argv[1:-2], sys.argv[-2], workers=int(sys.argv[-1]) or None, progress=False)
 stats["rss_main_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 stats["rss_worker_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 print(json.dumps(stats))
@@ -279,7 +281,7 @@ print(json.dumps(stats))
 
 
 def bench_tags_command(n, workers=0, seed=1):
-    """The `tags` command (data.tag_files) on n generated captions in a .txt file, run in a
+    """The `tags` command (tag_files) on n generated captions in a .txt file, run in a
     fresh process so its wall time and peak memory are its own."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "captions.txt")
@@ -305,11 +307,11 @@ def bench_parser(n=200_000, seed=0, spacy_python=None, spacy_n=5000, tags_n=0, w
     # Quality on the gold set.
     rows = [json.loads(line) for line in open(GOLD, encoding="utf-8")]
     gold = [(r["objects"], r["attributes"]) for r in rows]
-    ours = data.score_tags(gold, [data.parse_caption(r["caption"]) for r in rows])
+    ours = score_tags(gold, [parse_caption(r["caption"]) for r in rows])
     res["gold"] = {"ours": ours}
     # Speed: build a vocabulary on half of the captions, time parse + lookup on the others.
     caps = make_captions(n + 20_000, seed)
-    vocab = data.build_vocab(caps[n:], top_objects=9000, top_attributes=1000, min_count=1)
+    vocab = build_vocab(caps[n:], top_objects=9000, top_attributes=1000, min_count=1)
     secs = time_encode(vocab, caps[:n])
     res["encode_captions_per_s"] = n / secs
     res["words_per_caption"] = sum(len(c.split()) for c in caps[:n]) / n
@@ -320,7 +322,7 @@ def bench_parser(n=200_000, seed=0, spacy_python=None, spacy_n=5000, tags_n=0, w
           f"({res['encode_words_per_s'] / 1e6:.2f}M words/s) on one core (process on CPUs {cpus})")
     if spacy_python:
         sp = run_spacy(spacy_python, [r["caption"] for r in rows], caps[:spacy_n])
-        res["gold"]["spacy"] = data.score_tags(gold, [tuple(p) for p in sp["preds"]])
+        res["gold"]["spacy"] = score_tags(gold, [tuple(p) for p in sp["preds"]])
         res["spacy_captions_per_s"] = sp["captions_per_s"]
         print(f"spaCy {sp['spacy']} ({sp['model']}, noun-chunk heads + ADJ): "
               f"{sp['captions_per_s']:,.0f} captions/s on one core")
@@ -346,7 +348,7 @@ def bench_world(args):
     import model
     import tagalign
 
-    world = data.World(0)
+    world = World(0)
     t = time.perf_counter()
     for i in range(args.images):
         world.sample(i)
@@ -355,7 +357,7 @@ def bench_world(args):
 
     cfg = model.Config()
     corpus = [world.caption(i) for i in range(2000)]
-    tokenizer, vocab = data.Tokenizer.train(corpus, 1024), data.build_vocab(corpus, min_count=1)
+    tokenizer, vocab = Tokenizer.train(corpus, 1024), build_vocab(corpus, min_count=1)
     cfg.vocab_size = tokenizer.vocab_size
     net = model.TagAlign(cfg)
     defaults = tagalign.MODE_DEFAULTS["world"]
@@ -377,8 +379,8 @@ def bench_world(args):
 
     # The reference points for the world benchmarks' mIoU: a majority-class predictor (on
     # world-object: all background) and uniformly random classes.
-    for name in data.WORLD_BENCHMARKS:
-        bench = data.world_benchmark(name)
+    for name in WORLD_BENCHMARKS:
+        bench = WorldBenchmark(name)
         labels = [bench[i][1] for i in range(len(bench))]
         counts = np.bincount(np.concatenate([lab[lab != 255] for lab in labels]), minlength=len(bench.classes))
         trivial, chance = eval_seg.IoU(len(bench.classes)), eval_seg.IoU(len(bench.classes))
@@ -389,7 +391,7 @@ def bench_world(args):
         print(f"{name}: majority class '{bench.classes[counts.argmax()]}' mIoU {trivial.compute()['mIoU']:.2f}, "
               f"uniform random mIoU {chance.compute()['mIoU']:.2f} ({len(bench)} images)")
 
-    seg = model.load_model(args.ckpt) if args.ckpt else model.SegmentationModel(net, tokenizer)
+    seg = eval_seg.load_model(args.ckpt) if args.ckpt else eval_seg.SegmentationModel(net, tokenizer)
     rng = np.random.default_rng(0)
 
     class OneImage:  # a VOC-shaped benchmark of random 500 x 375 images
@@ -476,7 +478,7 @@ def bench_paper(args):
     print(f"  frozen text tower (captions): {t_txt * 1e3:.0f} ms ({100 * t_txt / t_step:.0f}%): what an offline "
           f"cache of caption embeddings would save per step")
 
-    seg = M.SegmentationModel(net, data.Tokenizer.from_clip(), device)
+    seg = eval_seg.SegmentationModel(net, Tokenizer.from_clip(), device)
     protocol = eval_seg.PRESETS["tcl"]
     text = eval_seg.text_embeddings(seg, eval_seg.VOC[1:], protocol.templates).to(device)
     scores = eval_seg.crop_scorer(seg, text, protocol, background=True)

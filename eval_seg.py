@@ -10,7 +10,7 @@ prediction, each panel >= 256 px on its short side, with a title and a colour le
 (default: the checkpoint's folder), and prints one table per benchmark and the mean over
 benchmarks in the paper's column order. save_curves draws a training log.jsonl as a PNG.
 
-Model interface (duck-typed; model.py's SegmentationModel provides it):
+Model interface (duck-typed; SegmentationModel below provides it):
     model.encode_dense(images) -> (B, E, h, w)   images: float (B, 3, H, W), already normalised
                                                   with the protocol's mean/std; any h, w
     model.encode_text(texts: list[str]) -> (T, E) un-normalised text embeddings
@@ -59,8 +59,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-import data
-from model import READINGS, SegmentationModel, load_clip, load_model
+from data import NORMS
+from model import READINGS, load_clip, model_from_checkpoint, read_checkpoint
+from tokenizer import Tokenizer
+from world import WORLD_BENCHMARKS, WorldBenchmark, WorldConfig
 
 # ----------------------------------------------------------------------------- class names
 # mmsegmentation's class lists (mmseg/datasets/{voc,pascal_context,coco_stuff,cityscapes,ade}.py,
@@ -243,7 +245,7 @@ class Protocol:
     pamr_dilations: tuple = (1, 2, 4, 8, 12, 24)
 
 
-# "world": the synthetic images are small and fixed-size; mean/std/templates come from data.py.
+# "world": the synthetic images are small and fixed-size; mean/std/templates come from world.py.
 # A model trained from scratch has no calibrated absolute cosine: every patch shares a component
 # with every prompt (softmax losses are blind to it), so on the ground all shape prompts score
 # alike and high. The world therefore scores relatively: softmax over the classes at the model's
@@ -449,7 +451,7 @@ BENCHMARKS = {
     "cityscapes": (("cityscapes", "Cityscapes"), _cityscapes, CITYSCAPES, False, False, 500),
     "ade20k": (("ade/ADEChallengeData2016", "ADEChallengeData2016"), _ade, ADE20K, True, False, 2000),
 }
-WORLD = data.WORLD_BENCHMARKS
+WORLD = WORLD_BENCHMARKS
 
 
 class FolderBenchmark:
@@ -496,10 +498,10 @@ class ImageNetS(FolderBenchmark):
 
 
 def load_benchmark(name, data_root=None, n_images=None, world=None):
-    """A world benchmark from data.py, or a standard one read from its layout under data_root."""
+    """A world benchmark (world.py), or a standard one read from its layout under data_root."""
     if name in WORLD:
-        return data.world_benchmark(name, **({} if n_images is None else {"n_images": n_images}),
-                                    **({} if world is None else {"cfg": world}))
+        return WorldBenchmark(name, **({} if n_images is None else {"n_images": n_images}),
+                              **({} if world is None else {"cfg": world}))
     if data_root is None:
         raise SystemExit(f"eval_seg: benchmark {name} needs --data-root")
     folders, reader, classes, rzl, bg, n_val = BENCHMARKS[name]
@@ -511,6 +513,65 @@ def load_benchmark(name, data_root=None, n_images=None, world=None):
     if len(bench) != n_val:
         print(f"note: {name} has {len(bench)} images under {root} (the standard val split has {n_val})")
     return bench
+
+# ----------------------------------------------------------------------------- models: what the evaluator reads
+class SegmentationModel:
+    """What eval_seg.py reads: dense embeddings (B, E, h, w) and text embeddings (T, E).
+
+    head "decoder": TagAlign's trained head (the patch embeddings whose mean the losses train);
+    "clip": CLIP's own frozen ln_post + proj on the same tokens (raw CLIP, the zero-shot baseline).
+    reading: how the ViT's patch tokens are read (model.READINGS; default: the model's own).
+    norm: the (mean, std) the model expects, if not the protocol's; world: the WorldConfig it was
+    trained on (the world benchmarks are made with it).
+    A frozen-CLIP model with the decoder head also gives CLIP's scores of the same tokens
+    (`with_clip`), which TagAlign's evaluation blends in (eval_seg's clip_w).
+    """
+
+    def __init__(self, model, tokenizer, device="cpu", reading=None, head="decoder", norm=None, world=None):
+        if reading is not None and reading not in READINGS:
+            raise ValueError(f"reading must be one of {READINGS}, not {reading!r}")
+        if head not in ("decoder", "clip"):
+            raise ValueError(f"head must be 'decoder' or 'clip', not {head!r}")
+        self.model, self.tokenizer, self.device = model.to(device).eval(), tokenizer, torch.device(device)
+        self.reading, self.head = reading or model.cfg.dense, head
+        self.norm, self.world = norm, world
+        self.config = dataclasses.asdict(model.cfg)
+        self.clip_blend = model.frozen_clip and head == "decoder"
+        scale = model.clip.logit_scale if head == "clip" else model.itc_logit_scale
+        self.logit_scale = scale.exp().clamp(max=100).item()  # the ITC temperature
+
+    @torch.no_grad()
+    def encode_dense(self, images, with_clip=False):
+        """(B, 3, H, W) -> (B, E, h, w); with_clip: also raw CLIP's (B, E, h, w) of the same tokens."""
+        x = self.model.features(images.to(self.device), self.reading)
+        head = self.model.clip_head if self.head == "clip" else self.model.head
+        dense = head(x).permute(0, 3, 1, 2)
+        if not with_clip:
+            return dense
+        if not self.clip_blend:
+            raise ValueError("with_clip: only a frozen-CLIP model read through its decoder has a raw CLIP path")
+        return dense, self.model.clip_head(x).permute(0, 3, 1, 2)
+
+    @torch.no_grad()
+    def encode_text(self, texts):  # list of T strings -> (T, E)
+        tokens = self.tokenizer(texts, self.model.cfg.context_length).to(self.device)
+        return self.model.encode_text(tokens)
+
+
+
+def load_model(path, device="cpu", reading=None, clip=None):
+    """A trained checkpoint as the evaluator's SegmentationModel (used by eval_seg.py)."""
+    ckpt = read_checkpoint(path)
+    if ckpt["args"]["command"] == "pretrain":
+        raise SystemExit(f"error: {path} is a pretrain checkpoint: evaluate the CLIP file that run wrote, "
+                         f"--clip {os.path.join(os.path.dirname(path), 'clip.pt')}")
+    model = model_from_checkpoint(ckpt, path, clip)
+    tokenizer = (Tokenizer.from_clip() if ckpt["tokenizer"] == "clip"  # CLIP's merges, shipped
+                 else Tokenizer.from_state_dict(ckpt["tokenizer"]))
+    return SegmentationModel(model, tokenizer, device, reading,
+                             norm=NORMS[ckpt["args"]["norm"]] if ckpt.get("clip") else None,  # trained with it
+                             world=WorldConfig(**ckpt["world"]) if ckpt.get("world") else None)
+
 
 # ----------------------------------------------------------------------------- geometry
 def resized_shape(h, w, short=448, cap=2048):
@@ -1047,7 +1108,7 @@ def write_json(path, obj):
 
 # ----------------------------------------------------------------------------- entry points
 def protocol_for(name, bench, overrides=None, norm=None):
-    """The preset for a benchmark (world: mean/std/templates from data.py), the model's own
+    """The preset for a benchmark (world: mean/std/templates from world.py), the model's own
     normalisation if it has one (norm: (mean, std) it was trained with), then overrides."""
     if name in WORLD:
         p = dataclasses.replace(PRESETS["world"], mean=tuple(bench.mean), std=tuple(bench.std),
@@ -1066,8 +1127,8 @@ def run_benchmarks(model, names=WORLD, data_root=None, out_dir="out", n_vis=4, b
     print the tables, write out_dir/metrics.json and out_dir/vis/*.png; returns the metrics:
     {name: {"mIoU", "mAcc", "aAcc", "IoU": {class: value}, ...}, "mean": {"mIoU": ..}, **extra}.
     overrides: Protocol fields to change (e.g. {"bg_thresh": 0.5, "pamr": True});
-    n_images: world benchmark size (data.py's default when None); limit: first N images only;
-    world: the data.WorldConfig of the world benchmarks (the default world when None);
+    n_images: world benchmark size (world.py's default when None); limit: first N images only;
+    world: the WorldConfig of the world benchmarks (the default world when None);
     cosines: also measure prompt_cosines (world benchmarks) into metrics[name]["cosines"]."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -1146,7 +1207,7 @@ def main(argv=None):
     p.add_argument("--n-vis", type=int, default=4, help="overlay images saved per benchmark")
     p.add_argument("--batch-size", type=int, default=16, help="crops per forward pass")
     p.add_argument("--limit", type=int, help="evaluate only the first N images of each benchmark")
-    p.add_argument("--world-images", type=int, help="images per world benchmark (default: data.py's)")
+    p.add_argument("--world-images", type=int, help="images per world benchmark (default: world.py's)")
     p.add_argument("--dense", choices=READINGS, help="how patch tokens are read out of the ViT: plain (its "
                    "outputs), maskclip (last block: each patch attends to itself) or surgery (CLIP "
                    "Surgery); default: the model's own (world: plain; paper mode: surgery)")
@@ -1176,9 +1237,8 @@ def main(argv=None):
             raise SystemExit(f"eval_seg: --ckpt {args.ckpt}: no such file")
         model = load_model(args.ckpt, device=args.device, reading=args.dense, clip=args.clip)
     elif args.clip is not None:
-        model = SegmentationModel(load_clip(args.clip), data.Tokenizer.from_clip(), args.device,
-                                  args.dense, head="clip")
-        model.norm = data.NORMS[args.norm]
+        model = SegmentationModel(load_clip(args.clip), Tokenizer.from_clip(), args.device,
+                                  args.dense, head="clip", norm=NORMS[args.norm])
     elif not Path(args.preds).is_dir():
         raise SystemExit(f"eval_seg: --preds {args.preds}: no such folder")
     if model is not None:

@@ -4,8 +4,8 @@ names, so that a CLIP state dict loads as it is) and TagAlign's dense head on to
     images -> ViT patch tokens -> decoder -> LayerNorm -> projection -> (B, h, w, E) patch embeddings
     image embedding = their mean; text embedding = CLIP's text tower at the end-of-text token
 
-The losses, the optimizer and the training loop live in tagalign.py; the evaluator in eval_seg.py
-reads models through `SegmentationModel` and `load_model` here.
+The losses, the optimizer and the training loop live in tagalign.py; eval_seg.py reads models
+through its `SegmentationModel`.
 """
 import contextlib
 import dataclasses
@@ -23,7 +23,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import data
 
 # ---------------------------------------------------------------- config
 READINGS = ("plain", "maskclip", "surgery")  # how dense patch tokens are read out of the ViT
@@ -604,48 +603,6 @@ def load_clip(path, cfg=None):
     return model
 
 
-# ---------------------------------------------------------------- the evaluator's interface
-class SegmentationModel:
-    """What eval_seg.py reads: dense embeddings (B, E, h, w) and text embeddings (T, E).
-
-    head "decoder": TagAlign's trained head (the patch embeddings whose mean the losses train);
-    "clip": CLIP's own frozen ln_post + proj on the same tokens (raw CLIP, the zero-shot baseline).
-    reading: how the ViT's patch tokens are read (model.READINGS; default: the model's own).
-    A frozen-CLIP model with the decoder head also gives CLIP's scores of the same tokens
-    (`with_clip`), which TagAlign's evaluation blends in (eval_seg's clip_w).
-    """
-
-    def __init__(self, model, tokenizer, device="cpu", reading=None, head="decoder"):
-        if reading is not None and reading not in READINGS:
-            raise ValueError(f"reading must be one of {READINGS}, not {reading!r}")
-        if head not in ("decoder", "clip"):
-            raise ValueError(f"head must be 'decoder' or 'clip', not {head!r}")
-        self.model, self.tokenizer, self.device = model.to(device).eval(), tokenizer, torch.device(device)
-        self.reading, self.head = reading or model.cfg.dense, head
-        self.norm, self.world = None, None  # (mean, std) the model expects, if not the protocol's; its world
-        self.config = dataclasses.asdict(model.cfg)
-        self.clip_blend = model.frozen_clip and head == "decoder"
-        scale = model.clip.logit_scale if head == "clip" else model.itc_logit_scale
-        self.logit_scale = scale.exp().clamp(max=100).item()  # the ITC temperature
-
-    @torch.no_grad()
-    def encode_dense(self, images, with_clip=False):
-        """(B, 3, H, W) -> (B, E, h, w); with_clip: also raw CLIP's (B, E, h, w) of the same tokens."""
-        x = self.model.features(images.to(self.device), self.reading)
-        head = self.model.clip_head if self.head == "clip" else self.model.head
-        dense = head(x).permute(0, 3, 1, 2)
-        if not with_clip:
-            return dense
-        if not self.clip_blend:
-            raise ValueError("with_clip: only a frozen-CLIP model read through its decoder has a raw CLIP path")
-        return dense, self.model.clip_head(x).permute(0, 3, 1, 2)
-
-    @torch.no_grad()
-    def encode_text(self, texts):  # list of T strings -> (T, E)
-        tokens = self.tokenizer(texts, self.model.cfg.context_length).to(self.device)
-        return self.model.encode_text(tokens)
-
-
 # ---------------------------------------------------------------- checkpoints (reading)
 # A checkpoint is plain data (tagalign.py writes nothing else), read with load_plain: sharing one
 # shares numbers, never code. What each reader needs of it, by dotted key, is checked up front.
@@ -728,20 +685,3 @@ def model_from_checkpoint(ckpt, path, clip=None):
         why = re.sub(r"\s+", " ", str(e)).strip()[:300]
         raise SystemExit(f"error: {path}: its weights do not fit its config ({why})") from None
     return model
-
-
-def load_model(path, device="cpu", reading=None, clip=None):
-    """A trained checkpoint as the evaluator's SegmentationModel (used by eval_seg.py)."""
-    ckpt = read_checkpoint(path)
-    if ckpt["args"]["command"] == "pretrain":
-        raise SystemExit(f"error: {path} is a pretrain checkpoint: evaluate the CLIP file that run wrote, "
-                         f"--clip {os.path.join(os.path.dirname(path), 'clip.pt')}")
-    model = model_from_checkpoint(ckpt, path, clip)
-    tokenizer = (data.Tokenizer.from_clip() if ckpt["tokenizer"] == "clip"  # CLIP's merges, shipped
-                 else data.Tokenizer.from_state_dict(ckpt["tokenizer"]))
-    seg = SegmentationModel(model, tokenizer, device, reading)
-    if ckpt.get("world"):  # world benchmarks are made with the world the model was trained on
-        seg.world = data.WorldConfig(**ckpt["world"])
-    if ckpt.get("clip"):  # the normalisation it was trained with
-        seg.norm = data.NORMS[ckpt["args"]["norm"]]
-    return seg

@@ -36,7 +36,11 @@ import data
 import eval_seg
 import kernels
 import model as model_lib
-from model import Config, SegmentationModel, TagAlign, read_checkpoint
+from eval_seg import SegmentationModel
+from model import Config, TagAlign, read_checkpoint
+from tags import build_vocab, format_tag_stats, read_synonyms, ShardTags, tag_files, TagVocab
+from tokenizer import Tokenizer
+from world import to_tensor, World, WORLD_BENCHMARKS, WORLD_MEAN, WORLD_STD, WORLD_TEMPLATES, WorldConfig, write_world_shards
 
 
 # ---------------------------------------------------------------- distributed: collectives with gradients
@@ -237,22 +241,22 @@ def build_world_text(args, world):
     from the world's internals.
     """
     corpus = [world.caption(i) for i in range(args.corpus)]
-    tokenizer = data.Tokenizer.train(corpus, vocab_size=args.vocab_size)
+    tokenizer = Tokenizer.train(corpus, vocab_size=args.vocab_size)
     try:
-        synonyms = data.read_synonyms(args.synonyms) if args.synonyms else None
+        synonyms = read_synonyms(args.synonyms) if args.synonyms else None
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    vocab = data.build_vocab(corpus, top_objects=args.top_tags, top_attributes=args.top_tags,
+    vocab = build_vocab(corpus, top_objects=args.top_tags, top_attributes=args.top_tags,
                              min_count=args.min_tag_count, synonyms=synonyms)
     return tokenizer, vocab
 
 
-def world_batch(world, step, batch_size, tokenizer, vocab, cfg, norm=(data.WORLD_MEAN, data.WORLD_STD)):
+def world_batch(world, step, batch_size, tokenizer, vocab, cfg, norm=(WORLD_MEAN, WORLD_STD)):
     """Batch `step` of the endless training stream: a pure function of (seed, step), which is
     what makes --resume exact. Returns images (B, 3, H, W) normalised with norm = (mean, std),
     tokens (B, L), targets (B, K)."""
     scenes = [world.sample(step * batch_size + i) for i in range(batch_size)]
-    images = data.to_tensor(np.stack([s.image for s in scenes]), *norm)
+    images = to_tensor(np.stack([s.image for s in scenes]), *norm)
     captions = [s.caption for s in scenes]
     tokens = tokenizer(captions, cfg.context_length)
     targets = torch.zeros(batch_size, len(vocab.tags), dtype=torch.bool)
@@ -261,7 +265,7 @@ def world_batch(world, step, batch_size, tokenizer, vocab, cfg, norm=(data.WORLD
     return images, tokens, targets
 
 
-def tag_texts(vocab, template=data.WORLD_TEMPLATES[0]):
+def tag_texts(vocab, template=WORLD_TEMPLATES[0]):
     return [template.format(t) for t in vocab.tags]
 
 
@@ -271,18 +275,18 @@ def world_setup(args, ckpt):
     pretrain = args.command == "pretrain"
     if ckpt:
         model = model_lib.model_from_checkpoint(ckpt, os.path.join(args.out, "ckpt.pt"))
-        cfg, wcfg = model.cfg, data.WorldConfig(**ckpt["world"])
-        world = data.World(args.seed, cfg.image_size, cfg=wcfg)
-        tokenizer = (data.Tokenizer.from_clip() if ckpt["tokenizer"] == "clip"
-                     else data.Tokenizer.from_state_dict(ckpt["tokenizer"]))
-        vocab = data.TagVocab.from_tags(ckpt["tags"], ckpt.get("synonyms"))
+        cfg, wcfg = model.cfg, WorldConfig(**ckpt["world"])
+        world = World(args.seed, cfg.image_size, cfg=wcfg)
+        tokenizer = (Tokenizer.from_clip() if ckpt["tokenizer"] == "clip"
+                     else Tokenizer.from_state_dict(ckpt["tokenizer"]))
+        vocab = TagVocab.from_tags(ckpt["tags"], ckpt.get("synonyms"))
     else:
         cfg, wcfg = apply_settings(args.set, Config(**model_lib.WORLD_CLIP) if pretrain else Config(),
-                                   data.WorldConfig())
-        world = data.World(args.seed, cfg.image_size, cfg=wcfg)
+                                   WorldConfig())
+        world = World(args.seed, cfg.image_size, cfg=wcfg)
         t0 = time.time()
         if pretrain:  # CLIP's own tokenizer, so that its token ids mean what they mean in OpenAI's files
-            tokenizer, vocab = data.Tokenizer.from_clip(), data.TagVocab([], [], [])
+            tokenizer, vocab = Tokenizer.from_clip(), TagVocab([], [], [])
         else:
             tokenizer, vocab = build_world_text(args, world)
             print(f"world text: {args.corpus} captions, {tokenizer.vocab_size} tokens, {len(vocab.tags)} tags "
@@ -344,15 +348,15 @@ def paper_setup(args, ckpt, device):
     else:
         model = model_lib.load_clip(clip_path)
         if args.set:  # the paper's head with other settings: build it anew
-            cfg, _ = apply_settings(args.set, model.cfg, data.WorldConfig(), allowed=PAPER_SETTINGS)
+            cfg, _ = apply_settings(args.set, model.cfg, WorldConfig(), allowed=PAPER_SETTINGS)
             model = model_lib.load_clip(clip_path, cfg)
-    tokenizer = data.Tokenizer.from_clip()
+    tokenizer = Tokenizer.from_clip()
     if model.cfg.vocab_size != tokenizer.vocab_size:
         raise SystemExit(f"error: --clip {clip_path}: {model.cfg.vocab_size} token embeddings, CLIP's tokenizer "
                          f"has {tokenizer.vocab_size} ids")
     try:
         sources = data.expand_shards(args.data)
-        tags = data.ShardTags(args.tags, sources) if args.tags else None
+        tags = ShardTags(args.tags, sources) if args.tags else None
         mean, std = data.NORMS[args.norm]
         stream = data.ImageTextStream(sources, tags, tokenizer, model.cfg.context_length, args.batch_size,
                                       model.cfg.image_size, args.seed, args.shuffle_buffer, mean, std,
@@ -365,7 +369,7 @@ def paper_setup(args, ckpt, device):
             raise SystemExit(f"error: --resume: the run read its shards with --workers {ckpt['data']['workers']}; "
                              f"the stream continues exactly only with the same number")
         stream.resume(ckpt["data"]["states"][rank], ckpt["step"] + 1)  # this rank's workers
-    vocab = tags.vocab if tags else data.TagVocab([], [], [])
+    vocab = tags.vocab if tags else TagVocab([], [], [])
     print(f"data: {len(sources)} shards ({args.data}), tags: {args.tags or 'none'} ({len(vocab)} tags)")
     return model.to(device), tokenizer, vocab, tags, stream, {"path": os.path.abspath(clip_path), "sha256": sha}
 
@@ -604,7 +608,7 @@ def train(args):
         # and Python, and torch releases the GIL inside its kernels, so the two overlap.
         prefetch = ThreadPoolExecutor(1)
         pretrain = args.command == "pretrain"
-        norm = data.NORMS[args.norm] if pretrain else (data.WORLD_MEAN, data.WORLD_STD)
+        norm = data.NORMS[args.norm] if pretrain else (WORLD_MEAN, WORLD_STD)
         # rank r of R reads batch s R + r of the stream: its share of the global batch (see process_group)
         fetch = lambda s: world_batch(world, s * ranks + rank, args.batch_size, tokenizer, vocab, model.cfg,  # noqa: E731
                                       norm)
@@ -707,11 +711,10 @@ def train(args):
     names = eval_seg.parse_names(args.eval_benchmarks) if args.eval_benchmarks else []
     if args.eval_images and names:
         if args.command == "pretrain":  # raw CLIP: its own ln_post + proj on the surgery tokens
-            seg = SegmentationModel(as_raw_clip(model, device), tokenizer, device, head="clip")
+            seg = SegmentationModel(as_raw_clip(model, device), tokenizer, device, head="clip",
+                                    norm=data.NORMS[args.norm])
         else:
-            seg = SegmentationModel(model, tokenizer, device)
-        if paper or args.command == "pretrain":
-            seg.norm = data.NORMS[args.norm]
+            seg = SegmentationModel(model, tokenizer, device, norm=data.NORMS[args.norm] if paper else None)
         extra = {"config": dataclasses.asdict(model.cfg), "args": vars(args)}
         extra.update({} if paper else {"world": dataclasses.asdict(world.cfg)})
         eval_seg.run_benchmarks(seg, names, data_root=args.data_root, out_dir=args.out, n_images=args.eval_images,
@@ -725,11 +728,11 @@ def train(args):
 # constant, no warm-up, 30k steps at 512 per GPU).
 MODE_DEFAULTS = {
     "world": {"steps": 1500, "batch_size": 64, "warmup": 0.05, "schedule": "cosine", "beta2": 0.98,
-              "eval_benchmarks": ",".join(data.WORLD_BENCHMARKS)},
+              "eval_benchmarks": ",".join(WORLD_BENCHMARKS)},
     "paper": {"steps": 30000, "batch_size": 512, "warmup": 0.0, "schedule": "constant", "beta2": 0.999,
               "eval_benchmarks": ""},
     "pretrain": {"steps": 5000, "batch_size": 64, "warmup": 0.05, "schedule": "cosine", "beta2": 0.98,
-                 "eval_benchmarks": ",".join(data.WORLD_BENCHMARKS)},
+                 "eval_benchmarks": ",".join(WORLD_BENCHMARKS)},
 }
 PAPER_SETTINGS = ("dense", "surgery_blocks", "decoder_blocks")  # what --set may change beside a CLIP file
 
@@ -869,18 +872,18 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command == "tags":
         try:
-            synonyms = data.read_synonyms(args.synonyms) if args.synonyms else None
-            stats = data.tag_files(args.captions, args.out, top_objects=args.top_objects,
+            synonyms = read_synonyms(args.synonyms) if args.synonyms else None
+            stats = tag_files(args.captions, args.out, top_objects=args.top_objects,
                                    top_attributes=args.top_attributes, min_count=args.min_count,
                                    workers=args.workers, progress=not args.quiet, synonyms=synonyms)
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(f"error: {e}")
-        print(data.format_tag_stats(stats))
+        print(format_tag_stats(stats))
         return stats
     if args.command == "shards":
-        _, wcfg = apply_settings(args.set, Config(), data.WorldConfig(),
-                                 allowed=["world." + f.name for f in dataclasses.fields(data.WorldConfig)])
-        paths = data.write_world_shards(args.out, args.scenes, args.per_shard, args.seed, args.image_size, wcfg)
+        _, wcfg = apply_settings(args.set, Config(), WorldConfig(),
+                                 allowed=["world." + f.name for f in dataclasses.fields(WorldConfig)])
+        paths = write_world_shards(args.out, args.scenes, args.per_shard, args.seed, args.image_size, wcfg)
         print(f"wrote {args.scenes} world scenes in {len(paths)} shards: {paths[0]} ... {paths[-1]}")
         return paths
     if args.command in ("train", "pretrain"):

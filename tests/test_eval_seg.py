@@ -778,7 +778,7 @@ def test_preds_mode_scores_ground_truth_100(tmp_path):
 
 
 class FakeWorld:
-    """The shape of data.world_benchmark(name): classes, background, mean, std, templates."""
+    """The shape of WorldBenchmark(name): classes, background, mean, std, templates."""
 
     def __init__(self, name, n_images=3):
         self.background = name == "world-object"
@@ -800,7 +800,7 @@ class FakeWorld:
 
 
 def test_world_path_run_benchmarks(tmp_path, monkeypatch):
-    monkeypatch.setattr(E.data, "world_benchmark", lambda name, n_images=3: FakeWorld(name, n_images))
+    monkeypatch.setattr(E, "WorldBenchmark", lambda name, n_images=3: FakeWorld(name, n_images))
     models = {}
     for name in E.WORLD:
         w = FakeWorld(name)

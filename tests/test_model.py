@@ -12,11 +12,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import data
 from _clip import make_ref_clip, ref_dense_tokens, write_clip
 from _planted import Planted, write_planted_module
-from model import (CLIP, VIT_B16, Config, LayerNorm, ResConv, SegmentationModel, TagAlign, load_clip, load_model,
-                   read_clip_state_dict, trainable_parameters)
+from eval_seg import SegmentationModel, load_model
+from model import (CLIP, VIT_B16, Config, LayerNorm, ResConv, TagAlign, load_clip, read_clip_state_dict,
+                   trainable_parameters)
+from tokenizer import Tokenizer
+from world import WorldConfig
 
 
 def tiny_config(**kw):
@@ -218,8 +220,8 @@ def world_checkpoint():
     """What `tagalign.py train` writes for a tiny world model, less what only --resume reads."""
     cfg = tiny_config()
     return {"model": TagAlign(cfg).trainable_state_dict(), "config": dataclasses.asdict(cfg),
-            "tokenizer": data.Tokenizer([]).state_dict(), "tags": ["circle"], "args": {"command": "train"},
-            "world": dataclasses.asdict(data.WorldConfig())}
+            "tokenizer": Tokenizer([]).state_dict(), "tags": ["circle"], "args": {"command": "train"},
+            "world": dataclasses.asdict(WorldConfig())}
 
 
 def test_load_model_refuses_what_is_not_a_plain_checkpoint(tmp_path):

@@ -1,4 +1,4 @@
-"""Tag parser (data.parse_caption), vocabulary (data.build_vocab, data.TagVocab) and scoring.
+"""Tag parser (parse_caption), vocabulary (build_vocab, TagVocab) and scoring.
 
 The gold set tests/parser_gold.jsonl was written from tests/parser_gold.md before the parser
 was tuned; its score is printed (run with -s) and held to the issue's bar. The other tests
@@ -12,13 +12,14 @@ import sys
 
 import pytest
 
-import data
+from tags import _word_list, build_vocab, parse_caption, read_synonyms, score_tags, TagVocab
+from world import COLOUR_NAMES, SHAPES, STUFF, World
 
 GOLD = os.path.join(os.path.dirname(__file__), "parser_gold.jsonl")
 
 
 def check(caption, objects, attributes):
-    got = data.parse_caption(caption)
+    got = parse_caption(caption)
     assert got == (objects, attributes), f"{caption!r}: got {got}, want {(objects, attributes)}"
 
 
@@ -27,11 +28,11 @@ def test_gold_set_precision_recall_f1():
     rows = [json.loads(line) for line in open(GOLD, encoding="utf-8")]
     assert len(rows) >= 150 and {r["style"] for r in rows} == {"coco", "web", "hard", "world"}
     gold = [(r["objects"], r["attributes"]) for r in rows]
-    pred = [data.parse_caption(r["caption"]) for r in rows]
+    pred = [parse_caption(r["caption"]) for r in rows]
     print(f"\n{'subset':8s} {'n':>4s}  objects P / R / F1      attributes P / R / F1")
     for style in ("coco", "web", "hard", "world", "all"):
         idx = [i for i, r in enumerate(rows) if style in ("all", r["style"])]
-        s = data.score_tags([gold[i] for i in idx], [pred[i] for i in idx])
+        s = score_tags([gold[i] for i in idx], [pred[i] for i in idx])
         o, a = s["objects"], s["attributes"]
         print(f"{style:8s} {len(idx):4d}  {o['precision']:.3f} {o['recall']:.3f} {o['f1']:.3f}"
               f"      {a['precision']:.3f} {a['recall']:.3f} {a['f1']:.3f}")
@@ -44,7 +45,7 @@ def test_gold_set_precision_recall_f1():
 def test_score_tags_counts_pairs():
     gold = [(["cat", "dog"], ["black"]), (["car"], [])]
     pred = [(["cat", "mat"], ["black", "big"]), ([], [])]
-    s = data.score_tags(gold, pred)
+    s = score_tags(gold, pred)
     assert (s["objects"]["tp"], s["objects"]["fp"], s["objects"]["fn"]) == (1, 1, 2)
     assert s["objects"]["precision"] == pytest.approx(0.5) and s["objects"]["recall"] == pytest.approx(1 / 3)
     assert s["objects"]["f1"] == pytest.approx(0.4)
@@ -81,26 +82,26 @@ def test_world_captions_parse_exactly(caption, objects, attributes):
 
 
 def test_world_generator_captions_parse_exactly():
-    # Every caption of data.World: its shape and ground nouns (singular) are the objects and
+    # Every caption of World: its shape and ground nouns (singular) are the objects and
     # its colour and size words the attributes, nothing else. The synonyms and ground nouns
     # below are the world grammar's words; a new word there makes this test say so.
     import re
-    nouns = set(data.SHAPES) | set(data.STUFF) | {"disk", "box", "donut", "lawn", "field", "beach",
+    nouns = set(SHAPES) | set(STUFF) | {"disk", "box", "donut", "lawn", "field", "beach",
                                                   "desert", "sea", "lake", "street", "asphalt"}
-    attrs = set(data.COLOUR_NAMES) | {"small", "little", "tiny", "big", "large", "huge"}
+    attrs = set(COLOUR_NAMES) | {"small", "little", "tiny", "big", "large", "huge"}
 
     def lemma(t):
         for cand in (t, t[:-2] if t.endswith("es") else None, t[:-1] if t.endswith("s") else None):
             if cand in nouns:
                 return cand
 
-    world = data.World(seed=0)
+    world = World(seed=0)
     for i in range(2000):
         caption = world.caption(i)
         words = re.findall(r"[a-z]+", caption)
         want_objects = [w for w in map(lemma, words) if w]
         want_attributes = [w for w in words if w in attrs]
-        objects, attributes = data.parse_caption(caption)
+        objects, attributes = parse_caption(caption)
         assert (sorted(objects), sorted(attributes)) == (sorted(set(want_objects)), sorted(set(want_attributes))), caption
 
 
@@ -201,13 +202,13 @@ def test_fast_and_regex_tokenizers_agree():
     # regex path. Both must read the words the same.
     for caption in ["A man's dog, a t-shirt and a hot-dog stand.", "two red cars - on the road",
                     "black-and-white photo of a 3d cat", "a 'quoted' red ball"]:
-        assert data.parse_caption(caption) == data.parse_caption(caption + " ]"), caption
+        assert parse_caption(caption) == parse_caption(caption + " ]"), caption
     check("\u201ca red car\u201d on a caf\u00e9 terrace", ["car", "terrace"], ["red"])
 
 
 def test_empty_and_punctuation_only_captions():
-    assert data.parse_caption("") == ([], [])
-    assert data.parse_caption(" ,. -- !! ") == ([], [])
+    assert parse_caption("") == ([], [])
+    assert parse_caption(" ,. -- !! ") == ([], [])
 
 
 # ---------------------------------------------------------------- word lists (words/)
@@ -215,12 +216,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_parser_follows_an_edit_of_the_word_files(tmp_path):
-    # A copy of data.py and words/ with three made-up words added, imported by a fresh process
-    # from another folder: the parser must read its lists from the files next to data.py, and
+    # A copy of tags.py (and data.py, which it imports) and words/ with three made-up words added,
+    # imported by a fresh process from another folder: the parser must read its lists from the
+    # files next to tags.py, and
     # the size rule from attributes_size.txt wherever the word sits in it.
     copy = tmp_path / "repo"
     copy.mkdir()
-    shutil.copy(os.path.join(REPO, "data.py"), copy)
+    for module in ("tags.py", "data.py"):
+        shutil.copy(os.path.join(REPO, module), copy)
     shutil.copytree(os.path.join(REPO, "words"), copy / "words")
     with open(copy / "words" / "object_nouns.txt", "a", encoding="utf-8") as f:
         f.write("\n# made up for a test, with an irregular plural\nfrobnive/frobnivi\n")
@@ -230,20 +233,20 @@ def test_parser_follows_an_edit_of_the_word_files(tmp_path):
         f.write(f.read().replace("\nsmall\n", "\nvasty  # made up for a test\nsmall\n", 1))
     captions = ["a red frobnive", "two frobnivi on a table", "a vasty dog", "a vasty group of dogs",
                 "a glorpy group of dogs"]
-    code = ("import json, data\n"
-            f"print(data.__file__)\nprint(json.dumps([data.parse_caption(c) for c in {captions!r}]))")
+    code = ("import json, tags\n"
+            f"print(tags.__file__)\nprint(json.dumps([tags.parse_caption(c) for c in {captions!r}]))")
     env = dict(os.environ, PYTHONPATH=str(copy))
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     path, got = out.stdout.splitlines()
-    assert path == str(copy / "data.py")
+    assert path == str(copy / "tags.py")
     want = [[["frobnive"], ["red"]], [["frobnive", "table"], []], [["dog"], ["vasty"]],
             [["dog"], []],  # a size adjective is dropped on a quantity frame ...
             [["dog"], ["glorpy"]]]  # ... another attribute is kept
     assert json.loads(got) == want
     # The same captions with the repository's lists: none of the three words is known.
-    assert [list(map(list, data.parse_caption(c))) for c in captions] == [
+    assert [list(map(list, parse_caption(c))) for c in captions] == [
         [[], ["red"]], [["frobnivi", "table"], []], [["dog"], []], [["dog"], []], [["dog"], []]]
 
 
@@ -251,9 +254,9 @@ def test_parser_follows_an_edit_of_the_word_files(tmp_path):
                                            ("goose/geese", False), ("Red", False)])
 def test_malformed_word_list_line_names_the_file(tmp_path, monkeypatch, line, plurals):
     (tmp_path / "test_list.txt").write_text(f"# a header\n\nbus\n{line}\n", encoding="utf-8")
-    monkeypatch.setattr(data, "_WORDS_DIR", str(tmp_path))
+    monkeypatch.setattr("tags._WORDS_DIR", str(tmp_path))
     with pytest.raises(ValueError) as info:
-        data._word_list("test_list.txt", plurals=plurals)
+        _word_list("test_list.txt", plurals=plurals)
     msg = str(info.value)
     assert msg.startswith(f"{tmp_path / 'test_list.txt'}:4: ") and repr(line) in msg and "\n" not in msg
 
@@ -264,39 +267,39 @@ CORPUS = ["a red car on a road", "a red car and a dog", "a black dog on grass", 
 
 
 def test_build_vocab_counts_ranks_and_limits():
-    v = data.build_vocab(CORPUS, top_objects=100, top_attributes=100, min_count=1)
+    v = build_vocab(CORPUS, top_objects=100, top_attributes=100, min_count=1)
     # objects by caption count, ties by name; then attributes; "orange" is one tag (an object)
     assert v.tags[:3] == ["dog", "car", "ball"] and v.kinds[:3] == ["object"] * 3
     assert v.tags.index("orange") < v.kinds.index("attribute")
     assert v.counts[v.index["orange"]] == 2 and v.counts[v.index["red"]] == 3
     assert v.tags[v.kinds.index("attribute"):] == ["red", "big", "black"]
-    v2 = data.build_vocab(CORPUS, top_objects=2, top_attributes=1, min_count=2)
+    v2 = build_vocab(CORPUS, top_objects=2, top_attributes=1, min_count=2)
     assert v2.tags == ["dog", "car", "red"] and v2.kinds == ["object", "object", "attribute"]
     with pytest.raises(ValueError, match="--min-count"):
-        data.build_vocab(CORPUS, min_count=0)
+        build_vocab(CORPUS, min_count=0)
 
 
 def test_encode_save_load(tmp_path):
-    v = data.build_vocab(CORPUS, top_objects=3, top_attributes=2, min_count=1)
+    v = build_vocab(CORPUS, top_objects=3, top_attributes=2, min_count=1)
     # 2 attribute slots: "red" (3 captions), then "big" before "black" (1 each, by name)
     assert [v.tags[i] for i in v.encode("A red dog and a big blue car.")] == ["dog", "car", "red", "big"]
-    big = data.build_vocab(CORPUS, top_objects=100, top_attributes=100, min_count=1)
+    big = build_vocab(CORPUS, top_objects=100, top_attributes=100, min_count=1)
     assert big.encode("an orange cat") == [big.index["cat"], big.index["orange"]]
     assert big.encode("an orange cat and an orange") == big.encode("an orange cat")  # one tag
     path = str(tmp_path / "vocab.json")
     v.save(path)
-    w = data.TagVocab.load(path)
+    w = TagVocab.load(path)
     assert (w.tags, w.kinds, w.counts, w.meta["params"]["top_objects"]) == (v.tags, v.kinds, v.counts, 3)
     bad = tmp_path / "bad.json"
     bad.write_text('{"tags": []}')
     with pytest.raises(ValueError, match="bad.json"):
-        data.TagVocab.load(str(bad))
+        TagVocab.load(str(bad))
     with pytest.raises(FileNotFoundError, match="missing.json"):
-        data.TagVocab.load(str(tmp_path / "missing.json"))
+        TagVocab.load(str(tmp_path / "missing.json"))
 
 
 def test_vocab_from_tag_names():
-    v = data.TagVocab.from_tags(["circle", "grass", "red", "big"])
+    v = TagVocab.from_tags(["circle", "grass", "red", "big"])
     assert v.kinds == ["object", "object", "attribute", "attribute"]
     assert v.encode("a big red circle on grass") == [0, 1, 3, 2]
 
@@ -304,27 +307,27 @@ def test_vocab_from_tag_names():
 def test_synonym_groups_make_one_tag(tmp_path):
     syn = tmp_path / "syn.txt"
     syn.write_text("# groups\nsofa couch settee\ncell_phone mobile_phone smartphone  # multi-word\n")
-    canon = data.read_synonyms(str(syn))
+    canon = read_synonyms(str(syn))
     assert canon == {"couch": "sofa", "settee": "sofa", "mobile phone": "cell phone", "smartphone": "cell phone"}
     caps = ["a cat on a couch", "a dog on a sofa", "a man with a smartphone", "a settee and a sofa"]
-    plain, merged = data.build_vocab(caps, min_count=1), data.build_vocab(caps, min_count=1, synonyms=canon)
+    plain, merged = build_vocab(caps, min_count=1), build_vocab(caps, min_count=1, synonyms=canon)
     assert "couch" in plain.tags and "couch" not in merged.tags
     assert dict(zip(merged.tags, merged.counts))["sofa"] == 3  # counted once per caption
     assert [merged.tags[i] for i in merged.encode("a couch and a mobile phone")] == ["sofa", "cell phone"]
     merged.save(str(tmp_path / "vocab.json"))
-    assert data.TagVocab.load(str(tmp_path / "vocab.json")).encode("a settee") == merged.encode("a sofa")
+    assert TagVocab.load(str(tmp_path / "vocab.json")).encode("a settee") == merged.encode("a sofa")
     (tmp_path / "bad.txt").write_text("sofa couch\nchair couch\n")
     with pytest.raises(ValueError, match="bad.txt:2: 'couch' is in two synonym groups"):
-        data.read_synonyms(str(tmp_path / "bad.txt"))
+        read_synonyms(str(tmp_path / "bad.txt"))
     (tmp_path / "chain.txt").write_text("sofa couch\ncouch settee\n")  # "settee" would map to a synonym
     with pytest.raises(ValueError, match="chain.txt:2: 'couch' is in two synonym groups"):
-        data.read_synonyms(str(tmp_path / "chain.txt"))
+        read_synonyms(str(tmp_path / "chain.txt"))
 
 
 def test_world_synonym_file_covers_the_world_caption_synonyms():
     """Every synonym the world's captions use maps to the class name the benchmarks prompt with."""
-    canon = data.read_synonyms(os.path.join(os.path.dirname(data.__file__), "words", "world_synonyms.txt"))
-    world = data.World(0)
+    canon = read_synonyms(os.path.join(REPO, "words", "world_synonyms.txt"))
+    world = World(0)
     captions = [world.caption(i) for i in range(3000)]
-    vocab = data.build_vocab(captions, min_count=1, synonyms=canon)
-    assert sorted(t for t, k in zip(vocab.tags, vocab.kinds) if k == "object") == sorted(data.SHAPES + data.STUFF)
+    vocab = build_vocab(captions, min_count=1, synonyms=canon)
+    assert sorted(t for t, k in zip(vocab.tags, vocab.kinds) if k == "object") == sorted(SHAPES + STUFF)

@@ -11,6 +11,9 @@ from PIL import Image
 
 import data
 from test_tags_cli import write_tar
+from tags import ShardTags, tag_files
+from tokenizer import Tokenizer
+from world import World, write_world_shards
 
 
 def png(seed, size=24):
@@ -23,10 +26,10 @@ def png(seed, size=24):
 def world(tmp_path_factory):
     """5 world shards of 12, 12, 12, 12 and 8 scenes (uneven), tagged."""
     root = tmp_path_factory.mktemp("world")
-    paths = data.write_world_shards(str(root / "shards"), 56, per_shard=12)
-    data.tag_files(paths, str(root / "tags"), min_count=1, workers=1, progress=False)
-    w = data.World(0)
-    tok = data.Tokenizer.train([w.caption(i) for i in range(300)], 600)
+    paths = write_world_shards(str(root / "shards"), 56, per_shard=12)
+    tag_files(paths, str(root / "tags"), min_count=1, workers=1, progress=False)
+    w = World(0)
+    tok = Tokenizer.train([w.caption(i) for i in range(300)], 600)
     return root, paths, tok
 
 
@@ -51,7 +54,7 @@ def test_every_sample_once_per_epoch_across_two_workers(world):
     """Shards split across 2 DataLoader workers (5 shards: one worker has one more): over the
     first epochs every (epoch, sample) comes exactly once, and batches alternate workers."""
     root, paths, tok = world
-    tags = data.ShardTags(str(root / "tags"), paths)
+    tags = ShardTags(str(root / "tags"), paths)
     loader = torch.utils.data.DataLoader(stream(paths, tags, tok, workers=2), batch_size=None, num_workers=2)
     seen, workers = Counter(), []
     for k, b in enumerate(loader):
@@ -70,7 +73,7 @@ def test_every_sample_once_per_epoch_across_two_ranks_of_two_workers(world):
     starts its next epoch later; the others earlier). Over the first two epochs every (epoch,
     sample) comes exactly once from all four slots together, and the ranks' streams differ."""
     root, paths, tok = world
-    tags = data.ShardTags(str(root / "tags"), paths)
+    tags = ShardTags(str(root / "tags"), paths)
     seen, per_rank = Counter(), []
     for rank in (0, 1):
         s = data.ImageTextStream(paths, tags, tok, 16, 4, image_size=16, buffer=7, rank=rank, world_size=2, workers=2)
@@ -94,7 +97,7 @@ def test_resume_continues_the_stream_exactly(world, workers):
     """Restarted from the worker states of the first 9 batches (mid-shard, mid-buffer), the
     stream gives the same images, tokens and rows as one that never stopped."""
     root, paths, tok = world
-    tags = data.ShardTags(str(root / "tags"), paths)
+    tags = ShardTags(str(root / "tags"), paths)
     make = lambda: torch.utils.data.DataLoader(  # noqa: E731
         stream(paths, tags, tok, workers), batch_size=None, num_workers=workers)
     whole = []
@@ -129,7 +132,7 @@ def test_broken_data_is_skipped_and_counted(tmp_path):
     open(b, "wb").write(raw[: len(raw) // 2])  # cut between two members
     open(d, "wb").write(raw[: len(raw) // 2 - 700])  # cut inside a member
     c = write_tar(tmp_path / "c.tar", [])
-    tok = data.Tokenizer.train(["a red circle"], 520)
+    tok = Tokenizer.train(["a red circle"], 520)
     s = stream([a, b, c, d], None, tok, workers=0, buffer=2, batch=2)
     states, rows = {}, []
     it = iter(s)
@@ -146,26 +149,26 @@ def test_broken_data_is_skipped_and_counted(tmp_path):
 
 def test_tags_from_other_shards_are_refused(world, tmp_path):
     root, paths, tok = world
-    other = data.write_world_shards(str(tmp_path / "other"), 12, per_shard=12, start=1000)
+    other = write_world_shards(str(tmp_path / "other"), 12, per_shard=12, start=1000)
     os.rename(other[0], str(tmp_path / "other" / "elsewhere.tar"))
     with pytest.raises(ValueError, match="built from other files"):
-        data.ShardTags(str(root / "tags"), [str(tmp_path / "other" / "elsewhere.tar")])
-    changed = data.write_world_shards(str(tmp_path / "changed"), 14, per_shard=14)  # same name, other size
+        ShardTags(str(root / "tags"), [str(tmp_path / "other" / "elsewhere.tar")])
+    changed = write_world_shards(str(tmp_path / "changed"), 14, per_shard=14)  # same name, other size
     with pytest.raises(ValueError, match="bytes"):
-        data.ShardTags(str(root / "tags"), changed)
+        ShardTags(str(root / "tags"), changed)
 
 
 def test_keys_are_checked_against_the_tags(world, tmp_path):
     """A shard of the same name and size but other samples: the first key that differs stops
     the stream with a clear error."""
     root, paths, tok = world
-    fake = data.write_world_shards(str(tmp_path / "fake"), 12, per_shard=12, start=500)[0]
+    fake = write_world_shards(str(tmp_path / "fake"), 12, per_shard=12, start=500)[0]
     os.makedirs(tmp_path / "renamed")
     target = str(tmp_path / "renamed" / os.path.basename(paths[0]))
     os.rename(fake, target)
     if os.path.getsize(target) != os.path.getsize(paths[0]):
         pytest.skip("the stand-in shard's PNGs differ in size from the original's")
-    tags = data.ShardTags(str(root / "tags"), [target])
+    tags = ShardTags(str(root / "tags"), [target])
     with pytest.raises(ValueError, match="tags do not match"):
         next(iter(stream([target], tags, tok, buffer=1)))
 

@@ -1,4 +1,4 @@
-"""The `tags` command (data.tag_files): every input format, malformed samples, the vocabulary,
+"""The `tags` command (tag_files): every input format, malformed samples, the vocabulary,
 the counts, and the per-sample tag file aligned with the input order."""
 import io
 import json
@@ -7,7 +7,7 @@ import tarfile
 import numpy as np
 import pytest
 
-import data
+from tags import format_tag_stats, read_tags, tag_files, TagVocab
 
 
 def write_tar(path, members):
@@ -53,15 +53,15 @@ def corpus(tmp_path):
 
 
 def read_rows(out):
-    vocab = data.TagVocab.load(str(out / "vocab.json"))
-    offsets, ids = data.read_tags(str(out))
+    vocab = TagVocab.load(str(out / "vocab.json"))
+    offsets, ids = read_tags(str(out))
     return vocab, [[vocab.tags[j] for j in ids[offsets[i]:offsets[i + 1]]] for i in range(len(offsets) - 1)]
 
 
 def test_tags_all_formats_alignment_counts_and_malformed(corpus, tmp_path):
     paths, want_rows = corpus
     out = tmp_path / "out"
-    stats = data.tag_files(paths, str(out), min_count=1, workers=1, chunk_size=4, progress=False)
+    stats = tag_files(paths, str(out), min_count=1, workers=1, chunk_size=4, progress=False)
     vocab, rows = read_rows(out)
     assert rows == want_rows
     assert stats["samples"] == len(want_rows) == 20 and stats["malformed"] == 10
@@ -70,7 +70,7 @@ def test_tags_all_formats_alignment_counts_and_malformed(corpus, tmp_path):
     reasons = " | ".join(stats["malformed_examples"])
     assert "a.txt:2: empty line" in reasons and "a.txt:4: not UTF-8" in reasons
     assert "b.tsv:3: missing caption column" in reasons
-    assert "malformed samples: 10" in data.format_tag_stats(stats)
+    assert "malformed samples: 10" in format_tag_stats(stats)
     # Vocabulary: objects by number of captions (ties by name), then attributes.
     counts = dict(zip(vocab.tags, vocab.counts))
     assert vocab.tags[:4] == ["car", "dog", "cat", "grass"]  # 4, 4 (by name), 3, 2
@@ -80,7 +80,7 @@ def test_tags_all_formats_alignment_counts_and_malformed(corpus, tmp_path):
     assert vocab.meta["corpus"]["samples"] == 20 and vocab.meta["params"]["min_count"] == 1
     assert sorted(p.name for p in out.iterdir()) == ["tag_ids.npy", "tag_keys.npy", "tag_offsets.npy", "vocab.json"]
     # Keys: line numbers (no key or image column here), tar keys; the files' first rows and sizes.
-    keys = [k.decode() for k in data.read_tags(str(out), keys=True)[2]]
+    keys = [k.decode() for k in read_tags(str(out), keys=True)[2]]
     assert keys == ["1", "2", "3", "4", "5", "2", "3", "4", "5", "1", "2", "3", "4", "5", "6",
                     "s/0001", "s/0002", "s/0003", "s/0004", "s/0005"]
     files = vocab.meta["corpus"]["files"]
@@ -94,15 +94,15 @@ def test_tags_keys_from_key_and_image_columns(tmp_path):
     tsv.write_text("image\tcaption\nimg/a.jpg\ta red car\nimg/b.jpg\ta dog\n")
     jsonl = tmp_path / "caps.jsonl"
     jsonl.write_text('{"key": "k1", "image": "x.jpg", "caption": "a cat"}\n{"image": "y.jpg", "caption": "a dog"}\n')
-    data.tag_files([str(tsv), str(jsonl)], str(tmp_path / "out"), min_count=1, workers=1, progress=False)
-    keys = [k.decode() for k in data.read_tags(str(tmp_path / "out"), keys=True)[2]]
+    tag_files([str(tsv), str(jsonl)], str(tmp_path / "out"), min_count=1, workers=1, progress=False)
+    keys = [k.decode() for k in read_tags(str(tmp_path / "out"), keys=True)[2]]
     assert keys == ["img/a.jpg", "img/b.jpg", "k1", "y.jpg"]  # "key" wins over "image"
 
 
 def test_tags_workers_give_identical_files(corpus, tmp_path):
     paths, _ = corpus
     for w in (1, 2):
-        data.tag_files(paths, str(tmp_path / f"w{w}"), min_count=1, workers=w, chunk_size=3, progress=False)
+        tag_files(paths, str(tmp_path / f"w{w}"), min_count=1, workers=w, chunk_size=3, progress=False)
     for name in ("vocab.json", "tag_offsets.npy", "tag_ids.npy"):
         assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes(), name
 
@@ -110,12 +110,12 @@ def test_tags_workers_give_identical_files(corpus, tmp_path):
 def test_tags_top_k_and_min_count(corpus, tmp_path):
     paths, want_rows = corpus
     out = tmp_path / "out"
-    data.tag_files(paths, str(out), top_objects=2, top_attributes=1, min_count=2, workers=1, progress=False)
+    tag_files(paths, str(out), top_objects=2, top_attributes=1, min_count=2, workers=1, progress=False)
     vocab, rows = read_rows(out)
     assert vocab.tags == ["car", "dog", "red"]  # "cat" (3) loses to car and dog (4 each)
     keep = set(vocab.tags)
     assert rows == [[t for t in r if t in keep] for r in want_rows]
-    offsets, ids = data.read_tags(str(out))
+    offsets, ids = read_tags(str(out))
     assert offsets.dtype == np.int64 and ids.dtype == np.uint16 and len(offsets) == 21
 
 
@@ -126,19 +126,19 @@ def test_tags_bad_input_is_one_clear_error(corpus, tmp_path):
     (tmp_path / "junk.tar").write_bytes(b"this is not a tar archive" * 40)
     out = str(tmp_path / "o")
     with pytest.raises(FileNotFoundError, match="missing.txt"):
-        data.tag_files([str(tmp_path / "missing.txt")], out, progress=False)
+        tag_files([str(tmp_path / "missing.txt")], out, progress=False)
     with pytest.raises(ValueError, match="x.csv: unsupported"):
-        data.tag_files([str(tmp_path / "x.csv")], out, progress=False)
+        tag_files([str(tmp_path / "x.csv")], out, progress=False)
     with pytest.raises(ValueError, match="nocol.tsv: TSV header has no 'caption' column"):
-        data.tag_files(paths + [str(tmp_path / "nocol.tsv")], out, progress=False)
+        tag_files(paths + [str(tmp_path / "nocol.tsv")], out, progress=False)
     with pytest.raises(ValueError, match="junk.tar: not a readable tar"):
-        data.tag_files([str(tmp_path / "junk.tar")], out, progress=False)
+        tag_files([str(tmp_path / "junk.tar")], out, progress=False)
     with pytest.raises(ValueError, match="--top-objects"):
-        data.tag_files(paths, out, top_objects=-1, progress=False)
+        tag_files(paths, out, top_objects=-1, progress=False)
     with pytest.raises(ValueError, match="--workers"):
-        data.tag_files(paths, out, workers=0, progress=False)
+        tag_files(paths, out, workers=0, progress=False)
     with pytest.raises(FileNotFoundError, match="tag_offsets.npy"):
-        data.read_tags(str(tmp_path))
+        read_tags(str(tmp_path))
 
 
 def test_tags_truncated_tar_counts_and_keeps_going(tmp_path):
@@ -148,7 +148,7 @@ def test_tags_truncated_tar_counts_and_keeps_going(tmp_path):
     cut.write_bytes(good.read_bytes()[:512 * 15 + 100])  # stops inside a member
     txt = tmp_path / "after.txt"
     txt.write_text("a blue car\n")
-    stats = data.tag_files([str(cut), str(txt)], str(tmp_path / "out"), min_count=1, workers=1, progress=False)
+    stats = tag_files([str(cut), str(txt)], str(tmp_path / "out"), min_count=1, workers=1, progress=False)
     vocab, rows = read_rows(tmp_path / "out")
     assert stats["malformed"] == 1 and "truncated or corrupt tar" in stats["malformed_examples"][0]
     assert rows[-1] == ["car", "blue"] and all(r == ["ball", "red"] for r in rows[:-2])

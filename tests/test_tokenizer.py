@@ -5,8 +5,9 @@ import io
 
 import pytest
 import torch
+from tokenizer import _fix_text, Tokenizer
 
-from data import Tokenizer, _fix_text
+
 
 
 @pytest.fixture(scope="module")

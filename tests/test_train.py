@@ -13,7 +13,8 @@ import eval_seg
 import tagalign
 from _clip import make_ref_clip, write_clip
 from _planted import Planted
-from model import load_model
+from eval_seg import load_model
+from world import WORLD_BENCHMARKS, write_world_shards
 
 TINY = dict(stem_width=8, vision_width=32, vision_layers=1, vision_heads=2, context_length=28,
             text_width=32, text_layers=1, text_heads=2, embed_dim=16, decoder_blocks=1)
@@ -90,7 +91,7 @@ def test_checkpoint_round_trip(tiny, tmp_path):
     metrics = eval_seg.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--dense", "maskclip", "--world-images", "4",
                              "--n-vis", "0", "--out", str(tmp_path / "self")])
     saved = json.loads((tmp_path / "self" / "metrics.json").read_text())
-    assert saved["args"]["dense"] == "maskclip" and set(data.WORLD_BENCHMARKS) <= set(metrics)
+    assert saved["args"]["dense"] == "maskclip" and set(WORLD_BENCHMARKS) <= set(metrics)
 
 
 def test_resume_continues_exactly(tiny, tmp_path, monkeypatch):
@@ -236,7 +237,7 @@ def paper(tmp_path_factory):
     """A small OpenAI-format CLIP (8 blocks), the world as 4 shards of 12 scenes, their tags."""
     root = tmp_path_factory.mktemp("paper")
     clip = write_clip(make_ref_clip(vision_layers=8), root / "clip.pt", "torchscript")
-    shards = data.write_world_shards(str(root / "shards"), 48, per_shard=12)
+    shards = write_world_shards(str(root / "shards"), 48, per_shard=12)
     tagalign.main(["tags", "--captions", *shards, "--out", str(root / "tags"), "--min-count", "1", "--quiet",
                    "--workers", "1"])
     return root, clip
@@ -363,7 +364,7 @@ def test_paper_mode_refuses_bad_input(paper, tmp_path, capsys):
     with pytest.raises(SystemExit):
         tagalign.main(["train", "--clip", clip, "--out", str(tmp_path)])
     assert "--clip needs --data" in capsys.readouterr().err
-    other = data.write_world_shards(str(tmp_path / "other"), 8, per_shard=8, start=100)[0]
+    other = write_world_shards(str(tmp_path / "other"), 8, per_shard=8, start=100)[0]
     for name, message in (("world-00000.tar", r"has \d+ bytes, \d+ when it was tagged"),
                           ("x.tar", "built from other files: x.tar")):
         os.rename(other, tmp_path / "other" / name)

@@ -4,8 +4,9 @@ import re
 import numpy as np
 import pytest
 
-import data
-from data import COLOUR_NAMES, SHAPES, STUFF, World
+from tags import parse_caption
+from world import _pattern, _SHAPE_WORDS, COLOUR_NAMES, COLOURS, SHAPES, STUFF, World, WorldBenchmark, WorldConfig
+
 
 N = 150  # scenes checked per property: a few hundred milliseconds
 
@@ -36,7 +37,7 @@ def test_deterministic_from_seed_split_and_index(world):
     assert not same_scene(world.sample(1), World(seed=0, split="val").sample(1))
 
 
-_SHAPE_FORMS = re.compile(r"\b(" + "|".join(w for forms in data._SHAPE_WORDS.values() for f in forms for w in f) + r")\b")
+_SHAPE_FORMS = re.compile(r"\b(" + "|".join(w for forms in _SHAPE_WORDS.values() for f in forms for w in f) + r")\b")
 
 
 def _shapes_blanked(caption):
@@ -64,7 +65,7 @@ def test_contrast_pairs_differ_in_shape_alone(world):
             assert len(sa[c]) == len(sb[c]) and (len(sa[c]) > 1 or sa[c] != sb[c]), (a.caption, b.caption)
     val = World(seed=0, split="val")
     assert not val.pairs and _shapes_blanked(val.caption(0)) != _shapes_blanked(val.caption(1))
-    assert World(seed=0, cfg=data.WorldConfig(pairs=False)).caption(1) != world.caption(1)
+    assert World(seed=0, cfg=WorldConfig(pairs=False)).caption(1) != world.caption(1)
 
 
 def test_images_and_maps_have_the_documented_form(scenes):
@@ -96,11 +97,11 @@ def test_objects_have_their_colour(scenes):
         for a in np.unique(s.attr[s.attr > 0]):
             colour = COLOUR_NAMES[(a - 1) // len(SHAPES)]
             pixels = s.image[s.attr == a].reshape(-1, 3).astype(float)
-            if data._pattern(SHAPES[(a - 1) % len(SHAPES)], np.arange(12), np.arange(12)).any():
+            if _pattern(SHAPES[(a - 1) % len(SHAPES)], np.arange(12), np.arange(12)).any():
                 luma = pixels.mean(1)
                 half = luma <= np.median(luma) if colour == "black" else luma >= np.median(luma)
                 pixels = pixels[half]
-            assert np.abs(pixels.mean(0) - np.array(data.COLOURS[colour])).max() < 45, (colour, pixels.mean(0))
+            assert np.abs(pixels.mean(0) - np.array(COLOURS[colour])).max() < 45, (colour, pixels.mean(0))
             checked += 1
     assert checked >= 40
 
@@ -117,7 +118,7 @@ def test_captions_never_mention_what_is_not_there(scenes):
     and every colour tag is the colour of an object in it. (Captions may omit things.)"""
     mentioned_ground = 0
     for s in scenes:
-        objects, attributes = data.parse_caption(s.caption)
+        objects, attributes = parse_caption(s.caption)
         shapes = {SHAPES[k - 1] for k in np.unique(s.objects[s.objects > 0])}
         colours = {COLOUR_NAMES[(a - 1) // len(SHAPES)] for a in np.unique(s.attr[s.attr > 0])}
         ground = STUFF[int(s.stuff[s.objects == 0][0])] if (s.objects == 0).any() else None
@@ -128,7 +129,7 @@ def test_captions_never_mention_what_is_not_there(scenes):
                 assert STUFF_WORDS.get(o) == ground, (s.caption, o, ground)
                 mentioned_ground += 1
         for a in attributes:
-            if a in data.COLOURS:
+            if a in COLOURS:
                 assert a in colours, (s.caption, a, colours)
             else:
                 assert a in ("small", "little", "tiny", "big", "large", "huge"), (s.caption, a)
@@ -183,7 +184,7 @@ def test_binding_scenes_occur(scenes):
     ("world-object", 1 + len(SHAPES), True), ("world-stuff", len(STUFF) + len(SHAPES), False),
     ("world-attr", len(COLOUR_NAMES) * len(SHAPES), False)])
 def test_benchmarks(name, n_classes, background):
-    bench = data.world_benchmark(name, n_images=20)
+    bench = WorldBenchmark(name, n_images=20)
     assert len(bench) == 20 and len(bench.classes) == n_classes and bench.background == background
     assert (bench.classes[0] == "background") == background
     image, label, image_id = bench[3]
@@ -197,4 +198,4 @@ def test_benchmarks(name, n_classes, background):
     else:
         assert (label != 255).all()
     with pytest.raises(ValueError, match="unknown world benchmark"):
-        data.world_benchmark("world-nope")
+        WorldBenchmark("world-nope")
