@@ -701,17 +701,56 @@ def crop_scorer(model, text, protocol, background):
     return scores
 
 
+def input_size(H, W, protocol):
+    """(H', W'): the size the protocol resizes an H x W image to before the windows."""
+    return resized_shape(H, W, protocol.short_side, protocol.long_cap) if protocol.short_side else (H, W)
+
+
 def preprocess(image, protocol, device):
     """uint8 (H, W, 3) -> normalised float (1, 3, H', W') after the protocol's resize."""
     image = np.asarray(image, np.uint8)
     if protocol.short_side:  # mmcv.imrescale: cv2.resize(INTER_LINEAR) on the uint8 image
-        size = resized_shape(*image.shape[:2], protocol.short_side, protocol.long_cap)
-        image = resize_uint8_linear(image, size)
+        image = resize_uint8_linear(image, input_size(*image.shape[:2], protocol))
     x = torch.from_numpy(np.array(image, np.uint8))  # a copy: arrays from PIL are read-only
     x = x.to(device).permute(2, 0, 1)[None].float()  # (1, 3, H', W') in 0..255
     mean = torch.tensor(protocol.mean, device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor(protocol.std, device=device).view(1, 3, 1, 1) * 255
     return (x - mean) / std
+
+
+@torch.no_grad()
+def predict(model, items, text, protocol, background, batch_size=16):
+    """The one path from pixels to labels, shared by evaluate and segment.py: items yields
+    (uint8 image (H, W, 3), key); yields (key, scores (C', H, W), labels (H, W)) in the same
+    order. text: (C, E) class embeddings (text_embeddings); C' = C, plus the constant background
+    channel first when `background`. Each image: preprocess, slide_inference over crop_scorer,
+    scores bilinear back to the image's size (mmseg's ori_shape), argmax (int64 numpy; scores on
+    the model's device). Consecutive images of one resized shape share forward passes, up to
+    batch_size windows and ~200 MB of scores."""
+    device = torch.device(getattr(model, "device", "cpu"))
+    C = len(text) + bool(background)
+    scores = crop_scorer(model, text, protocol, background)
+    group = []  # (image, key, x) of one resized shape
+
+    def flush():
+        x = torch.cat([g[2] for g in group])
+        out = slide_inference(x, scores, C, protocol.window, protocol.stride, batch_size)
+        done = [(key, image.shape[:2]) for image, key, _ in group]
+        group.clear()
+        for (key, size), s in zip(done, out):
+            s = resize_bilinear(s[None], size)[0]
+            yield key, s, s.argmax(0).cpu().numpy()
+
+    for image, key in items:
+        image = np.asarray(image)
+        x = preprocess(image, protocol, device)
+        per_image = len(window_grid(*x.shape[-2:], protocol.window, protocol.stride))
+        cap = max(1, min(batch_size // per_image, int(5e7 // (C * x.shape[-2] * x.shape[-1]))))
+        if group and (group[0][2].shape != x.shape or len(group) >= cap):
+            yield from flush()
+        group.append((image, key, x))
+    if group:
+        yield from flush()
 
 # ----------------------------------------------------------------------------- pictures
 # Class k's colour: a hand-picked list of 20 distinct colours first (Sasha Trubetskoy's "20 simple
@@ -950,48 +989,34 @@ def evaluate(model, bench, protocol, name="", batch_size=16, n_vis=0, vis_dir=No
     if any(m > 1 for m in protocol.mean):
         raise ValueError(f"{name}: protocol mean {protocol.mean} must be in [0, 1] pixel units")
     classes, bg = list(bench.classes), bool(bench.background)
-    C = len(classes)
     text = text_embeddings(model, classes[1:] if bg else classes, protocol.templates).to(device)
-    scores = crop_scorer(model, text, protocol, bg)
     metric = _metric(bench)
     n = len(bench) if limit is None else min(limit, len(bench))
     vis = _vis_indices(n, n_vis)
-    n_crops, t0, group = 0, time.time(), []
+    n_crops, t0 = 0, time.time()
 
-    def flush():  # one forward pass group: images whose resized shapes agree
-        nonlocal n_crops
-        x = torch.cat([g[4] for g in group])
-        n_crops += len(window_grid(*x.shape[-2:], protocol.window, protocol.stride)) * len(group)
-        out = slide_inference(x, scores, C, protocol.window, protocol.stride, batch_size)
-        for (i, image, label, image_id, _), s in zip(group, out):
-            # Scores back to the image's size (mmseg's ori_shape), argmax, then nearest to the
-            # label's size: a no-op except for ImageNet-S's downsampled images (its pre_eval).
-            pred = resize_bilinear(s[None], image.shape[:2])[0].argmax(0).cpu().numpy()
-            pred = resize_nearest(pred, label.shape)
-            metric.update(pred, label)
-            if i in vis:
-                _save_vis(vis_dir, name, image_id, image, label, pred, bench)
-        bar.update(len(group))
-        bar.set_postfix(crops_s=f"{n_crops / (time.time() - t0):.1f}")
-        group.clear()
-
-    if vis:
-        Path(vis_dir).mkdir(parents=True, exist_ok=True)
-    with tqdm(total=n, desc=name, unit="img", leave=False) as bar:
+    def items():  # (image, what the metric needs of it)
         for i in range(n):
             image, label, image_id = bench[i]
             label = np.asarray(label)
             if label.shape != image.shape[:2] and not getattr(bench, "large_side", None):
                 raise ValueError(f"{name} image {image_id}: label {label.shape} vs image {image.shape}")
-            x = preprocess(image, protocol, device)
-            per_image = len(window_grid(*x.shape[-2:], protocol.window, protocol.stride))
-            # Group same-shape images up to batch_size crops and ~200 MB of scores.
-            cap = max(1, min(batch_size // per_image, int(5e7 // (C * x.shape[-2] * x.shape[-1]))))
-            if group and (group[0][4].shape != x.shape or len(group) >= cap):
-                flush()
-            group.append((i, image, label, image_id, x))
-        if group:
-            flush()
+            yield image, (i, image, label, image_id)
+
+    if vis:
+        Path(vis_dir).mkdir(parents=True, exist_ok=True)
+    with tqdm(total=n, desc=name, unit="img", leave=False) as bar:
+        for (i, image, label, image_id), _, pred in predict(model, items(), text, protocol, bg, batch_size):
+            # The argmax at the image's size, nearest to the label's: a no-op except for
+            # ImageNet-S's downsampled images (its pre_eval).
+            pred = resize_nearest(pred, label.shape)
+            metric.update(pred, label)
+            if i in vis:
+                _save_vis(vis_dir, name, image_id, image, label, pred, bench)
+            H, W = input_size(*image.shape[:2], protocol)
+            n_crops += len(window_grid(H, W, protocol.window, protocol.stride))
+            bar.update(1)
+            bar.set_postfix(crops_s=f"{n_crops / (time.time() - t0):.1f}", refresh=False)
     seconds = time.time() - t0
     return {**metric.compute(), "images": n, "crops": n_crops, "seconds": seconds}
 
