@@ -650,10 +650,13 @@ def pamr(image, mask, iters=10, dilations=(1, 2, 4, 8, 12, 24)):
 # ----------------------------------------------------------------------------- model side
 def text_embeddings(model, names, templates, chunk=256):
     """(C, E) L2-normalised class embeddings: each template filled with each name, embeddings
-    averaged un-normalised over the templates, then normalised (TCL/TagAlign)."""
-    texts = [t.format(n) for n in names for t in templates]
+    averaged un-normalised over the templates, then normalised (TCL/TagAlign). A name may be a
+    list of synonyms ("grass", "lawn"): its prompts are all of theirs, averaged the same way."""
+    groups = [[n] if isinstance(n, str) else list(n) for n in names]
+    texts = [t.format(s) for g in groups for s in g for t in templates]
     emb = torch.cat([model.encode_text(texts[i:i + chunk]).float() for i in range(0, len(texts), chunk)])
-    return F.normalize(emb.view(len(names), len(templates), -1).mean(1), dim=-1)
+    per_class = emb.split([len(g) * len(templates) for g in groups])  # (synonyms x templates, E) each
+    return F.normalize(torch.stack([e.mean(0) for e in per_class]), dim=-1)
 
 
 def autocast(device):
