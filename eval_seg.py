@@ -832,22 +832,15 @@ def panel_size(H, W):
     return round(W * s), round(H * s)
 
 
-def save_overlay(path, image, label, pred, classes, background=False, title=""):
-    """Write input | ground truth | prediction with a title line (plus the image's own mIoU and
-    pixel accuracy) above and a legend of every class in the label or the prediction below.
-    label, pred: (H, W) class indices into `classes` (after reduce_zero_label), 255 = ignore.
-
-    The label panels are flat colours, not a blend over the photo: the swatches then match the
-    pixels exactly, and the world's images are coloured shapes that a blend would mix with the
-    class colours. The input panel beside them gives the context.
-    Returns (legend, panels): [(class index, name, swatch box)] as drawn, and the three panels'
-    boxes; a box is (x0, y0, x1, y1) in pixels, x1 and y1 excluded."""
-    label, pred = np.asarray(label).astype(np.int64), np.asarray(pred).astype(np.int64)
-    (w, h), colours, font = panel_size(*label.shape), palette(background), _font(14)
+def draw_panels(path, title, panels, legend, colours):
+    """Write equal-sized panels [(heading, (h, w, 3) uint8)] side by side under a title line,
+    and below them a legend [(class index, text)] of swatches in `colours` (palette(); 255:
+    hatched ignore), flowing left to right and wrapping. Returns (legend, boxes):
+    [(class index, text, swatch box)] as drawn, and the panels' boxes; a box is
+    (x0, y0, x1, y1) in pixels, x1 and y1 excluded."""
+    (h, w), font = panels[0][1].shape[:2], _font(14)
     M, lh = 10, font.getbbox("Ag")[3] + 8  # margin and gap; text line height
-    W = 3 * w + 4 * M
-    legend = [(k, classes[k] if k < len(classes) else "ignore" if k == 255 else f"class {k}")
-              for k in np.union1d(label % 256, pred % 256).tolist()]
+    W = len(panels) * (w + M) + M
     spots, x, y = [], M, M + 2 * lh + h + M  # legend entries flow left to right, then wrap
     for k, name in legend:
         dx = lh + round(font.getlength(name)) + 2 * M
@@ -857,15 +850,9 @@ def save_overlay(path, image, label, pred, classes, background=False, title=""):
         x += dx
     canvas = Image.new("RGB", (W, y + lh + M), "white")
     draw = ImageDraw.Draw(canvas)
-    score = IoU(len(classes))
-    score.update(pred, label)
-    r = score.compute()
-    draw.text((M, M), f"{title}    image mIoU {r['mIoU']:.1f}, pixel acc {r['aAcc']:.1f}", "black", font)
-    resample = Image.NEAREST if w >= label.shape[1] else Image.BILINEAR
-    panels = [np.array(Image.fromarray(image).resize((w, h), resample)),
-              _label_panel(label, (w, h), colours), _label_panel(pred, (w, h), colours)]
-    boxes = [(M + i * (w + M), M + 2 * lh, M + i * (w + M) + w, M + 2 * lh + h) for i in range(3)]
-    for box, panel, head in zip(boxes, panels, ("input", "ground truth", "prediction")):
+    draw.text((M, M), title, "black", font)
+    boxes = [(M + i * (w + M), M + 2 * lh, M + i * (w + M) + w, M + 2 * lh + h) for i in range(len(panels))]
+    for box, (head, panel) in zip(boxes, panels):
         draw.text((box[0], M + lh), head, "black", font)
         canvas.paste(Image.fromarray(panel), box[:2])
     s = lh - 6  # swatch side
@@ -873,8 +860,32 @@ def save_overlay(path, image, label, pred, classes, background=False, title=""):
         canvas.paste(Image.fromarray(_label_panel([[k]], (s, s), colours)), (x, y))
         draw.rectangle((x - 1, y - 1, x + s, y + s), outline=(90, 90, 90))  # pale swatches on white
         draw.text((x + s + 6, y), name, "black", font)
-    canvas.save(path)
+    canvas.save(path, format="PNG")
     return [(k, name, (x, y, x + s, y + s)) for (k, name), (x, y) in zip(legend, spots)], boxes
+
+
+def save_overlay(path, image, label, pred, classes, background=False, title=""):
+    """Write input | ground truth | prediction with a title line (plus the image's own mIoU and
+    pixel accuracy) above and a legend of every class in the label or the prediction below.
+    label, pred: (H, W) class indices into `classes` (after reduce_zero_label), 255 = ignore.
+
+    The label panels are flat colours, not a blend over the photo: the swatches then match the
+    pixels exactly, and the world's images are coloured shapes that a blend would mix with the
+    class colours. The input panel beside them gives the context.
+    Returns draw_panels's (legend, panels)."""
+    label, pred = np.asarray(label).astype(np.int64), np.asarray(pred).astype(np.int64)
+    (w, h), colours = panel_size(*label.shape), palette(background)
+    legend = [(k, classes[k] if k < len(classes) else "ignore" if k == 255 else f"class {k}")
+              for k in np.union1d(label % 256, pred % 256).tolist()]
+    score = IoU(len(classes))
+    score.update(pred, label)
+    r = score.compute()
+    resample = Image.NEAREST if w >= label.shape[1] else Image.BILINEAR
+    panels = [("input", np.array(Image.fromarray(image).resize((w, h), resample))),
+              ("ground truth", _label_panel(label, (w, h), colours)),
+              ("prediction", _label_panel(pred, (w, h), colours))]
+    return draw_panels(path, f"{title}    image mIoU {r['mIoU']:.1f}, pixel acc {r['aAcc']:.1f}",
+                       panels, legend, colours)
 
 
 def _save_vis(vis_dir, name, image_id, image, label, pred, bench):
