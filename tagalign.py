@@ -36,6 +36,7 @@ import data
 import eval_seg
 import kernels
 import model as model_lib
+import segment
 from eval_seg import SegmentationModel
 from model import Config, TagAlign, read_checkpoint
 from tags import build_vocab, format_tag_stats, read_synonyms, ShardTags, tag_files, TagVocab
@@ -822,6 +823,8 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="world seed")
     p.add_argument("--image-size", type=int, default=64, help="image side in pixels")
     p.add_argument("--set", action="append", default=[], metavar="world.KEY=VALUE", help="a world setting")
+
+    segment.add_parser(sub)  # segment.py: your own images, your own class names
     return parser
 
 
@@ -886,6 +889,8 @@ def main(argv=None):
         paths = write_world_shards(args.out, args.scenes, args.per_shard, args.seed, args.image_size, wcfg)
         print(f"wrote {args.scenes} world scenes in {len(paths)} shards: {paths[0]} ... {paths[-1]}")
         return paths
+    if args.command == "segment":
+        return segment.main(args)
     if args.command in ("train", "pretrain"):
         args = finish_train_args(parser, args)
         with process_group(args):  # under torchrun; nothing otherwise
