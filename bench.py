@@ -6,6 +6,7 @@
     python bench.py tags --tags-n 1000000          # + the tags command on 1M captions
     python bench.py world                # world images/s, training images/s, evaluation speed
     python bench.py paper                # paper mode, ViT-B/16 shapes: training step, frozen share, eval crops/s
+    python bench.py segment              # segment.py: world images/s (out/ckpt.pt), paper-mode crops/s at 448
 
 losses: time and peak memory of each loss, forward + backward, fused vs eager vs compiled. For
 each loss (clip: kernels.clip_loss; tag: kernels.tag_loss, softmax, K tags, about 10 tags per
@@ -488,6 +489,53 @@ def bench_paper(args):
           f"classes): {args.eval_crops / t_eval:.2f} crops/s")
 
 
+# ----------------------------------------------------------------------------- segment
+def bench_segment(args):
+    """segment.py's scoring path (Segmenter.segment = eval_seg.predict; no files written):
+    images/s of a world checkpoint on the world's validation scenes, and crops/s of a
+    ViT-B/16-shaped paper-mode model (random weights) on a 448 x (448 + 224 (N - 1)) image,
+    N windows of 448 (the published protocol: decoder + raw-CLIP blend, VOC's 20 classes)."""
+    import dataclasses
+    import eval_seg
+    import model as M
+    from segment import Segmenter
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def timed(seg, images, text):  # seconds to segment all images, the median of --repeat runs
+        times = []
+        for i in range(args.warmup + args.repeat):
+            sync()
+            t = time.perf_counter()
+            for _ in seg.segment(((im, None) for im in images), text):
+                pass
+            sync()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times[args.warmup:])
+
+    print(f"device: {device_name(device)}")
+    if os.path.isfile(args.ckpt):
+        seg = Segmenter.load(args.ckpt, device=device)
+        bench = WorldBenchmark("world-stuff", args.world_images, cfg=seg.model.world)
+        images = [bench[i][0] for i in range(len(bench))]
+        t = timed(seg, images, seg.embed(bench.classes))
+        print(f"world ({args.ckpt}, {len(bench.classes)} classes, the world protocol): "
+              f"{len(images) / t:.1f} images/s of 64 x 64")
+    else:
+        print(f"world: no checkpoint {args.ckpt} (python tagalign.py train writes out/ckpt.pt)")
+    net = M.TagAlign(M.Config(**M.VIT_B16), frozen_clip=True)
+    net.init_head_from_clip()
+    model = eval_seg.SegmentationModel(net, Tokenizer.from_clip(), device)
+    protocol = eval_seg.protocol_for("tcl", None)
+    seg = Segmenter(model, dataclasses.replace(protocol, clip_w=eval_seg.effective_clip_w(model, protocol)))
+    W = 448 + 224 * (args.paper_crops - 1)
+    image = np.random.default_rng(0).integers(0, 256, (448, W, 3), np.uint8)
+    t = timed(seg, [image], seg.embed(eval_seg.VOC[1:]))
+    print(f"paper mode, ViT-B/16 shapes, random weights: a 448 x {W} image = {args.paper_crops} crops of 448 in "
+          f"{t:.2f} s: {args.paper_crops / t:.2f} crops/s")
+
+
 # ----------------------------------------------------------------------------- losses
 def bench_losses(args, p):
     """The loss sweep; p is its argument parser (for errors)."""
@@ -608,7 +656,16 @@ def main(argv=None):
     p.add_argument("--repeat", type=int, default=3, help="timed runs (median)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
 
+    p = sub.add_parser("segment", help="segment.py's scoring: world images/s, paper-mode crops/s at 448")
+    p.add_argument("--ckpt", default="out/ckpt.pt", help="world checkpoint timed (default: out/ckpt.pt)")
+    p.add_argument("--world-images", type=int, default=200, help="world validation scenes per run")
+    p.add_argument("--paper-crops", type=int, default=3, help="448 px windows of the paper-mode image")
+    p.add_argument("--repeat", type=int, default=3, help="timed runs (median)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+
     args = top.parse_args(argv)
+    if args.what == "segment":
+        return bench_segment(args)
     if args.what == "paper":
         return bench_paper(args)
     if args.what == "losses":
