@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import augment
@@ -157,6 +158,27 @@ def test_light_is_the_streams_transform_bit_for_bit():
                 assert got.dtype == want.dtype and got.shape == (3, 64, 64)
                 assert got.equal(want)
                 assert r1.bit_generator.state == r2.bit_generator.state
+
+
+@pytest.mark.parametrize("kind", ["light", "official"])
+def test_into_a_slot_and_in_two_stages(kind):
+    """aug(src, rng, out) writes into a batch slot what aug(src, rng) returns, and decode_crop
+    then pixels (the stages bench.py times) is the same call; a wrong slot is refused."""
+    rng = np.random.default_rng(6)
+    srcs = [augment.cc12m_like_jpeg(rng, sides=(100, 200)) for _ in range(3)]
+    aug = augment.Augment(kind=kind, size=40, crop_scale=(0.08, 1.0), mean=MEAN, std=STD, decode="draft")
+    batch = torch.full((3, 3, 40, 40), float("nan"))
+    for k, src in enumerate(srcs):
+        r1, r2, r3 = (np.random.default_rng([7, k]) for _ in range(3))
+        want = aug(src, r1)
+        slot = batch[k]  # a view into the batch
+        assert aug(src, r2, slot) is slot and batch[k].equal(want)
+        assert aug.pixels(*augment.decode_crop(src, 40, r3, (0.08, 1.0), "draft"), r3).equal(want)
+        assert r1.bit_generator.state == r2.bit_generator.state == r3.bit_generator.state
+    with pytest.raises(ValueError, match="out: expected a contiguous float32"):
+        aug(srcs[0], rng, torch.empty(3, 40, 40, dtype=torch.float64))
+    with pytest.raises(ValueError, match="out: expected"):
+        aug(srcs[0], rng, batch[:, 0])  # not contiguous
 
 
 def test_augment_resumes_from_the_generator_state():
