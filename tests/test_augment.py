@@ -46,6 +46,16 @@ def arr(im):
 
 # ---------------------------------------------------------------- the crop and the decode
 
+def test_random_resized_crop_stays_inside_and_follows_its_ranges():
+    rng = np.random.default_rng(0)
+    for W, H in [(640, 480), (50, 400), (32, 32)]:
+        for _ in range(200):
+            x, y, w, h = augment.random_resized_crop(W, H, rng)
+            assert 0 <= x and 0 <= y and x + w <= W and y + h <= H and w > 0 and h > 0
+    areas = [np.prod(augment.random_resized_crop(1000, 1000, rng)[2:]) / 1e6 for _ in range(500)]
+    assert 0.07 <= min(areas) and max(areas) <= 1.0 and 0.4 < np.mean(areas) < 0.65  # U(0.08, 1)
+
+
 def test_draft_scale_is_the_largest_that_keeps_the_output_size():
     assert augment.draft_scale(447, 1000, 224) == 1
     assert augment.draft_scale(448, 1000, 224) == 2
@@ -142,6 +152,18 @@ def test_draft_output_is_close_to_full():
 
 # ---------------------------------------------------------------- the light pipeline
 
+def stream_transform_before(image, size, rng, mean, std, scale):
+    """data.train_transform as the stream had it before augment.py (data.py at b03b4fc): crop,
+    flip, normalise in float32 arithmetic."""
+    x, y, w, h = augment.random_resized_crop(image.width, image.height, rng, scale)
+    image = image.resize((size, size), Image.BILINEAR, box=(x, y, x + w, y + h))
+    a = np.asarray(image, np.float32) / 255
+    if rng.uniform() < 0.5:
+        a = a[:, ::-1]
+    a = (a - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
+
+
 def test_light_is_the_streams_transform_bit_for_bit():
     rng = np.random.default_rng(4)
     sources = [augment.cc12m_like_jpeg(rng, sides=(120, 300)) for _ in range(4)]
@@ -153,7 +175,7 @@ def test_light_is_the_streams_transform_bit_for_bit():
             for seed in range(4):
                 r1, r2 = np.random.default_rng([seed, i]), np.random.default_rng([seed, i])
                 with Image.open(io.BytesIO(src)) as im:
-                    want = data.train_transform(im.convert("RGB"), 64, r1, MEAN, STD, scale)
+                    want = stream_transform_before(im.convert("RGB"), 64, r1, MEAN, STD, scale)
                 got = light(src, r2)
                 assert got.dtype == want.dtype and got.shape == (3, 64, 64)
                 assert got.equal(want)
