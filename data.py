@@ -422,7 +422,9 @@ class ImageTextStream(torch.utils.data.IterableDataset):
                             counts[skip] += 1
                             continue
                         loaded += 1
-                        captions.append(cap), rows.append(row), epochs.append(e)
+                        captions.append(cap)
+                        rows.append(row)
+                        epochs.append(e)
                         if len(captions) == self.batch_size:
                             state = {"epoch": epoch, "cursor": cursor, "resume": resume, "counts": dict(counts),
                                      "buffer": {"sources": [r[0] for r, _, _ in buffer],

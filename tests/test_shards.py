@@ -45,7 +45,8 @@ def jpegs(tmp_path_factory, world):
     for s in range(4):
         members = []
         for i in range(6 * s, 6 * s + 6):
-            members += [(f"{i:04d}.jpg", cc12m_like_jpeg(rng, sides=(100, 200))), (f"{i:04d}.txt", w.caption(i).encode())]
+            members += [(f"{i:04d}.jpg", cc12m_like_jpeg(rng, sides=(100, 200))),
+                        (f"{i:04d}.txt", w.caption(i).encode())]
         paths.append(write_tar(root / f"j-{s}.tar", members))
     tag_files(paths, str(root / "tags"), min_count=1, workers=1, progress=False)
     return root, paths, world[2]
@@ -169,6 +170,22 @@ def test_resume_with_workers_on_jpegs(jpegs, augment, decode):
         assert len(buf["sources"]) == len(buf["samples"]) == len(buf["epochs"]) == 4  # buffer 5, one just left
         assert all(type(v) is int for lst in buf.values() for v in lst)
         assert len(pickle.dumps(st)) < 600  # rng, counts and position ~ 480 bytes, + ~8 per sample
+
+
+def test_resume_from_a_shard_that_changed_says_so(tmp_path):
+    """A saved shuffle buffer names samples by their number in a shard: one that is gone when
+    the stream resumes (the shard rewritten shorter) stops it with a clear error."""
+    def members(n):
+        return [m for i in range(n) for m in ((f"{i:04d}.png", png(i)), (f"{i:04d}.txt", b"a red circle"))]
+    path = write_tar(tmp_path / "a.tar", members(12))
+    tok = Tokenizer.train(["a red circle"], 520)
+    b = next(iter(stream([path], None, tok, buffer=6, batch=2)))
+    assert max(b["state"]["buffer"]["samples"]) >= 4
+    write_tar(tmp_path / "a.tar", members(3))
+    s = stream([path], None, tok, buffer=6, batch=2)
+    s.resume({0: b["state"]}, 1)
+    with pytest.raises(ValueError, match=r"a.tar no longer holds sample \d+ of the saved shuffle buffer \(the shard changed"):
+        next(iter(s))
 
 
 def test_official_augmentation_reaches_the_batches(jpegs):
