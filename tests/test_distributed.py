@@ -258,7 +258,7 @@ class HalvesOfOneStream(data.ImageTextStream):
     def __iter__(self):
         for b in super().__iter__():
             mine = slice(self.r * self.n, (self.r + 1) * self.n)
-            yield {**b, **{k: b[k][mine] for k in ("images", "tokens", "rows", "epochs")}}
+            yield {**b, **{k: b[k][mine] for k in ("images", "tokens", "targets", "rows", "epochs")}}
 
 
 def _paper(rank, ports, paper_files, out, flags):

@@ -216,13 +216,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_parser_follows_an_edit_of_the_word_files(tmp_path):
-    # A copy of tags.py (and data.py, which it imports) and words/ with three made-up words added,
+    # A copy of tags.py (and data.py and augment.py, which it imports) and words/ with three made-up words added,
     # imported by a fresh process from another folder: the parser must read its lists from the
     # files next to tags.py, and
     # the size rule from attributes_size.txt wherever the word sits in it.
     copy = tmp_path / "repo"
     copy.mkdir()
-    for module in ("tags.py", "data.py"):
+    for module in ("tags.py", "data.py", "augment.py"):
         shutil.copy(os.path.join(REPO, module), copy)
     shutil.copytree(os.path.join(REPO, "words"), copy / "words")
     with open(copy / "words" / "object_nouns.txt", "a", encoding="utf-8") as f:

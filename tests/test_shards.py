@@ -1,7 +1,9 @@
 """Image-text shards (data.py): brace lists, the join to the `tags` output, the stream's split
-across workers, its skip counts on broken data, and its exact resume."""
+across workers, its skip counts on broken data, its exact resume (official augmentation and
+draft decoding on, with workers), its small state, and the tag targets its workers build."""
 import io
 import os
+import pickle
 from collections import Counter
 
 import numpy as np
@@ -10,6 +12,7 @@ import torch
 from PIL import Image
 
 import data
+from augment import cc12m_like_jpeg
 from test_tags_cli import write_tar
 from tags import ShardTags, tag_files
 from tokenizer import Tokenizer
@@ -33,8 +36,34 @@ def world(tmp_path_factory):
     return root, paths, tok
 
 
-def stream(paths, tags, tok, workers=0, buffer=7, batch=4, seed=0):
-    return data.ImageTextStream(paths, tags, tok, 16, batch, image_size=16, seed=seed, buffer=buffer, workers=workers)
+@pytest.fixture(scope="module")
+def jpegs(tmp_path_factory, world):
+    """4 webdataset shards of 6 CC12M-like JPEGs (100-200 px, so that crops to 32 px decode at
+    1/2 or 1/4 scale) with world captions, tagged."""
+    root = tmp_path_factory.mktemp("jpegs")
+    rng, w, paths = np.random.default_rng(0), World(0), []
+    for s in range(4):
+        members = []
+        for i in range(6 * s, 6 * s + 6):
+            members += [(f"{i:04d}.jpg", cc12m_like_jpeg(rng, sides=(100, 200))),
+                        (f"{i:04d}.txt", w.caption(i).encode())]
+        paths.append(write_tar(root / f"j-{s}.tar", members))
+    tag_files(paths, str(root / "tags"), min_count=1, workers=1, progress=False)
+    return root, paths, world[2]
+
+
+def stream(paths, tags, tok, workers=0, buffer=7, batch=4, seed=0, size=16, **kw):
+    return data.ImageTextStream(paths, tags, tok, 16, batch, image_size=size, seed=seed, buffer=buffer,
+                                workers=workers, **kw)
+
+
+def targets_loop(tags, rows):
+    """(B, K) multi-hot targets as tagalign.py's main process built them before the workers did:
+    one row at a time."""
+    t = torch.zeros(len(rows), len(tags.vocab), dtype=torch.bool)
+    for i, r in enumerate(rows.tolist()):
+        t[i, torch.from_numpy(tags.ids[tags.offsets[r]:tags.offsets[r + 1]].astype(np.int64))] = True
+    return t
 
 
 def test_brace_lists_and_globs(tmp_path):
@@ -92,31 +121,109 @@ def test_every_sample_once_per_epoch_across_two_ranks_of_two_workers(world):
         data.ImageTextStream(paths, tags, tok, 16, 4, rank=1, world_size=2, workers=3)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_continues_the_stream_exactly(world, workers):
-    """Restarted from the worker states of the first 9 batches (mid-shard, mid-buffer), the
-    stream gives the same images, tokens and rows as one that never stopped."""
-    root, paths, tok = world
-    tags = ShardTags(str(root / "tags"), paths)
-    make = lambda: torch.utils.data.DataLoader(  # noqa: E731
-        stream(paths, tags, tok, workers), batch_size=None, num_workers=workers)
+def check_resume(make, stop=9, total=24):
+    """Restarted from the worker states of the first `stop` batches, the stream of `make()` (a
+    DataLoader) gives the same batches as one that never stopped. Returns the states."""
     whole = []
     for b in make():
         whole.append(b)
-        if len(whole) == 24:
+        if len(whole) == total:
             break
     states = {}
-    for b in whole[:9]:
+    for b in whole[:stop]:
         states[b["worker"]] = b["state"]
     assert any(s["resume"] for s in states.values())  # stopped inside a shard
     resumed = make()
-    resumed.dataset.resume(states, 9)
+    resumed.dataset.resume(states, stop)
     for k, b in enumerate(resumed):
-        a = whole[9 + k]
-        for key in ("images", "tokens", "rows", "epochs"):
+        a = whole[stop + k]
+        for key in ("images", "tokens", "targets", "rows", "epochs"):
             assert torch.equal(a[key], b[key]), (k, key)
-        if 9 + k == len(whole) - 1:
+        if stop + k == len(whole) - 1:
             break
+    return states
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_continues_the_stream_exactly(world, workers):
+    """Restarted from the worker states of the first 9 batches (mid-shard, mid-buffer), the
+    stream gives the same images, tokens, targets and rows as one that never stopped."""
+    root, paths, tok = world
+    tags = ShardTags(str(root / "tags"), paths)
+    check_resume(lambda: torch.utils.data.DataLoader(stream(paths, tags, tok, workers), batch_size=None,
+                                                     num_workers=workers))
+
+
+@pytest.mark.parametrize("augment,decode", [("official", "draft"), ("light", "full")])
+def test_resume_with_workers_on_jpegs(jpegs, augment, decode):
+    """2 workers on JPEGs, the official augmentation with draft decoding (the paper mode's
+    default) and the light one with full decoding: resumed mid-shard, the same batches. The
+    states carry the shuffle buffer as ints only: a few bytes a buffered sample."""
+    root, paths, tok = jpegs
+    tags = ShardTags(str(root / "tags"), paths)
+    make = lambda: torch.utils.data.DataLoader(  # noqa: E731
+        stream(paths, tags, tok, 2, buffer=5, batch=2, size=32, augment=augment, decode=decode),
+        batch_size=None, num_workers=2, collate_fn=data.as_is)
+    states = check_resume(make, stop=5, total=14)
+    for st in states.values():
+        buf = st["buffer"]
+        assert len(buf["sources"]) == len(buf["samples"]) == len(buf["epochs"]) == 4  # buffer 5, one just left
+        assert all(type(v) is int for lst in buf.values() for v in lst)
+        assert len(pickle.dumps(st)) < 600  # rng, counts and position ~ 480 bytes, + ~8 per sample
+
+
+def test_resume_from_a_shard_that_changed_says_so(tmp_path):
+    """A saved shuffle buffer names samples by their number in a shard: one that is gone when
+    the stream resumes (the shard rewritten shorter) stops it with a clear error."""
+    def members(n):
+        return [m for i in range(n) for m in ((f"{i:04d}.png", png(i)), (f"{i:04d}.txt", b"a red circle"))]
+    path = write_tar(tmp_path / "a.tar", members(12))
+    tok = Tokenizer.train(["a red circle"], 520)
+    b = next(iter(stream([path], None, tok, buffer=6, batch=2)))
+    assert max(b["state"]["buffer"]["samples"]) >= 4
+    write_tar(tmp_path / "a.tar", members(3))
+    s = stream([path], None, tok, buffer=6, batch=2)
+    s.resume({0: b["state"]}, 1)
+    with pytest.raises(ValueError, match=r"a.tar no longer holds sample \d+ of the saved shuffle buffer \(the shard changed"):
+        next(iter(s))
+
+
+def test_official_augmentation_reaches_the_batches(jpegs):
+    """The stream's images are the Augment's. A worker's first sample is the same whatever the
+    augmentation (later ones differ: official draws more numbers per image): draft decoding
+    gives it close to the full decode's, and official adds RandAugment or erasing to it."""
+    root, paths, tok = jpegs
+    changed = 0
+    for seed in range(6):
+        first = {}
+        for augment, decode in (("light", "full"), ("light", "draft"), ("official", "draft")):
+            first[augment, decode] = next(iter(stream(paths, None, tok, buffer=3, batch=1, size=32, seed=seed,
+                                                      augment=augment, decode=decode)))
+        a, d, o = first["light", "full"], first["light", "draft"], first["official", "draft"]
+        assert torch.equal(a["tokens"], d["tokens"]) and torch.equal(a["tokens"], o["tokens"])  # the same sample
+        assert (a["images"] - d["images"]).abs().mean() < 0.05  # ~ 1.5 levels / 255 / std, at most
+        changed += (o["images"] - d["images"]).abs().max() > 0.5
+        assert a["targets"].shape == (1, 0) and (a["rows"] == -1).all()  # no tags given
+    assert changed >= 3  # an op or an erasure applies with probability 1 - 0.5^2 x 0.75 = 0.81
+
+
+def test_targets_built_in_the_workers_are_the_tag_rows(world):
+    """The (B, K) targets a worker builds in one scatter equal the row-by-row loop the main
+    process ran before; and the scatter on rows with no tags, repeated rows and one row."""
+    root, paths, tok = world
+    tags = ShardTags(str(root / "tags"), paths)
+    loader = torch.utils.data.DataLoader(stream(paths, tags, tok, workers=2), batch_size=None, num_workers=2,
+                                         collate_fn=data.as_is)
+    for k, b in enumerate(loader):
+        assert b["targets"].dtype == torch.bool and b["targets"].shape == (4, len(tags.vocab))
+        assert torch.equal(b["targets"], targets_loop(tags, b["rows"])), k
+        if k == 6:
+            break
+    fake = object.__new__(ShardTags)  # offsets and ids by hand: row 1 has no tags
+    fake.offsets, fake.ids, fake.vocab = np.array([0, 2, 2, 5, 6]), np.array([3, 0, 1, 4, 3, 2], np.uint16), range(5)
+    for rows in ([2, 1, 0, 2, 3], [1], [1, 1], [3], [0, 3, 2, 1]):
+        assert torch.equal(fake.targets(np.array(rows)), targets_loop(fake, torch.tensor(rows))), rows
+    assert fake.targets(np.array([0, 1, 2])).tolist() == [[1, 0, 0, 1, 0], [0] * 5, [0, 1, 0, 1, 1]]
 
 
 def test_broken_data_is_skipped_and_counted(tmp_path):
@@ -172,12 +279,3 @@ def test_keys_are_checked_against_the_tags(world, tmp_path):
     with pytest.raises(ValueError, match="tags do not match"):
         next(iter(stream([target], tags, tok, buffer=1)))
 
-
-def test_random_resized_crop_stays_inside_and_follows_its_ranges():
-    rng = np.random.default_rng(0)
-    for W, H in [(640, 480), (50, 400), (32, 32)]:
-        for _ in range(200):
-            x, y, w, h = data.random_resized_crop(W, H, rng)
-            assert 0 <= x and 0 <= y and x + w <= W and y + h <= H and w > 0 and h > 0
-    areas = [np.prod(data.random_resized_crop(1000, 1000, rng)[2:]) / 1e6 for _ in range(500)]
-    assert 0.07 <= min(areas) and max(areas) <= 1.0 and 0.4 < np.mean(areas) < 0.65  # U(0.08, 1)

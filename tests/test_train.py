@@ -165,6 +165,10 @@ def test_bad_input_fails_with_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(tmp_path, "--steps", "0")
     assert "--steps must be at least 1" in capsys.readouterr().err
+    for flag in (["--augment", "light"], ["--decode", "full"]):  # the world is drawn, not decoded
+        with pytest.raises(SystemExit):
+            run(tmp_path, "--steps", "1", *flag)
+        assert "--augment and --decode: paper mode only" in capsys.readouterr().err
 
 
 def test_triton_and_torch_kernels_train_the_same(tiny, tmp_path):
@@ -271,6 +275,7 @@ def test_paper_mode_trains_the_head_alone(paper, tmp_path):
     n_opt = sum(len(g["params"]) for g in ckpt["optimizer"]["param_groups"])
     assert n_opt == len(trained)  # one optimizer entry per trainable tensor, no CLIP weight among them
     assert ckpt["clip"]["sha256"] == __import__("model").file_sha256(paper[1]) and ckpt["tokenizer"] == "clip"
+    assert (ckpt["args"]["augment"], ckpt["args"]["decode"]) == ("official", "draft")  # the paper mode's defaults
     assert any(p.abs().sum() > 0 for n, p in model.decoder.named_parameters() if n.endswith("gate"))  # gates moved
     log = read_log(tmp_path)
     assert [r["step"] for r in log] == [0, 1, 2, 3] and all(r["tag"] > 0 for r in log)
@@ -338,6 +343,8 @@ def test_paper_mode_resume_continues_exactly(paper, other_clip, tmp_path, monkey
         torch.testing.assert_close(resumed.trainable_state_dict()[k], v, rtol=0, atol=0, msg=k)
     with pytest.raises(SystemExit, match="another file"):  # the same run needs the same CLIP
         run_paper(paper, tmp_path / "broken", *flags, "--resume", "--clip", other_clip)
+    with pytest.raises(SystemExit, match="--augment official, this command says light"):  # and the same images
+        run_paper(paper, tmp_path / "broken", *flags, "--resume", "--augment", "light")
 
 
 def test_paper_checkpoint_evaluates_through_eval_seg(paper, other_clip, tmp_path):
