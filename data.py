@@ -1,7 +1,9 @@
 """Paper-mode training data: caption files (txt, tsv, jsonl, webdataset tars), shard
 expansion, the training transform, and ImageTextStream, which streams image-text shards for a
-DataLoader with exact resume; the image normalisations (ImageNet's, CLIP's).
+DataLoader with exact resume; the image normalisations (ImageNet's, CLIP's); write_atomic, how
+every file of the project is written.
 """
+import contextlib
 import io
 import json
 import math
@@ -13,7 +15,22 @@ import numpy as np
 import torch
 
 
-# ---------------------------------------------------------------- offline tagging
+# ---------------------------------------------------------------- writing files
+@contextlib.contextmanager
+def write_atomic(path):
+    """`with write_atomic(path) as tmp:` write the file at tmp; when the block ends, tmp is
+    renamed onto path, so that a crash mid-write leaves the old file (or none), never half of
+    one. A block that raises removes tmp and leaves path as it was."""
+    tmp = f"{path}.tmp"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ---------------------------------------------------------------- caption files
 _CAPTION_FORMATS = {".txt": "text", ".tsv": "tsv", ".jsonl": "jsonl", ".tar": "tar",
                     ".tar.gz": "tar", ".tgz": "tar"}
 

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from data import NORMS
+from data import NORMS, write_atomic
 from model import READINGS, load_clip, model_from_checkpoint, read_checkpoint
 from tokenizer import Tokenizer
 from world import WORLD_BENCHMARKS, WorldBenchmark, WorldConfig
@@ -1102,9 +1102,9 @@ def _clean(x):
 
 
 def write_json(path, obj):
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(_clean(obj), indent=1, allow_nan=False))
-    os.replace(tmp, path)
+    """obj as JSON (through _clean), written atomically."""
+    with write_atomic(path) as tmp:
+        Path(tmp).write_text(json.dumps(_clean(obj), indent=1, allow_nan=False))
 
 # ----------------------------------------------------------------------------- entry points
 def protocol_for(name, bench, overrides=None, norm=None):

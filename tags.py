@@ -588,13 +588,11 @@ class TagVocab:
         return out
 
     def save(self, path):
-        """Write vocab.json atomically (a temporary file, then a rename)."""
+        """Write vocab.json atomically (data.write_atomic)."""
         doc = {"format": "tagalign-tags/1", "tags": self.tags, "kinds": self.kinds,
                 "counts": self.counts, **self.meta}
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with data.write_atomic(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump(doc, f, ensure_ascii=False, indent=0)
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path):
@@ -794,37 +792,39 @@ def tag_files(paths, out_dir, top_objects=9000, top_attributes=1000, min_count=5
         final[i] = vocab.index.get(name, -1)
     nnz = int(counts[:len(keys)][final[:len(keys)] >= 0].sum())
 
-    # Pass 2 (over the temporary files only): keep the vocabulary's tags, write the CSR arrays.
+    # Pass 2 (over the temporary files only): keep the vocabulary's tags, write the CSR arrays
+    # and the sample keys; the three files replace earlier ones together, at the end.
     id_dtype = np.uint16 if len(vocab) <= 65535 else np.int32
-    offsets = np.lib.format.open_memmap(os.path.join(out_dir, "tag_offsets.npy.tmp"), "w+", np.int64, (n + 1,))
-    tag_ids = np.lib.format.open_memmap(os.path.join(out_dir, "tag_ids.npy.tmp"), "w+", id_dtype, (nnz,))
-    offsets[0] = 0
-    done = written = tagged = 0
-    with open(tmp_ids, "rb") as f_ids, open(tmp_lens, "rb") as f_lens:
-        while done < n:
-            lens = np.fromfile(f_lens, np.int32, count=1 << 16).astype(np.int64)  # bounded memory
-            g = np.fromfile(f_ids, np.int32, count=int(lens.sum()))
-            t = final[g]
-            keep = t >= 0
-            kept = np.concatenate([[0], np.cumsum(keep)])
-            ends = np.cumsum(lens)
-            new_lens = kept[ends] - kept[ends - lens]
-            offsets[done + 1:done + 1 + len(lens)] = written + np.cumsum(new_lens)
-            tag_ids[written:written + int(kept[-1])] = t[keep]
-            done, written = done + len(lens), written + int(kept[-1])
-            tagged += int(np.count_nonzero(new_lens))
-    offsets.flush()
-    tag_ids.flush()
-    del offsets, tag_ids
-    # The sample keys, fixed-width bytes, row by row (what training checks its samples against).
-    keys = np.lib.format.open_memmap(os.path.join(out_dir, "tag_keys.npy.tmp"), "w+", f"S{longest_key}", (n,))
-    with open(tmp_keys, "rb") as f_keys:
-        for i, line in enumerate(f_keys):
-            keys[i] = line.rstrip(b"\n")
-    keys.flush()
-    del keys
-    for name in ("tag_offsets.npy", "tag_ids.npy", "tag_keys.npy"):
-        os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
+    paths = [os.path.join(out_dir, name) for name in ("tag_offsets.npy", "tag_ids.npy", "tag_keys.npy")]
+    with data.write_atomic(paths[0]) as tmp_offsets, data.write_atomic(paths[1]) as tmp_tag_ids, \
+            data.write_atomic(paths[2]) as tmp_tag_keys:
+        offsets = np.lib.format.open_memmap(tmp_offsets, "w+", np.int64, (n + 1,))
+        tag_ids = np.lib.format.open_memmap(tmp_tag_ids, "w+", id_dtype, (nnz,))
+        offsets[0] = 0
+        done = written = tagged = 0
+        with open(tmp_ids, "rb") as f_ids, open(tmp_lens, "rb") as f_lens:
+            while done < n:
+                lens = np.fromfile(f_lens, np.int32, count=1 << 16).astype(np.int64)  # bounded memory
+                g = np.fromfile(f_ids, np.int32, count=int(lens.sum()))
+                t = final[g]
+                keep = t >= 0
+                kept = np.concatenate([[0], np.cumsum(keep)])
+                ends = np.cumsum(lens)
+                new_lens = kept[ends] - kept[ends - lens]
+                offsets[done + 1:done + 1 + len(lens)] = written + np.cumsum(new_lens)
+                tag_ids[written:written + int(kept[-1])] = t[keep]
+                done, written = done + len(lens), written + int(kept[-1])
+                tagged += int(np.count_nonzero(new_lens))
+        offsets.flush()
+        tag_ids.flush()
+        del offsets, tag_ids
+        # The sample keys, fixed-width bytes, row by row (what training checks its samples against).
+        keys = np.lib.format.open_memmap(tmp_tag_keys, "w+", f"S{longest_key}", (n,))
+        with open(tmp_keys, "rb") as f_keys:
+            for i, line in enumerate(f_keys):
+                keys[i] = line.rstrip(b"\n")
+        keys.flush()
+        del keys
     for p in (tmp_ids, tmp_lens, tmp_keys):
         os.remove(p)
     vocab_path = os.path.join(out_dir, "vocab.json")
@@ -837,8 +837,7 @@ def tag_files(paths, out_dir, top_objects=9000, top_attributes=1000, min_count=5
         "distinct_attributes": len(attribute_counts), "tag_occurrences": written,
         "seconds": seconds, "captions_per_s": n / seconds if seconds > 0 else 0.0,
         "workers": workers, "files": files, "vocab": vocab_path,
-        "offsets": os.path.join(out_dir, "tag_offsets.npy"), "ids": os.path.join(out_dir, "tag_ids.npy"),
-        "keys": os.path.join(out_dir, "tag_keys.npy"),
+        "offsets": paths[0], "ids": paths[1], "keys": paths[2],
     }
 
 

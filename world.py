@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from data import write_atomic
 
 # ---------------------------------------------------------------- the synthetic world
 # A procedural world of coloured shapes on textured ground. Every sample is a
@@ -345,7 +346,7 @@ def write_world_shards(out_dir, scenes, per_shard=1000, seed=0, image_size=64, c
     world, paths = World(seed, image_size, "train", cfg), []
     for first in range(start, start + scenes, per_shard):
         path = os.path.join(out_dir, f"world-{len(paths):05d}.tar")
-        with tarfile.open(path + ".tmp", "w") as tf:
+        with write_atomic(path) as tmp, tarfile.open(tmp, "w") as tf:
             for i in range(first, min(first + per_shard, start + scenes)):
                 s, buf = world.sample(i), io.BytesIO()
                 Image.fromarray(s.image).save(buf, format="PNG")
@@ -353,7 +354,6 @@ def write_world_shards(out_dir, scenes, per_shard=1000, seed=0, image_size=64, c
                     info = tarfile.TarInfo(f"{i:09d}.{ext}")
                     info.size, info.mtime = len(payload), 0
                     tf.addfile(info, io.BytesIO(payload))
-        os.replace(path + ".tmp", path)
         paths.append(path)
     return paths
 
