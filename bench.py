@@ -41,7 +41,6 @@ import json
 import os
 import platform
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -355,10 +354,9 @@ def bench_world(args):
     gen = args.images / (time.perf_counter() - t)
     print(f"world generation: {gen:,.0f} images/s (64 x 64, with caption and three maps, one thread)")
 
-    cfg = model.Config()
     corpus = [world.caption(i) for i in range(2000)]
     tokenizer, vocab = Tokenizer.train(corpus, 1024), build_vocab(corpus, min_count=1)
-    cfg.vocab_size = tokenizer.vocab_size
+    cfg = model.Config(vocab_size=tokenizer.vocab_size)
     net = model.TagAlign(cfg)
     defaults = tagalign.MODE_DEFAULTS["world"]
     opt = tagalign.make_optimizer(net, lr=1e-3, weight_decay=0.05, beta2=defaults["beta2"], decay="matrices")
@@ -450,18 +448,18 @@ def bench_paper(args):
         return statistics.median(times[args.warmup:])
 
     def step():
-        with tagalign.autocast(device, precision):
+        with M.autocast(device, precision):
             loss = tagalign.compute_loss(net, images, tokens, targets, tag_emb=tag_emb)[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
     def image_tower():
-        with torch.no_grad(), tagalign.autocast(device, precision):
+        with torch.no_grad(), M.autocast(device, precision):
             net.features(images)
 
     def text_tower():
-        with torch.no_grad(), tagalign.autocast(device, precision):
+        with torch.no_grad(), M.autocast(device, precision):
             net.encode_text(tokens)
 
     if gpu:

@@ -44,7 +44,6 @@ pixels downsampled first, the argmax resized to the full-size label, nearest).
 mIoU is mmseg's (see IoU below). Optional PAMR (Araslanov & Roth, CVPR 2020) as in TCL.
 """
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -59,8 +58,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from data import NORMS, write_atomic
-from model import READINGS, load_clip, model_from_checkpoint, read_checkpoint
+from data import IMAGENET_MEAN, IMAGENET_STD, NORMS, write_atomic
+from model import autocast, load_clip, model_from_checkpoint, read_checkpoint, READINGS
 from tokenizer import Tokenizer
 from world import WORLD_BENCHMARKS, WorldBenchmark, WorldConfig
 
@@ -230,8 +229,8 @@ class Protocol:
     long_cap: int = 2048  # ... unless the long side would pass this (mmseg img_scale (2048, 448))
     window: int | None = 448  # sliding-window crop; None: one window = the whole image
     stride: int = 224  # window stride (mmseg slide mode)
-    mean: tuple = (0.485, 0.456, 0.406)  # normalisation, in [0, 1] pixel units (ImageNet)
-    std: tuple = (0.229, 0.224, 0.225)
+    mean: tuple = IMAGENET_MEAN  # normalisation, in [0, 1] pixel units
+    std: tuple = IMAGENET_STD
     templates: tuple = TEMPLATES["simple"]  # prompts; embeddings averaged un-normalised per class
     score: str = "sigmoid"  # "sigmoid": sigmoid(score_scale * cos + score_bias) per class (TagAlign's
     #   config); "softmax": softmax over the classes of score_scale * cos (TagAlign commit 70914ae)
@@ -565,10 +564,8 @@ def load_model(path, device="cpu", reading=None, clip=None):
     if ckpt["args"]["command"] == "pretrain":
         raise SystemExit(f"error: {path} is a pretrain checkpoint: evaluate the CLIP file that run wrote, "
                          f"--clip {os.path.join(os.path.dirname(path), 'clip.pt')}")
-    model = model_from_checkpoint(ckpt, path, clip)
-    tokenizer = (Tokenizer.from_clip() if ckpt["tokenizer"] == "clip"  # CLIP's merges, shipped
-                 else Tokenizer.from_state_dict(ckpt["tokenizer"]))
-    return SegmentationModel(model, tokenizer, device, reading,
+    return SegmentationModel(model_from_checkpoint(ckpt, path, clip), Tokenizer.from_checkpoint(ckpt["tokenizer"]),
+                             device, reading,
                              norm=NORMS[ckpt["args"]["norm"]] if ckpt.get("clip") else None,  # trained with it
                              world=WorldConfig(**ckpt["world"]) if ckpt.get("world") else None)
 
@@ -656,11 +653,10 @@ def text_embeddings(model, names, templates, chunk=256):
     return F.normalize(emb.view(len(names), len(templates), -1).mean(1), dim=-1)
 
 
-def autocast(device):
-    """bf16 autocast for the model on CUDA (scores are computed in fp32); nothing on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def precision(device):
+    """How the evaluator runs the model (model.autocast): bf16 on CUDA, fp32 on CPU. Scores are
+    computed in fp32 either way."""
+    return "bf16" if device.type == "cuda" else "fp32"
 
 
 def effective_clip_w(model, protocol):
@@ -683,7 +679,7 @@ def crop_scorer(model, text, protocol, background):
         return torch.sigmoid(protocol.score_scale * cos + protocol.score_bias)
 
     def scores(crops):
-        with autocast(crops.device):
+        with autocast(crops.device, precision(crops.device)):
             return _scores(crops)
 
     def _scores(crops):
@@ -1012,7 +1008,7 @@ def prompt_cosines(model, bench, protocol, batch_size=16, limit=None):
     for start in range(0, n, batch_size):
         items = [bench[i] for i in range(start, min(start + batch_size, n))]
         x = torch.cat([preprocess(image, protocol, device) for image, _, _ in items])
-        with autocast(device):
+        with autocast(device, precision(device)):
             f = model.encode_dense(x)
         cos = torch.einsum("nehw,ce->nhwc", F.normalize(f.float(), dim=1), text).cpu()
         h, w = cos.shape[1:3]

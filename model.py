@@ -100,6 +100,14 @@ class Config:
                    surgery_blocks=min(6, layers), decoder_blocks=2, quick_gelu=True)
 
 
+# ---------------------------------------------------------------- precision
+def autocast(device, precision):
+    """torch.autocast to bf16 or fp16 (precision "bf16", "fp16") on `device`; nothing for "fp32"."""
+    if precision in ("bf16", "fp16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return contextlib.nullcontext()
+
+
 # ---------------------------------------------------------------- transformer blocks (CLIP names)
 class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in fp32 whatever the input dtype, as OpenAI CLIP's."""
