@@ -282,17 +282,17 @@ class ImageTextStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, sources, tags, tokenizer, context_length, batch_size, image_size=224,
-                 seed=0, buffer=1000, mean=IMAGENET_MEAN, std=IMAGENET_STD, rank=0, world_size=1, workers=0,
+                 seed=0, buffer=1000, mean=IMAGENET_MEAN, std=IMAGENET_STD, rank=0, ranks=1, workers=0,
                  crop_scale=(0.08, 1.0)):
         super().__init__()
         self.crop_scale = crop_scale
         self.sources, self.tags, self.tokenizer = sources, tags, tokenizer
         self.context_length, self.batch_size, self.image_size = context_length, batch_size, image_size
         self.seed, self.buffer, self.mean, self.std = seed, max(buffer, 1), mean, std
-        self.rank, self.world_size, self.workers = rank, world_size, max(workers, 1)
+        self.rank, self.ranks, self.workers = rank, ranks, max(workers, 1)
         self.states, self.step = {}, 0
-        if len(sources) < self.world_size * self.workers:
-            raise ValueError(f"--data has {len(sources)} shards for {self.world_size} ranks x {self.workers} "
+        if len(sources) < self.ranks * self.workers:
+            raise ValueError(f"--data has {len(sources)} shards for {self.ranks} ranks x {self.workers} "
                              f"workers: give fewer --workers or more shards")
         for p in sources:
             if not p.endswith(".tar"):
@@ -383,7 +383,7 @@ class ImageTextStream(torch.utils.data.IterableDataset):
 
     def _my_sources(self, epoch, logical):
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.sources))
-        return order[self._slot(logical)::self.world_size * self.workers].tolist()
+        return order[self._slot(logical)::self.ranks * self.workers].tolist()
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()

@@ -450,7 +450,6 @@ BENCHMARKS = {
     "cityscapes": (("cityscapes", "Cityscapes"), _cityscapes, CITYSCAPES, False, False, 500),
     "ade20k": (("ade/ADEChallengeData2016", "ADEChallengeData2016"), _ade, ADE20K, True, False, 2000),
 }
-WORLD = WORLD_BENCHMARKS
 
 
 class FolderBenchmark:
@@ -496,11 +495,11 @@ class ImageNetS(FolderBenchmark):
         return downsample_large(image, self.large_side), label, image_id
 
 
-def load_benchmark(name, data_root=None, n_images=None, world=None):
+def load_benchmark(name, data_root=None, n_images=None, world_cfg=None):
     """A world benchmark (world.py), or a standard one read from its layout under data_root."""
-    if name in WORLD:
+    if name in WORLD_BENCHMARKS:
         return WorldBenchmark(name, **({} if n_images is None else {"n_images": n_images}),
-                              **({} if world is None else {"cfg": world}))
+                              **({} if world_cfg is None else {"cfg": world_cfg}))
     if data_root is None:
         raise SystemExit(f"eval_seg: benchmark {name} needs --data-root")
     folders, reader, classes, rzl, bg, n_val = BENCHMARKS[name]
@@ -520,20 +519,20 @@ class SegmentationModel:
     head "decoder": TagAlign's trained head (the patch embeddings whose mean the losses train);
     "clip": CLIP's own frozen ln_post + proj on the same tokens (raw CLIP, the zero-shot baseline).
     reading: how the ViT's patch tokens are read (model.READINGS; default: the model's own).
-    norm: the (mean, std) the model expects, if not the protocol's; world: the WorldConfig it was
-    trained on (the world benchmarks are made with it).
+    norm: the (mean, std) the model expects, if not the protocol's; world_cfg: the WorldConfig it
+    was trained on (the world benchmarks are made with it).
     A frozen-CLIP model with the decoder head also gives CLIP's scores of the same tokens
     (`with_clip`), which TagAlign's evaluation blends in (eval_seg's clip_w).
     """
 
-    def __init__(self, model, tokenizer, device="cpu", reading=None, head="decoder", norm=None, world=None):
+    def __init__(self, model, tokenizer, device="cpu", reading=None, head="decoder", norm=None, world_cfg=None):
         if reading is not None and reading not in READINGS:
             raise ValueError(f"reading must be one of {READINGS}, not {reading!r}")
         if head not in ("decoder", "clip"):
             raise ValueError(f"head must be 'decoder' or 'clip', not {head!r}")
         self.model, self.tokenizer, self.device = model.to(device).eval(), tokenizer, torch.device(device)
         self.reading, self.head = reading or model.cfg.dense, head
-        self.norm, self.world = norm, world
+        self.norm, self.world_cfg = norm, world_cfg
         self.config = dataclasses.asdict(model.cfg)
         self.clip_blend = model.frozen_clip and head == "decoder"
         scale = model.clip.logit_scale if head == "clip" else model.itc_logit_scale
@@ -567,7 +566,7 @@ def load_model(path, device="cpu", reading=None, clip=None):
     return SegmentationModel(model_from_checkpoint(ckpt, path, clip), Tokenizer.from_checkpoint(ckpt["tokenizer"]),
                              device, reading,
                              norm=NORMS[ckpt["args"]["norm"]] if ckpt.get("clip") else None,  # trained with it
-                             world=WorldConfig(**ckpt["world"]) if ckpt.get("world") else None)
+                             world_cfg=WorldConfig(**ckpt["world"]) if ckpt.get("world") else None)
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -1106,7 +1105,7 @@ def write_json(path, obj):
 def protocol_for(name, bench, overrides=None, norm=None):
     """The preset for a benchmark (world: mean/std/templates from world.py), the model's own
     normalisation if it has one (norm: (mean, std) it was trained with), then overrides."""
-    if name in WORLD:
+    if name in WORLD_BENCHMARKS:
         p = dataclasses.replace(PRESETS["world"], mean=tuple(bench.mean), std=tuple(bench.std),
                                 templates=tuple(bench.templates))
     else:
@@ -1116,19 +1115,19 @@ def protocol_for(name, bench, overrides=None, norm=None):
     return dataclasses.replace(p, **(overrides or {}))
 
 
-def run_benchmarks(model, names=WORLD, data_root=None, out_dir="out", n_vis=4, batch_size=16,
-                   extra=None, overrides=None, n_images=None, limit=None, preds_dir=None, world=None,
+def run_benchmarks(model, names=WORLD_BENCHMARKS, data_root=None, out_dir="out", n_vis=4, batch_size=16,
+                   extra=None, overrides=None, n_images=None, limit=None, preds_dir=None, world_cfg=None,
                    cosines=False):
     """Evaluate `model` (or saved predictions in preds_dir when model is None) on `names`,
     print the tables, write out_dir/metrics.json and out_dir/vis/*.png; returns the metrics:
     {name: {"mIoU", "mAcc", "aAcc", "IoU": {class: value}, ...}, "mean": {"mIoU": ..}, **extra}.
     overrides: Protocol fields to change (e.g. {"bg_thresh": 0.5, "pamr": True});
     n_images: world benchmark size (world.py's default when None); limit: first N images only;
-    world: the WorldConfig of the world benchmarks (the default world when None);
+    world_cfg: the WorldConfig of the world benchmarks (the default world when None);
     cosines: also measure prompt_cosines (world benchmarks) into metrics[name]["cosines"]."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    benches = {k: load_benchmark(k, data_root, n_images, world) for k in names}  # fail early on bad paths
+    benches = {k: load_benchmark(k, data_root, n_images, world_cfg) for k in names}  # fail early on bad paths
     results, metrics = {}, {}
     for k, bench in benches.items():
         if preds_dir is None:
@@ -1156,18 +1155,18 @@ def run_benchmarks(model, names=WORLD, data_root=None, out_dir="out", n_vis=4, b
 
 def parse_names(text):
     if text is None:
-        return list(WORLD)
+        return list(WORLD_BENCHMARKS)
     names = []
     for k in text.lower().replace("_", "-").split(","):
         k = k.strip()
         if k == "all":
             names += [b for b in BENCHMARKS if b not in names]
-        elif k in BENCHMARKS or k in WORLD:
+        elif k in BENCHMARKS or k in WORLD_BENCHMARKS:
             names += [k] if k not in names else []
         elif k:
             raise SystemExit(f"eval_seg: unknown benchmark '{k}' (choose from all, "
-                             f"{', '.join(list(BENCHMARKS) + list(WORLD))})")
-    order = list(BENCHMARKS) + list(WORLD)  # the paper's column order
+                             f"{', '.join(list(BENCHMARKS) + list(WORLD_BENCHMARKS))})")
+    order = list(BENCHMARKS) + list(WORLD_BENCHMARKS)  # the paper's column order
     return sorted(names, key=order.index)
 
 
@@ -1220,7 +1219,7 @@ def main(argv=None):
     if args.clip_w is not None and not 0 <= args.clip_w <= 1:
         raise SystemExit("eval_seg: --clip-w must lie in [0, 1]")
     names = parse_names(args.benchmarks)
-    if args.cosines and (args.preds is not None or any(k not in WORLD for k in names)):
+    if args.cosines and (args.preds is not None or any(k not in WORLD_BENCHMARKS for k in names)):
         raise SystemExit("eval_seg: --cosines needs a model and world benchmarks only")
     overrides = dict(TAGALIGN_SCORING) if args.scoring == "tagalign" else {}
     overrides |= {k: v for k, v in (("bg_thresh", args.bg_thresh), ("pamr", args.pamr or None),
@@ -1239,10 +1238,10 @@ def main(argv=None):
         raise SystemExit(f"eval_seg: --preds {args.preds}: no such folder")
     if model is not None:
         extra["config"] = model.config
-        extra["world"] = getattr(model, "world", None)
+        extra["world"] = getattr(model, "world_cfg", None)
     out = args.out or (str(Path(args.ckpt).parent) if args.ckpt else "out")
     return run_benchmarks(model, names, args.data_root, out, args.n_vis, args.batch_size, extra,
-                          overrides, args.world_images, args.limit, args.preds, getattr(model, "world", None),
+                          overrides, args.world_images, args.limit, args.preds, getattr(model, "world_cfg", None),
                           args.cosines)
 
 

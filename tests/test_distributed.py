@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import distributed
 import kernels
 import tagalign
 from test_train import (dies_at_call, paper, read_log, run, run_paper, tiny,  # noqa: F401 (fixtures)
@@ -125,8 +126,7 @@ def _pieces_of_case(rank, impl, dtype):
     tag = kernels.tag_loss(i2, tags, targets[mine], s2, impl=impl)  # a mean over all rows: as it is
     tag.backward()
 
-    bn = nn.BatchNorm2d(C).to(dtype)
-    bn.__class__ = tagalign.SyncBatchNorm2d
+    bn = distributed.SyncBatchNorm2d.convert(nn.BatchNorm2d(C).to(dtype))
     xr = x[mine].clone().requires_grad_()
     y = bn(xr)
     (RANKS * (y * dy[mine]).sum()).backward()  # R x this rank's share of sum(y * dy)
@@ -249,10 +249,10 @@ class HalvesOfOneStream(data.ImageTextStream):
     """The single-process stream of global batches, of which each rank keeps its rows: so that
     2 x b and 1 x 2b read the same samples (the real split gives the ranks different shards)."""
 
-    def __init__(self, *a, rank=0, world_size=1, **kw):
+    def __init__(self, *a, rank=0, ranks=1, **kw):
         a = list(a)  # as paper_setup passes them: a[4] is the batch size
         self.n, self.r = a[4], rank
-        a[4] *= world_size
+        a[4] *= ranks
         super().__init__(*a, **kw)
 
     def __iter__(self):
@@ -263,7 +263,7 @@ class HalvesOfOneStream(data.ImageTextStream):
 
 def _paper(rank, ports, paper_files, out, flags):
     data.ImageTextStream = HalvesOfOneStream
-    wrap, synced = tagalign.data_parallel, []
+    wrap, synced = distributed.data_parallel, []
 
     def data_parallel(*a):  # what the DDP wrapper syncs: names of the parameters it keeps
         ddp = wrap(*a)
@@ -271,7 +271,7 @@ def _paper(rank, ports, paper_files, out, flags):
                       if n not in ddp.parameters_to_ignore)
         return ddp
 
-    tagalign.data_parallel = data_parallel
+    distributed.data_parallel = data_parallel
     model = run_paper(paper_files, out, *flags)
     return model.trainable_state_dict(), synced
 

@@ -76,7 +76,7 @@ def test_every_sample_once_per_epoch_across_two_ranks_of_two_workers(world):
     tags = ShardTags(str(root / "tags"), paths)
     seen, per_rank = Counter(), []
     for rank in (0, 1):
-        s = data.ImageTextStream(paths, tags, tok, 16, 4, image_size=16, buffer=7, rank=rank, world_size=2, workers=2)
+        s = data.ImageTextStream(paths, tags, tok, 16, 4, image_size=16, buffer=7, rank=rank, ranks=2, workers=2)
         mine = Counter()
         for k, b in enumerate(torch.utils.data.DataLoader(s, batch_size=None, num_workers=2)):
             mine.update(zip(b["epochs"].tolist(), b["rows"].tolist()))
@@ -89,7 +89,7 @@ def test_every_sample_once_per_epoch_across_two_ranks_of_two_workers(world):
         assert sorted(r for e, r in seen if e == epoch) == list(range(56)), epoch
     assert not per_rank[0] & per_rank[1]  # an epoch's samples split, not shared, between the ranks
     with pytest.raises(ValueError, match="5 shards for 2 ranks x 3 workers"):
-        data.ImageTextStream(paths, tags, tok, 16, 4, rank=1, world_size=2, workers=3)
+        data.ImageTextStream(paths, tags, tok, 16, 4, rank=1, ranks=2, workers=3)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -217,7 +217,7 @@ def test_set_changes_the_model_and_the_world_and_is_recorded(tiny, tmp_path):
     assert metrics["config"]["vision_layers"] == 2 and metrics["world"]["shapes"] == ["circle", "ring"]
     assert list(metrics["world-object"]["IoU"]) == ["background", "circle", "ring"]  # the run's own world
     seg = load_model(str(tmp_path / "ckpt.pt"))
-    assert seg.world.shapes == ("circle", "ring")
+    assert seg.world_cfg.shapes == ("circle", "ring")
 
 
 @pytest.mark.parametrize("setting, message", [
