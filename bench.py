@@ -72,7 +72,7 @@ class PeakMemory:
                 open("/proc/self/clear_refs", "w").write("5")  # can the peak be reset here?
                 # Pin glibc's mmap threshold (it grows after frees otherwise): every block over
                 # 256 KiB is then its own mapping, returned when freed, so RSS follows the live
-                # tensors (the chunked path at N=4096 read 204 MiB unpinned, 78 MiB pinned).
+                # tensors (unpinned, freed blocks stay resident and the peaks read high).
                 self.libc.mallopt(-3, 256 * 1024)  # -3: M_MMAP_THRESHOLD
             except (OSError, AttributeError):
                 self.libc = False  # not Linux/glibc: no CPU memory figures
@@ -378,7 +378,7 @@ def bench_world(args):
     # The reference points for the world benchmarks' mIoU: a majority-class predictor (on
     # world-object: all background) and uniformly random classes.
     for name in WORLD_BENCHMARKS:
-        bench = WorldBenchmark(name)
+        bench = WorldBenchmark(name, n_images=args.reference_images)
         labels = [bench[i][1] for i in range(len(bench))]
         counts = np.bincount(np.concatenate([lab[lab != 255] for lab in labels]), minlength=len(bench.classes))
         trivial, chance = eval_seg.IoU(len(bench.classes)), eval_seg.IoU(len(bench.classes))
@@ -597,6 +597,8 @@ def main(argv=None):
     p.add_argument("--repeat", type=int, default=10, help="timed training steps (median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps first")
     p.add_argument("--eval-images", type=int, default=3, help="500 x 375 images evaluated")
+    p.add_argument("--reference-images", type=int, default=500,
+                   help="world validation images scored for the majority-class and random references")
     p.add_argument("--ckpt", default=None, help="evaluate this checkpoint (default: an untrained default model)")
 
     p = sub.add_parser("paper", help="paper mode on ViT-B/16 shapes: training step, its frozen parts, eval crops/s")
