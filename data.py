@@ -202,10 +202,11 @@ def _braces(pattern):
     return [x for item in items for x in _braces(head + item + tail)]
 
 
-def expand_shards(spec):
-    """--data as a list of sources: tar shards given by brace lists and globs (several specs
-    separated by spaces or given as a list), or a folder holding captions.tsv / captions.jsonl
-    (with an "image" column or field: image paths relative to the folder)."""
+def expand_shards(spec, flag="--data"):
+    """--data (or `flag`, named in errors) as a list of sources: tar shards given by brace lists
+    and globs (several specs separated by spaces or given as a list), or a folder holding
+    captions.tsv / captions.jsonl (with an "image" column or field: image paths relative to the
+    folder)."""
     import glob
     specs = spec.split() if isinstance(spec, str) else list(spec)
     sources = []
@@ -214,16 +215,16 @@ def expand_shards(spec):
             table = next((os.path.join(one, f) for f in ("captions.tsv", "captions.jsonl")
                           if os.path.isfile(os.path.join(one, f))), None)
             if table is None:
-                raise ValueError(f"--data {one}: a folder needs captions.tsv or captions.jsonl")
+                raise ValueError(f"{flag} {one}: a folder needs captions.tsv or captions.jsonl")
             sources.append(table)
             continue
         for p in _braces(one):
             found = sorted(glob.glob(p)) if glob.has_magic(p) else ([p] if os.path.isfile(p) else [])
             if not found:
-                raise ValueError(f"--data {one}: no file matches {p}")
+                raise ValueError(f"{flag} {one}: no file matches {p}")
             sources += found
     if not sources:
-        raise ValueError(f"--data {spec!r}: no shards")
+        raise ValueError(f"{flag} {spec!r}: no shards")
     return sources
 
 

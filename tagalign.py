@@ -267,10 +267,10 @@ def build_world_text(args, world):
     from the world's internals.
     """
     corpus = [world.caption(i) for i in range(args.corpus)]
-    tokenizer = Tokenizer.train(corpus, vocab_size=args.vocab_size)
     try:
+        tokenizer = Tokenizer.train(corpus, vocab_size=args.vocab_size)
         synonyms = read_synonyms(args.synonyms) if args.synonyms else None
-    except ValueError as e:
+    except ValueError as e:  # --vocab-size too small, a broken synonym file
         raise SystemExit(f"error: {e}") from None
     vocab = build_vocab(corpus, top_objects=args.top_tags, top_attributes=args.top_tags,
                         min_count=args.min_tag_count, synonyms=synonyms)
@@ -679,7 +679,8 @@ def build_parser():
     p = sub.add_parser("tags", help="parse a caption corpus into a tag vocabulary and per-sample tags")
     p.add_argument("--captions", nargs="+", required=True, metavar="FILE",
                    help="caption files: .txt (one caption a line), .tsv (header with a 'caption' column), "
-                        ".jsonl ({\"caption\": ...} a line) or webdataset .tar shards (KEY.txt / KEY.json)")
+                        ".jsonl ({\"caption\": ...} a line) or webdataset .tar shards (KEY.txt / KEY.json); "
+                        "brace lists and globs as --data takes them ('cc12m/{00000..01242}.tar')")
     p.add_argument("--out", required=True, help="output folder: vocab.json, tag_offsets.npy, tag_ids.npy, tag_keys.npy")
     p.add_argument("--top-objects", type=int, default=9000, help="most frequent objects kept as tags")
     p.add_argument("--top-attributes", type=int, default=1000, help="most frequent attributes kept as tags")
@@ -747,7 +748,8 @@ def main(argv=None):
     if args.command == "tags":
         try:
             synonyms = read_synonyms(args.synonyms) if args.synonyms else None
-            stats = tag_files(args.captions, args.out, top_objects=args.top_objects,
+            paths = data.expand_shards(args.captions, flag="--captions")  # brace lists and globs, as --data
+            stats = tag_files(paths, args.out, top_objects=args.top_objects,
                                    top_attributes=args.top_attributes, min_count=args.min_count,
                                    workers=args.workers, progress=not args.quiet, synonyms=synonyms)
         except (ValueError, FileNotFoundError) as e:

@@ -165,6 +165,8 @@ def test_bad_input_fails_with_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(tmp_path, "--steps", "0")
     assert "--steps must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="vocab_size=300: must be at least 514"):  # one line, not a traceback
+        run(tmp_path, "--steps", "1", "--vocab-size", "300")
 
 
 def test_triton_and_torch_kernels_train_the_same(tiny, tmp_path):
