@@ -430,7 +430,7 @@ def bench_paper(args):
     g = torch.Generator().manual_seed(0)
     images = torch.randn(B, 3, cfg.image_size, cfg.image_size, generator=g).to(device)
     tokens = torch.randint(1, 49000, (B, cfg.context_length), generator=g)
-    tokens[:, 20] = 49407  # the end token
+    tokens[:, min(20, cfg.context_length - 1)] = 49407  # the end token, after 20 tokens
     tokens = tokens.to(device)
     K = 10000
     tag_emb = F.normalize(torch.randn(K, cfg.embed_dim, generator=g), dim=-1).to(device)
