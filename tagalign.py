@@ -369,11 +369,12 @@ def world_setup(args, ckpt, device):
         model = model_lib.CLIP(cfg.check()) if pretrain else TagAlign(cfg)
     model = model.to(device)
     norm = data.NORMS[args.norm] if pretrain else (WORLD_MEAN, WORLD_STD)
-    if pretrain:  # raw CLIP: its own ln_post + proj on the surgery tokens
+    if pretrain:  # evaluated as raw CLIP (its own ln_post + proj on the surgery tokens), then exported
         eval_model = lambda: SegmentationModel(as_raw_clip(model, device), tokenizer, device, head="clip",  # noqa: E731
                                                norm=norm)
+        finish = functools.partial(export_clip, model, os.path.join(args.out, "clip.pt"))
     else:
-        eval_model = functools.partial(SegmentationModel, model, tokenizer, device)
+        eval_model, finish = functools.partial(SegmentationModel, model, tokenizer, device), (lambda: None)
     n_params = sum(p.numel() for p in model.parameters())
     return Run(
         model=model, batches=WorldBatches(world, args.batch_size, args.steps, tokenizer, vocab, cfg, norm),
@@ -383,8 +384,7 @@ def world_setup(args, ckpt, device):
         summary=f"model: {n_params / 1e6:.2f}M parameters, grid {cfg.image_size // cfg.patch_size}^2, "
                 f"tag weight {args.tag_weight} ({args.tag_loss}), kernels {args.kernels}",
         tag_tokens=tokenizer(tag_texts(vocab), cfg.context_length).to(device),  # (K, L)
-        world_cfg=world_cfg,
-        finish=functools.partial(export_clip, model, os.path.join(args.out, "clip.pt")) if pretrain else lambda: None)
+        world_cfg=world_cfg, finish=finish)
 
 
 # ---------------------------------------------------------------- the paper: frozen CLIP, shards, cached text

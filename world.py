@@ -1,6 +1,7 @@
 """The synthetic world: procedural scenes of coloured shapes on textured ground with captions
-and exact segmentation maps, deterministic from (seed, index); its training batches, its
-webdataset shards, and the three world benchmarks (world-object, world-stuff, world-attr).
+and exact segmentation maps, deterministic from (seed, index); its webdataset shards, its pixel
+statistics, and the three world benchmarks (world-object, world-stuff, world-attr). Its training
+batches are tagalign.world_batch.
 """
 import io
 import math
@@ -353,7 +354,7 @@ def write_world_shards(out_dir, scenes, per_shard=1000, seed=0, image_size=64, c
     return paths
 
 
-# ---------------------------------------------------------------- world batches and benchmarks
+# ---------------------------------------------------------------- pixel statistics and benchmarks
 WORLD_MEAN = (0.48, 0.57, 0.57)  # per-channel pixel statistics of the world, measured on 10k images
 WORLD_STD = (0.28, 0.22, 0.29)
 WORLD_TEMPLATES = ("a {}.",)  # zero-shot prompt; world captions read "a big red circle on grass"
