@@ -136,6 +136,21 @@ def _pieces_of_case(rank, impl, dtype):
             "running": (bn.running_mean, bn.running_var, bn.num_batches_tracked)}
 
 
+def test_sync_batchnorm_convert_keeps_the_parameters():
+    """SyncBatchNorm2d.convert replaces every BatchNorm2d, nested ones too, by one that holds the
+    same Parameter and buffer tensors: an optimizer built before still trains them, and the state
+    dict keeps its keys and values."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sequential(nn.GELU(), nn.BatchNorm2d(4)))
+    model(torch.randn(2, 3, 5, 5))  # running statistics away from their start
+    params, state = list(model.parameters()), {k: v.clone() for k, v in model.state_dict().items()}
+    assert distributed.SyncBatchNorm2d.convert(model) is model
+    assert [type(m) for m in model.modules()].count(distributed.SyncBatchNorm2d) == 2
+    assert not any(type(m) is nn.BatchNorm2d for m in model.modules())
+    assert all(a is b for a, b in zip(model.parameters(), params, strict=True))
+    assert list(model.state_dict()) == list(state)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
 CASES = [  # (impl, dtype, tolerance of O(1) values); one launch runs them all (a launch costs seconds)
     ("torch", torch.float64, 1e-12),    # the identity itself: only fp64 rounding differs
     ("chunked", torch.float32, 2e-6),   # fp32: sums in another order, about 10 ulp of O(1) values

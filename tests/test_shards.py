@@ -181,3 +181,18 @@ def test_random_resized_crop_stays_inside_and_follows_its_ranges():
             assert 0 <= x and 0 <= y and x + w <= W and y + h <= H and w > 0 and h > 0
     areas = [np.prod(data.random_resized_crop(1000, 1000, rng)[2:]) / 1e6 for _ in range(500)]
     assert 0.07 <= min(areas) and max(areas) <= 1.0 and 0.4 < np.mean(areas) < 0.65  # U(0.08, 1)
+
+
+def test_write_atomic_replaces_the_file_or_leaves_it(tmp_path):
+    """data.write_atomic: a writer that raises leaves the old file and no temporary; one that
+    finishes replaces it."""
+    path = tmp_path / "f.txt"
+    path.write_text("old")
+    with pytest.raises(RuntimeError):
+        with data.write_atomic(path) as tmp:
+            open(tmp, "w").write("half")
+            raise RuntimeError("killed mid-write")
+    assert path.read_text() == "old" and not os.path.exists(f"{path}.tmp")
+    with data.write_atomic(path) as tmp, open(tmp, "w") as f:
+        f.write("new")
+    assert path.read_text() == "new" and not os.path.exists(f"{path}.tmp")
