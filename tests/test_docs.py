@@ -344,7 +344,8 @@ def test_every_documented_command_has_a_tiny_size():
 def ran(house):
     """Every documented command, once, in document order, in the house, with the tiny model of
     tests/test_train.py: {command: None, or why it failed (the end of its traceback)}."""
-    results = {}
+    results, threads = {}, torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: a second thread only adds synchronisation
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(house)
         mp.setattr(tagalign, "Config", tiny_config)
@@ -355,6 +356,7 @@ def ran(house):
                 results[command] = None
             except BaseException as e:  # SystemExit and KeyboardInterrupt too: the command failed
                 results[command] = "".join(traceback.format_exception(e))[-3000:]
+    torch.set_num_threads(threads)
     return results
 
 
