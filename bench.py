@@ -56,7 +56,6 @@ import json
 import os
 import platform
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -88,7 +87,7 @@ class PeakMemory:
                 open("/proc/self/clear_refs", "w").write("5")  # can the peak be reset here?
                 # Pin glibc's mmap threshold (it grows after frees otherwise): every block over
                 # 256 KiB is then its own mapping, returned when freed, so RSS follows the live
-                # tensors (the chunked path at N=4096 read 204 MiB unpinned, 78 MiB pinned).
+                # tensors (unpinned, freed blocks stay resident and the peaks read high).
                 self.libc.mallopt(-3, 256 * 1024)  # -3: M_MMAP_THRESHOLD
             except (OSError, AttributeError):
                 self.libc = False  # not Linux/glibc: no CPU memory figures
@@ -370,10 +369,9 @@ def bench_world(args):
     gen = args.images / (time.perf_counter() - t)
     print(f"world generation: {gen:,.0f} images/s (64 x 64, with caption and three maps, one thread)")
 
-    cfg = model.Config()
     corpus = [world.caption(i) for i in range(2000)]
     tokenizer, vocab = Tokenizer.train(corpus, 1024), build_vocab(corpus, min_count=1)
-    cfg.vocab_size = tokenizer.vocab_size
+    cfg = model.Config(vocab_size=tokenizer.vocab_size)
     net = model.TagAlign(cfg)
     defaults = tagalign.MODE_DEFAULTS["world"]
     opt = tagalign.make_optimizer(net, lr=1e-3, weight_decay=0.05, beta2=defaults["beta2"], decay="matrices")
@@ -395,7 +393,7 @@ def bench_world(args):
     # The reference points for the world benchmarks' mIoU: a majority-class predictor (on
     # world-object: all background) and uniformly random classes.
     for name in WORLD_BENCHMARKS:
-        bench = WorldBenchmark(name)
+        bench = WorldBenchmark(name, n_images=args.reference_images)
         labels = [bench[i][1] for i in range(len(bench))]
         counts = np.bincount(np.concatenate([lab[lab != 255] for lab in labels]), minlength=len(bench.classes))
         trivial, chance = eval_seg.IoU(len(bench.classes)), eval_seg.IoU(len(bench.classes))
@@ -447,7 +445,7 @@ def bench_paper(args):
     g = torch.Generator().manual_seed(0)
     images = torch.randn(B, 3, cfg.image_size, cfg.image_size, generator=g).to(device)
     tokens = torch.randint(1, 49000, (B, cfg.context_length), generator=g)
-    tokens[:, 20] = 49407  # the end token
+    tokens[:, min(20, cfg.context_length - 1)] = 49407  # the end token, after 20 tokens
     tokens = tokens.to(device)
     K = 10000
     tag_emb = F.normalize(torch.randn(K, cfg.embed_dim, generator=g), dim=-1).to(device)
@@ -465,18 +463,18 @@ def bench_paper(args):
         return statistics.median(times[args.warmup:])
 
     def step():
-        with tagalign.autocast(device, precision):
+        with M.autocast(device, precision):
             loss = tagalign.compute_loss(net, images, tokens, targets, tag_emb=tag_emb)[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
     def image_tower():
-        with torch.no_grad(), tagalign.autocast(device, precision):
+        with torch.no_grad(), M.autocast(device, precision):
             net.features(images)
 
     def text_tower():
-        with torch.no_grad(), tagalign.autocast(device, precision):
+        with torch.no_grad(), M.autocast(device, precision):
             net.encode_text(tokens)
 
     if gpu:
@@ -909,6 +907,8 @@ def main(argv=None):
     p.add_argument("--repeat", type=int, default=10, help="timed training steps (median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps first")
     p.add_argument("--eval-images", type=int, default=3, help="500 x 375 images evaluated")
+    p.add_argument("--reference-images", type=int, default=500,
+                   help="world validation images scored for the majority-class and random references")
     p.add_argument("--ckpt", default=None, help="evaluate this checkpoint (default: an untrained default model)")
 
     p = sub.add_parser("loader", help="paper-mode loading on CC12M-like shards: cost split, images/s per process and "

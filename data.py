@@ -1,8 +1,10 @@
 """Paper-mode training data: caption files (txt, tsv, jsonl, webdataset tars), shard
 expansion, and ImageTextStream, which streams image-text shards for a DataLoader with exact
 resume, each worker building whole batches (images through augment.py, tokens, tag targets);
-the image normalisations (ImageNet's, CLIP's).
+the image normalisations (ImageNet's, CLIP's); write_atomic, how every file of the project is
+written.
 """
+import contextlib
 import json
 import math
 import os
@@ -15,7 +17,22 @@ import torch
 from augment import Augment
 
 
-# ---------------------------------------------------------------- offline tagging
+# ---------------------------------------------------------------- writing files
+@contextlib.contextmanager
+def write_atomic(path):
+    """`with write_atomic(path) as tmp:` write the file at tmp; when the block ends, tmp is
+    renamed onto path, so that a crash mid-write leaves the old file (or none), never half of
+    one. A block that raises removes tmp and leaves path as it was."""
+    tmp = f"{path}.tmp"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ---------------------------------------------------------------- caption files
 _CAPTION_FORMATS = {".txt": "text", ".tsv": "tsv", ".jsonl": "jsonl", ".tar": "tar",
                     ".tar.gz": "tar", ".tgz": "tar"}
 
@@ -187,10 +204,11 @@ def _braces(pattern):
     return [x for item in items for x in _braces(head + item + tail)]
 
 
-def expand_shards(spec):
-    """--data as a list of sources: tar shards given by brace lists and globs (several specs
-    separated by spaces or given as a list), or a folder holding captions.tsv / captions.jsonl
-    (with an "image" column or field: image paths relative to the folder)."""
+def expand_shards(spec, flag="--data"):
+    """--data (or `flag`, named in errors) as a list of sources: tar shards given by brace lists
+    and globs (several specs separated by spaces or given as a list), or a folder holding
+    captions.tsv / captions.jsonl (with an "image" column or field: image paths relative to the
+    folder)."""
     import glob
     specs = spec.split() if isinstance(spec, str) else list(spec)
     sources = []
@@ -199,16 +217,16 @@ def expand_shards(spec):
             table = next((os.path.join(one, f) for f in ("captions.tsv", "captions.jsonl")
                           if os.path.isfile(os.path.join(one, f))), None)
             if table is None:
-                raise ValueError(f"--data {one}: a folder needs captions.tsv or captions.jsonl")
+                raise ValueError(f"{flag} {one}: a folder needs captions.tsv or captions.jsonl")
             sources.append(table)
             continue
         for p in _braces(one):
             found = sorted(glob.glob(p)) if glob.has_magic(p) else ([p] if os.path.isfile(p) else [])
             if not found:
-                raise ValueError(f"--data {one}: no file matches {p}")
+                raise ValueError(f"{flag} {one}: no file matches {p}")
             sources += found
     if not sources:
-        raise ValueError(f"--data {spec!r}: no shards")
+        raise ValueError(f"{flag} {spec!r}: no shards")
     return sources
 
 
@@ -253,7 +271,7 @@ class ImageTextStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, sources, tags, tokenizer, context_length, batch_size, image_size=224,
-                 seed=0, buffer=1000, mean=IMAGENET_MEAN, std=IMAGENET_STD, rank=0, world_size=1, workers=0,
+                 seed=0, buffer=1000, mean=IMAGENET_MEAN, std=IMAGENET_STD, rank=0, ranks=1, workers=0,
                  crop_scale=(0.08, 1.0), augment="official", decode="draft"):
         super().__init__()
         self.augment = Augment(kind=augment, size=image_size, crop_scale=crop_scale, mean=mean, std=std,
@@ -261,10 +279,10 @@ class ImageTextStream(torch.utils.data.IterableDataset):
         self.sources, self.tags, self.tokenizer = sources, tags, tokenizer
         self.context_length, self.batch_size, self.image_size = context_length, batch_size, image_size
         self.seed, self.buffer = seed, max(buffer, 1)
-        self.rank, self.world_size, self.workers = rank, world_size, max(workers, 1)
+        self.rank, self.ranks, self.workers = rank, ranks, max(workers, 1)
         self.states, self.step = {}, 0
-        if len(sources) < self.world_size * self.workers:
-            raise ValueError(f"--data has {len(sources)} shards for {self.world_size} ranks x {self.workers} "
+        if len(sources) < self.ranks * self.workers:
+            raise ValueError(f"--data has {len(sources)} shards for {self.ranks} ranks x {self.workers} "
                              f"workers: give fewer --workers or more shards")
         for p in sources:
             if not p.endswith(".tar"):
@@ -389,7 +407,7 @@ class ImageTextStream(torch.utils.data.IterableDataset):
 
     def _my_sources(self, epoch, logical):
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.sources))
-        return order[self._slot(logical)::self.world_size * self.workers].tolist()
+        return order[self._slot(logical)::self.ranks * self.workers].tolist()
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()

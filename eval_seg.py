@@ -44,7 +44,6 @@ pixels downsampled first, the argmax resized to the full-size label, nearest).
 mIoU is mmseg's (see IoU below). Optional PAMR (Araslanov & Roth, CVPR 2020) as in TCL.
 """
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -59,8 +58,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from data import NORMS
-from model import READINGS, load_clip, model_from_checkpoint, read_checkpoint
+from data import IMAGENET_MEAN, IMAGENET_STD, NORMS, write_atomic
+from model import autocast, load_clip, model_from_checkpoint, read_checkpoint, READINGS
 from tokenizer import Tokenizer
 from world import WORLD_BENCHMARKS, WorldBenchmark, WorldConfig
 
@@ -230,8 +229,8 @@ class Protocol:
     long_cap: int = 2048  # ... unless the long side would pass this (mmseg img_scale (2048, 448))
     window: int | None = 448  # sliding-window crop; None: one window = the whole image
     stride: int = 224  # window stride (mmseg slide mode)
-    mean: tuple = (0.485, 0.456, 0.406)  # normalisation, in [0, 1] pixel units (ImageNet)
-    std: tuple = (0.229, 0.224, 0.225)
+    mean: tuple = IMAGENET_MEAN  # normalisation, in [0, 1] pixel units
+    std: tuple = IMAGENET_STD
     templates: tuple = TEMPLATES["simple"]  # prompts; embeddings averaged un-normalised per class
     score: str = "sigmoid"  # "sigmoid": sigmoid(score_scale * cos + score_bias) per class (TagAlign's
     #   config); "softmax": softmax over the classes of score_scale * cos (TagAlign commit 70914ae)
@@ -451,7 +450,6 @@ BENCHMARKS = {
     "cityscapes": (("cityscapes", "Cityscapes"), _cityscapes, CITYSCAPES, False, False, 500),
     "ade20k": (("ade/ADEChallengeData2016", "ADEChallengeData2016"), _ade, ADE20K, True, False, 2000),
 }
-WORLD = WORLD_BENCHMARKS
 
 
 class FolderBenchmark:
@@ -497,11 +495,11 @@ class ImageNetS(FolderBenchmark):
         return downsample_large(image, self.large_side), label, image_id
 
 
-def load_benchmark(name, data_root=None, n_images=None, world=None):
+def load_benchmark(name, data_root=None, n_images=None, world_cfg=None):
     """A world benchmark (world.py), or a standard one read from its layout under data_root."""
-    if name in WORLD:
+    if name in WORLD_BENCHMARKS:
         return WorldBenchmark(name, **({} if n_images is None else {"n_images": n_images}),
-                              **({} if world is None else {"cfg": world}))
+                              **({} if world_cfg is None else {"cfg": world_cfg}))
     if data_root is None:
         raise SystemExit(f"eval_seg: benchmark {name} needs --data-root")
     folders, reader, classes, rzl, bg, n_val = BENCHMARKS[name]
@@ -521,20 +519,20 @@ class SegmentationModel:
     head "decoder": TagAlign's trained head (the patch embeddings whose mean the losses train);
     "clip": CLIP's own frozen ln_post + proj on the same tokens (raw CLIP, the zero-shot baseline).
     reading: how the ViT's patch tokens are read (model.READINGS; default: the model's own).
-    norm: the (mean, std) the model expects, if not the protocol's; world: the WorldConfig it was
-    trained on (the world benchmarks are made with it).
+    norm: the (mean, std) the model expects, if not the protocol's; world_cfg: the WorldConfig it
+    was trained on (the world benchmarks are made with it).
     A frozen-CLIP model with the decoder head also gives CLIP's scores of the same tokens
     (`with_clip`), which TagAlign's evaluation blends in (eval_seg's clip_w).
     """
 
-    def __init__(self, model, tokenizer, device="cpu", reading=None, head="decoder", norm=None, world=None):
+    def __init__(self, model, tokenizer, device="cpu", reading=None, head="decoder", norm=None, world_cfg=None):
         if reading is not None and reading not in READINGS:
             raise ValueError(f"reading must be one of {READINGS}, not {reading!r}")
         if head not in ("decoder", "clip"):
             raise ValueError(f"head must be 'decoder' or 'clip', not {head!r}")
         self.model, self.tokenizer, self.device = model.to(device).eval(), tokenizer, torch.device(device)
         self.reading, self.head = reading or model.cfg.dense, head
-        self.norm, self.world = norm, world
+        self.norm, self.world_cfg = norm, world_cfg
         self.config = dataclasses.asdict(model.cfg)
         self.clip_blend = model.frozen_clip and head == "decoder"
         scale = model.clip.logit_scale if head == "clip" else model.itc_logit_scale
@@ -565,12 +563,10 @@ def load_model(path, device="cpu", reading=None, clip=None):
     if ckpt["args"]["command"] == "pretrain":
         raise SystemExit(f"error: {path} is a pretrain checkpoint: evaluate the CLIP file that run wrote, "
                          f"--clip {os.path.join(os.path.dirname(path), 'clip.pt')}")
-    model = model_from_checkpoint(ckpt, path, clip)
-    tokenizer = (Tokenizer.from_clip() if ckpt["tokenizer"] == "clip"  # CLIP's merges, shipped
-                 else Tokenizer.from_state_dict(ckpt["tokenizer"]))
-    return SegmentationModel(model, tokenizer, device, reading,
+    return SegmentationModel(model_from_checkpoint(ckpt, path, clip), Tokenizer.from_checkpoint(ckpt["tokenizer"]),
+                             device, reading,
                              norm=NORMS[ckpt["args"]["norm"]] if ckpt.get("clip") else None,  # trained with it
-                             world=WorldConfig(**ckpt["world"]) if ckpt.get("world") else None)
+                             world_cfg=WorldConfig(**ckpt["world"]) if ckpt.get("world") else None)
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -659,11 +655,10 @@ def text_embeddings(model, names, templates, chunk=256):
     return F.normalize(torch.stack([e.mean(0) for e in per_class]), dim=-1)
 
 
-def autocast(device):
-    """bf16 autocast for the model on CUDA (scores are computed in fp32); nothing on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def precision(device):
+    """How the evaluator runs the model (model.autocast): bf16 on CUDA, fp32 on CPU. Scores are
+    computed in fp32 either way."""
+    return "bf16" if device.type == "cuda" else "fp32"
 
 
 def effective_clip_w(model, protocol):
@@ -686,7 +681,7 @@ def crop_scorer(model, text, protocol, background):
         return torch.sigmoid(protocol.score_scale * cos + protocol.score_bias)
 
     def scores(crops):
-        with autocast(crops.device):
+        with autocast(crops.device, precision(crops.device)):
             return _scores(crops)
 
     def _scores(crops):
@@ -1051,7 +1046,7 @@ def prompt_cosines(model, bench, protocol, batch_size=16, limit=None):
     for start in range(0, n, batch_size):
         items = [bench[i] for i in range(start, min(start + batch_size, n))]
         x = torch.cat([preprocess(image, protocol, device) for image, _, _ in items])
-        with autocast(device):
+        with autocast(device, precision(device)):
             f = model.encode_dense(x)
         cos = torch.einsum("nehw,ce->nhwc", F.normalize(f.float(), dim=1), text).cpu()
         h, w = cos.shape[1:3]
@@ -1141,15 +1136,15 @@ def _clean(x):
 
 
 def write_json(path, obj):
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(_clean(obj), indent=1, allow_nan=False))
-    os.replace(tmp, path)
+    """obj as JSON (through _clean), written atomically."""
+    with write_atomic(path) as tmp:
+        Path(tmp).write_text(json.dumps(_clean(obj), indent=1, allow_nan=False))
 
 # ----------------------------------------------------------------------------- entry points
 def protocol_for(name, bench, overrides=None, norm=None):
     """The preset for a benchmark (world: mean/std/templates from world.py), the model's own
     normalisation if it has one (norm: (mean, std) it was trained with), then overrides."""
-    if name in WORLD:
+    if name in WORLD_BENCHMARKS:
         p = dataclasses.replace(PRESETS["world"], mean=tuple(bench.mean), std=tuple(bench.std),
                                 templates=tuple(bench.templates))
     else:
@@ -1159,19 +1154,19 @@ def protocol_for(name, bench, overrides=None, norm=None):
     return dataclasses.replace(p, **(overrides or {}))
 
 
-def run_benchmarks(model, names=WORLD, data_root=None, out_dir="out", n_vis=4, batch_size=16,
-                   extra=None, overrides=None, n_images=None, limit=None, preds_dir=None, world=None,
+def run_benchmarks(model, names=WORLD_BENCHMARKS, data_root=None, out_dir="out", n_vis=4, batch_size=16,
+                   extra=None, overrides=None, n_images=None, limit=None, preds_dir=None, world_cfg=None,
                    cosines=False):
     """Evaluate `model` (or saved predictions in preds_dir when model is None) on `names`,
     print the tables, write out_dir/metrics.json and out_dir/vis/*.png; returns the metrics:
     {name: {"mIoU", "mAcc", "aAcc", "IoU": {class: value}, ...}, "mean": {"mIoU": ..}, **extra}.
     overrides: Protocol fields to change (e.g. {"bg_thresh": 0.5, "pamr": True});
     n_images: world benchmark size (world.py's default when None); limit: first N images only;
-    world: the WorldConfig of the world benchmarks (the default world when None);
+    world_cfg: the WorldConfig of the world benchmarks (the default world when None);
     cosines: also measure prompt_cosines (world benchmarks) into metrics[name]["cosines"]."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    benches = {k: load_benchmark(k, data_root, n_images, world) for k in names}  # fail early on bad paths
+    benches = {k: load_benchmark(k, data_root, n_images, world_cfg) for k in names}  # fail early on bad paths
     results, metrics = {}, {}
     for k, bench in benches.items():
         if preds_dir is None:
@@ -1199,18 +1194,18 @@ def run_benchmarks(model, names=WORLD, data_root=None, out_dir="out", n_vis=4, b
 
 def parse_names(text):
     if text is None:
-        return list(WORLD)
+        return list(WORLD_BENCHMARKS)
     names = []
     for k in text.lower().replace("_", "-").split(","):
         k = k.strip()
         if k == "all":
             names += [b for b in BENCHMARKS if b not in names]
-        elif k in BENCHMARKS or k in WORLD:
+        elif k in BENCHMARKS or k in WORLD_BENCHMARKS:
             names += [k] if k not in names else []
         elif k:
             raise SystemExit(f"eval_seg: unknown benchmark '{k}' (choose from all, "
-                             f"{', '.join(list(BENCHMARKS) + list(WORLD))})")
-    order = list(BENCHMARKS) + list(WORLD)  # the paper's column order
+                             f"{', '.join(list(BENCHMARKS) + list(WORLD_BENCHMARKS))})")
+    order = list(BENCHMARKS) + list(WORLD_BENCHMARKS)  # the paper's column order
     return sorted(names, key=order.index)
 
 
@@ -1263,7 +1258,7 @@ def main(argv=None):
     if args.clip_w is not None and not 0 <= args.clip_w <= 1:
         raise SystemExit("eval_seg: --clip-w must lie in [0, 1]")
     names = parse_names(args.benchmarks)
-    if args.cosines and (args.preds is not None or any(k not in WORLD for k in names)):
+    if args.cosines and (args.preds is not None or any(k not in WORLD_BENCHMARKS for k in names)):
         raise SystemExit("eval_seg: --cosines needs a model and world benchmarks only")
     overrides = dict(TAGALIGN_SCORING) if args.scoring == "tagalign" else {}
     overrides |= {k: v for k, v in (("bg_thresh", args.bg_thresh), ("pamr", args.pamr or None),
@@ -1282,10 +1277,10 @@ def main(argv=None):
         raise SystemExit(f"eval_seg: --preds {args.preds}: no such folder")
     if model is not None:
         extra["config"] = model.config
-        extra["world"] = getattr(model, "world", None)
+        extra["world"] = getattr(model, "world_cfg", None)
     out = args.out or (str(Path(args.ckpt).parent) if args.ckpt else "out")
     return run_benchmarks(model, names, args.data_root, out, args.n_vis, args.batch_size, extra,
-                          overrides, args.world_images, args.limit, args.preds, getattr(model, "world", None),
+                          overrides, args.world_images, args.limit, args.preds, getattr(model, "world_cfg", None),
                           args.cosines)
 
 

@@ -25,7 +25,10 @@ import torch.nn.functional as F
 
 
 # ---------------------------------------------------------------- config
-READINGS = ("plain", "maskclip", "surgery")  # how dense patch tokens are read out of the ViT
+# How the ViT's patch tokens are read out: a "reading" (VisionTransformer.tokens). The setting
+# that picks one keeps its user-facing name, `dense` (Config.dense, `--set dense=`, eval_seg's
+# --dense), which checkpoints and documented commands carry; in the code it is `reading`.
+READINGS = ("plain", "maskclip", "surgery")
 
 
 @dataclass
@@ -48,12 +51,11 @@ class Config:
     text_heads: int = 2         # attention heads
     # joint space and the TagAlign head
     embed_dim: int = 64         # dimension of the shared image-text space
-    dense: str = "plain"        # how the decoder reads the ViT's patch tokens: "plain" (its outputs),
-    #   "maskclip" (last block: each patch attends to itself) or "surgery" (CLIP Surgery)
+    dense: str = "plain"        # the reading (READINGS) of the ViT's patch tokens that the decoder gets:
+    #   "plain" (its outputs), "maskclip" (last block: each patch attends to itself) or "surgery"
     surgery_blocks: int = 6     # blocks with the value-value path when dense is "surgery" (the paper: 6)
-    decoder_blocks: int = 0     # TCL's residual conv blocks on the patch grid (the paper: 2 on CLIP.
-    #   The world model has none: each 3x3 block widens the context a patch sees, and on the world
-    #   that context became a halo of shape labels around every object)
+    decoder_blocks: int = 0     # TCL's residual conv blocks on the patch grid (the paper: 2 on CLIP;
+    #   the world model: none, as each 3x3 block widens the context a patch sees: RESULTS.md, the halo)
     quick_gelu: bool = False    # x * sigmoid(1.702 x) as in OpenAI CLIP; exact GELU otherwise
 
     def check(self):
@@ -98,6 +100,14 @@ class Config:
                    text_layers=count("transformer.resblocks."), text_heads=tw // 64,
                    embed_dim=sd["text_projection"].shape[1], dense="surgery",
                    surgery_blocks=min(6, layers), decoder_blocks=2, quick_gelu=True)
+
+
+# ---------------------------------------------------------------- precision
+def autocast(device, precision):
+    """torch.autocast to bf16 or fp16 (precision "bf16", "fp16") on `device`; nothing for "fp32"."""
+    if precision in ("bf16", "fp16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------- transformer blocks (CLIP names)

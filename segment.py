@@ -40,8 +40,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 import eval_seg
-from data import NORMS
-from model import READINGS, load_clip
+from data import NORMS, write_atomic
+from model import READINGS, autocast, load_clip
 from tokenizer import Tokenizer
 from world import WorldBenchmark
 
@@ -148,7 +148,7 @@ class Segmenter:
             overrides["bg_thresh"] = float(background)
         # The model's protocol, as run_benchmarks picks it: the world's (a world benchmark's
         # geometry, normalisation and prompt) for a model trained on the world, else TCL's.
-        world = WorldBenchmark("world-object", 0, cfg=model.world) if model.world is not None else None
+        world = WorldBenchmark("world-object", 0, cfg=model.world_cfg) if model.world_cfg is not None else None
         protocol = eval_seg.protocol_for("tcl" if world is None else world.name, world, overrides, model.norm)
         protocol = dataclasses.replace(protocol, clip_w=eval_seg.effective_clip_w(model, protocol))
         return cls(model, protocol, background is not False, batch_size)
@@ -184,22 +184,16 @@ class Segmenter:
         one window anyway; under the sliding window this is one grid for the image rather than
         one per window)."""
         x = eval_seg.preprocess(read_image(image), self.protocol, self.device)
-        with eval_seg.autocast(self.device):
+        with autocast(self.device, eval_seg.precision(self.device)):
             f = self.model.encode_dense(x)  # (1, E, h, w)
         return f[0].permute(1, 2, 0).float().cpu().numpy()
 
 # ----------------------------------------------------------------------------- outputs
-def write_atomic(path, write):
-    """write(f) into a temporary file beside path, then rename it to path: a reader sees the
-    whole file or none, and an interrupted write leaves nothing behind."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def save(path, write):
+    """write(f) into path through data.write_atomic: a reader sees the whole file or none, and
+    an interrupted write leaves nothing behind."""
+    with write_atomic(path) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 def overlay(image, labels, names, shares, background):
@@ -230,17 +224,17 @@ def save_image_outputs(out, stem, image, labels, scores, names, background, titl
     colours = eval_seg.palette(background)
     panels, legend = overlay(image, labels, names, shares, background)
     files = {"overlay": f"{stem}.overlay.png", "labels": f"{stem}.labels.png"}
-    write_atomic(out / files["overlay"], lambda f: eval_seg.draw_panels(f, title, panels, legend, colours))
+    save(out / files["overlay"], lambda f: eval_seg.draw_panels(f, title, panels, legend, colours))
     png = Image.fromarray(labels.astype(np.uint8), mode="P")
     png.putpalette(colours.ravel().tolist())
-    write_atomic(out / files["labels"], lambda f: png.save(f, format="PNG"))
+    save(out / files["labels"], lambda f: png.save(f, format="PNG"))
     if save_scores:
         files["scores"] = f"{stem}.scores.npy"
         s16 = scores.cpu().numpy().astype(np.float16)
-        write_atomic(out / files["scores"], lambda f: np.save(f, s16))
+        save(out / files["scores"], lambda f: np.save(f, s16))
     if features is not None:
         files["features"] = f"{stem}.features.npy"
-        write_atomic(out / files["features"], lambda f: np.save(f, features))
+        save(out / files["features"], lambda f: np.save(f, features))
     bg = int(background)
     lab = torch.from_numpy(labels).to(scores.device)
     classes = {}
@@ -275,7 +269,7 @@ def write_demo(folder, n, world=None):
     for i in range(n):
         paths.append(folder / f"world-{i:05d}.png")
         image = Image.fromarray(bench[i][0])
-        write_atomic(paths[-1], lambda f: image.save(f, format="PNG"))
+        save(paths[-1], lambda f: image.save(f, format="PNG"))
     return paths
 
 
@@ -416,7 +410,7 @@ def main(args):
         raise SystemExit(f"error: --classes: {len(classes)} classes; at most {255 - seg.background} "
                          f"fit a palette PNG")
     if args.demo:
-        paths += write_demo(out / "demo", args.demo, seg.model.world)
+        paths += write_demo(out / "demo", args.demo, seg.model.world_cfg)
     model = {"ckpt": args.ckpt, "clip": args.clip, "dense": seg.model.reading, "config": seg.model.config}
     return segment_files(seg, paths, classes, out, save_scores=args.save_scores, save_features=args.save_features,
                          progress=not args.quiet, record={"model": model, "args": vars(args)})

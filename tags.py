@@ -13,6 +13,7 @@ import re
 import time
 from array import array
 from collections import Counter, deque
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -31,8 +32,8 @@ import data
 #      a/D man/N in/P a/D red/A shirt/N riding/G a/D bike/N down/P a/D busy/J street/N
 #      -> objects ['man', 'shirt', 'bike', 'street'], attributes ['red']
 #
-# Every word maps by one dict lookup to a precomputed entry (class, lemma, noun kind, attribute
-# reading, flags); the parser walks the entries once. A noun phrase is a run of adjectives and
+# Every word maps by one dict lookup to a precomputed Entry (word class, lemma, noun kind, the
+# attribute it gives, flags); the parser walks the entries once. A noun phrase is a run of adjectives and
 # nouns; its head, the last noun, is an object when it names a concrete thing, and the listed
 # adjectives in it are attributes. The rules that make it hold up on real captions:
 # - multi-word names are merged longest-first ("traffic light", "hot dog", "living room");
@@ -78,6 +79,15 @@ def _word_list(name, plurals=False):
 
 
 # ---------------------------------------------------------------- tag parser: word table
+class Entry(NamedTuple):
+    """What the parser knows of a word (or a multi-word name)."""
+    pos: int                # word class: _N, _A, ... below
+    lemma: str              # the name it stands for (a noun's singular)
+    kind: int               # a noun's kind: _OBJ, _ABS, ... below (0 for other words)
+    attribute: str | None   # the attribute it gives inside a noun phrase, or None
+    flags: int              # _PL, _ANIM, ... below
+
+
 # Word classes: noun, attribute adjective, other adjective, participle (-ing/-ed), determiner,
 # preposition, conjunction, other phrase-ending word, negator, skipped symbol, hard break.
 _N, _A, _J, _G, _C, _SKIP, _D, _P, _X, _NEG, _END = range(11)
@@ -161,7 +171,7 @@ def _verb_forms(v):
 
 def _build_table():
     """Map every known surface form (and multi-word name) to its entry
-    (class, lemma, noun kind, attribute reading or None, flags)."""
+    (an Entry: word class, lemma, noun kind, the attribute it gives or None, flags)."""
     table = {}
     verb = {}  # surface -> verb flag
     for v in _word_list("verbs.txt"):
@@ -173,13 +183,13 @@ def _build_table():
     for f in _word_list("irregular_verb_forms.txt"):
         verb[f] = verb.get(f, 0) | _VB_PART
     for f, fl in verb.items():  # finite forms end a phrase, participles may sit inside one
-        table[f] = (_X, f, 0, None, _VERB) if fl & (_VB_BASE | _VB_S) else (_G, f, 0, None, 0)
+        table[f] = Entry(_X, f, 0, None, _VERB) if fl & (_VB_BASE | _VB_S) else Entry(_G, f, 0, None, 0)
     for w in _word_list("other_adjectives.txt"):
-        table[w] = (_J, w, 0, None, 0)
+        table[w] = Entry(_J, w, 0, None, 0)
 
     # Nouns, in rising precedence. Plurals are written first and singulars after, so a listed
     # word ("woods", "glasses") wins over another word's plural.
-    nouns = []  # (word, plural or None, kind, attribute reading, flags)
+    nouns = []  # (word, plural or None, kind, the attribute it gives or None, flags)
 
     def add(name, kind, attr=False, flags=0, plural=True):
         for item in _word_list(name, plurals=plural):
@@ -199,45 +209,45 @@ def _build_table():
     add("weak_nouns.txt", _WEAK)
     for w, p, kind, attr, fl in nouns:
         if p is not None and p != w:
-            table[p] = (_N, w, kind, None, fl | _PL)
+            table[p] = Entry(_N, w, kind, None, fl | _PL)
     for w, p, kind, attr, fl in nouns:
-        table[w] = (_N, w, kind, attr, fl | (_PL if p == w and p is not None else 0))
+        table[w] = Entry(_N, w, kind, attr, fl | (_PL if p == w and p is not None else 0))
     for w in _word_list("attributes.txt"):
-        table[w] = (_A, w, 0, w, 0)
+        table[w] = Entry(_A, w, 0, w, 0)
     for w in _word_list("attributes_size.txt"):  # dropped on a quantity frame (_close)
-        table[w] = (_A, w, 0, w, _SIZE)
+        table[w] = Entry(_A, w, 0, w, _SIZE)
     # Materials and colour nouns: an attribute as a modifier, an object as a head.
     for w in _word_list("material_nouns.txt") + _word_list("dual_nouns.txt"):
-        fl = table[w][4] if w in table and table[w][0] == _N else 0
-        table[w] = (_N, w, _OBJ, w, fl & _ANIM)
+        fl = table[w].flags if w in table and table[w].pos == _N else 0
+        table[w] = Entry(_N, w, _OBJ, w, fl & _ANIM)
         p = _plural(w)
-        if table.get(p, (None,))[0] != _N:
-            table[p] = (_N, w, _OBJ, None, _PL)
+        if p not in table or table[p].pos != _N:
+            table[p] = Entry(_N, w, _OBJ, None, _PL)
     # A noun that is also a verb form remembers it; the parser decides by context.
     for f, fl in verb.items():
         e = table[f]
-        if e[0] == _N:
-            table[f] = e[:4] + (e[4] | fl,)
+        if e.pos == _N:
+            table[f] = e._replace(flags=e.flags | fl)
 
     # Closed classes last: they win over everything.
     for w in _word_list("determiners.txt"):
-        table[w] = (_D, w, 0, None, 0)
+        table[w] = Entry(_D, w, 0, None, 0)
     for w in _word_list("prepositions.txt"):
-        table[w] = (_P, w, 0, None, 0)
+        table[w] = Entry(_P, w, 0, None, 0)
     for w in _word_list("other_words.txt"):
-        table[w] = (_X, w, 0, None, 0)
+        table[w] = Entry(_X, w, 0, None, 0)
     for w in _word_list("subject_words.txt"):
-        table[w] = (_P if w == "to" else _X, w, 0, None, _SUBJ)
+        table[w] = Entry(_P if w == "to" else _X, w, 0, None, _SUBJ)
     for w in _word_list("negators.txt"):
-        table[w] = (_NEG, w, 0, None, 0)
+        table[w] = Entry(_NEG, w, 0, None, 0)
     for w in ("and", "but", "&", "/", "+"):
-        table[w] = (_C, w, 0, None, 0)
+        table[w] = Entry(_C, w, 0, None, 0)
     for w in ("or", "nor", ","):
-        table[w] = (_C, w, 0, None, _OR)
+        table[w] = Entry(_C, w, 0, None, _OR)
     for w in ". ; : ! ? ( ) [ ] { } | \" \u201c \u201d".split():
-        table[w] = (_END, w, 0, None, 0)
-    table["no one"] = (_X, "no one", 0, None, 0)
-    table["each other"] = (_X, "each other", 0, None, 0)
+        table[w] = Entry(_END, w, 0, None, 0)
+    table["no one"] = Entry(_X, "no one", 0, None, 0)
+    table["each other"] = Entry(_X, "each other", 0, None, 0)
     return table
 
 
@@ -253,11 +263,11 @@ _FIRST_WORDS = frozenset(_FIRSTS)
 del _name, _ws
 _OF = _TABLE["of"]
 _END_ENTRY = _TABLE["."]
-_SKIP_ENTRY = (_SKIP, "", 0, None, 0)
-_NUMBER_ENTRY = (_D, "#", 0, None, 0)
-_ADVERB_ENTRY = (_X, "", 0, None, 0)
-_ADJECTIVE_ENTRY = (_J, "", 0, None, 0)
-_PARTICIPLE_ENTRY = (_G, "", 0, None, 0)
+_SKIP_ENTRY = Entry(_SKIP, "", 0, None, 0)
+_NUMBER_ENTRY = Entry(_D, "#", 0, None, 0)
+_ADVERB_ENTRY = Entry(_X, "", 0, None, 0)
+_ADJECTIVE_ENTRY = Entry(_J, "", 0, None, 0)
+_PARTICIPLE_ENTRY = Entry(_G, "", 0, None, 0)
 _NEG_ENTRY = _TABLE["not"]
 _ADJECTIVE_SUFFIXES = ("ous", "ful", "ive", "able", "ible", "ical", "less", "ish", "esque", "etic",
                        "atic", "istic", "ific", "onic")
@@ -285,7 +295,7 @@ def _classify(w):
         else:
             b = _TABLE.get(base) or _classify(base)
             # "man's" is a possessor that ends its phrase; "it's", "we're" are what they start.
-            e = b[:4] + (b[4] | _POSS,) if b[0] == _N and suffix == "s" else b
+            e = b._replace(flags=b.flags | _POSS) if b.pos == _N and suffix == "s" else b
     elif any(ch.isdigit() for ch in w):
         e = _NUMBER_ENTRY
     elif "-" in w:
@@ -294,10 +304,10 @@ def _classify(w):
         if e is None:
             last = parts[-1]
             if last == "shaped":
-                e = (_A, w, 0, w, 0)
+                e = Entry(_A, w, 0, w, 0)
             elif last in ("colored", "coloured", "color", "colour"):
                 e = _TABLE.get(parts[0]) or _ADJECTIVE_ENTRY
-                if e[0] != _A:
+                if e.pos != _A:
                     e = _ADJECTIVE_ENTRY
             else:  # "snow-covered" -> participle, "e-bike" -> bike
                 e = _TABLE.get(last) or _classify(last)
@@ -311,11 +321,11 @@ def _classify(w):
         s = _singular(w)
         b = _TABLE.get(s)
         if b is not None:  # "zebras" -> zebra (if its plural was not listed), "ones" -> one
-            e = (_N, b[1], b[2], None, b[4] | _PL) if b[0] == _N else b
+            e = Entry(_N, b.lemma, b.kind, None, b.flags | _PL) if b.pos == _N else b
         else:  # an unknown plural noun, or the -s form of an unknown verb after its subject
-            e = (_N, s, _OBJ, None, _PL | _VB_S | _GUESS)
+            e = Entry(_N, s, _OBJ, None, _PL | _VB_S | _GUESS)
     else:
-        e = (_N, w, _OBJ, None, _VB_BASE | _GUESS)  # an unknown noun (or a base verb)
+        e = Entry(_N, w, _OBJ, None, _VB_BASE | _GUESS)  # an unknown noun (or a base verb)
     if _CACHED[0] < _CACHE_LIMIT:
         _TABLE[w] = e
         _CACHED[0] += 1
@@ -354,9 +364,9 @@ def _close(phrase, neg, of_next, objects, attributes):
         return True
     head = phrase[-1]
     mods = phrase
-    if head[0] == _N:
+    if head.pos == _N:
         mods = phrase[:-1]
-        kind = head[2]
+        kind = head.kind
         if kind == _MED_OBJ:
             kind = _MED if of_next else _OBJ
         elif kind == _QTY_OBJ:
@@ -364,22 +374,22 @@ def _close(phrase, neg, of_next, objects, attributes):
         obj = None
         if kind == _OBJ:
             # "glasses of wine" are drinking glasses, not spectacles
-            obj = "glass" if of_next and head[1] == "glasses" else head[1]
+            obj = "glass" if of_next and head.lemma == "glasses" else head.lemma
         elif kind == _MED or kind == _WEAK:
             # "cartoon cat illustration" -> cat; "a heart shape" -> heart
-            if mods and mods[-1][0] == _N and mods[-1][2] == _OBJ:
-                obj = mods[-1][1]
+            if mods and mods[-1].pos == _N and mods[-1].kind == _OBJ:
+                obj = mods[-1].lemma
                 mods = mods[:-1]
             elif kind == _WEAK:
-                obj = head[1]
+                obj = head.lemma
         elif kind == _POS:
             return False  # "the left side of": no object, no attributes
         elif kind == _QTY:  # "a large group of": its size is not the members'; colours are
-            mods = [m for m in mods if not m[4] & _SIZE]
+            mods = [m for m in mods if not m.flags & _SIZE]
         if obj is not None and obj not in objects:
             objects.append(obj)
     for m in mods:
-        a = m[3]
+        a = m.attribute
         if a is not None and a not in attributes:
             attributes.append(a)
     return False
@@ -416,15 +426,15 @@ def parse_caption(text):
     subj = 0  # after a noun: _NOUN (+_PL, +_ANIM); after "he", "to", a verb and "and": _SUBJ
     vchain = False  # a verb came last, through adjectives and prepositions
     for i, e in enumerate(ents):
-        cls = e[0]
+        cls = e.pos
         if cls == _N:
-            fl = e[4]
+            fl = e.flags
             # A noun that is also a verb form, right after a subject, is the verb: "a man skis
             # down", "he skis", "to ski", "stands and watches", "the food looks good". After a
             # noun, agreement decides; after a thing, a concrete noun stays a noun ("tea
             # leaves", "city lights").
             if not (fl & _VB_ANY and subj and (
-                    subj & _SUBJ or (subj & _ANIM or e[2] != _OBJ) and (
+                    subj & _SUBJ or (subj & _ANIM or e.kind != _OBJ) and (
                         fl & _VB_S and not subj & _PL or fl & _VB_BASE and subj & _PL
                         or fl & _VB_PART))):
                 phrase.append(e)
@@ -445,10 +455,10 @@ def parse_caption(text):
             if cls == _D:
                 subj, vchain = 0, False
             elif cls == _P:
-                subj = e[4]  # _SUBJ for "to"
+                subj = e.flags  # _SUBJ for "to"
             elif cls == _X:
-                subj = e[4] & _SUBJ
-                if e[4] & _VERB:
+                subj = e.flags & _SUBJ
+                if e.flags & _VERB:
                     vchain = True
             elif cls == _NEG:
                 neg, subj = True, 0
@@ -459,8 +469,8 @@ def parse_caption(text):
             # An adjective after a plain noun starts a new phrase ("a cat, black and ..."),
             # unless that "noun" was an unknown word: then it modified the adjective ("lush
             # green field") and is dropped.
-            if phrase and phrase[-1][3] is None and phrase[-1][0] == _N:
-                if phrase[-1][4] & _GUESS:
+            if phrase and phrase[-1].attribute is None and phrase[-1].pos == _N:
+                if phrase[-1].flags & _GUESS:
                     phrase.pop()
                 else:
                     neg_or = _close(phrase, neg, False, objects, attributes)
@@ -469,19 +479,19 @@ def parse_caption(text):
                 phrase.append(e)
             subj = 0
         elif cls == _G:  # a participle ends a phrase that has its head, else it is skipped
-            if phrase and phrase[-1][0] == _N:
+            if phrase and phrase[-1].pos == _N:
                 neg_or = _close(phrase, neg, False, objects, attributes)
                 neg, phrase = False, []
             subj, vchain = 0, True
         elif cls == _C:
             # "black and white cat", "stone and brick wall": adjectives joined inside a phrase.
             nxt = ents[i + 1]
-            if phrase and not (phrase[-1][3] is not None and nxt[3] is not None
-                               and (nxt[0] == _A or nxt[0] == _N and not nxt[4] & _PL)):
+            if phrase and not (phrase[-1].attribute is not None and nxt.attribute is not None
+                               and (nxt.pos == _A or nxt.pos == _N and not nxt.flags & _PL)):
                 neg_or = _close(phrase, neg, False, objects, attributes)
                 neg, phrase = False, []
             # "no cars or people", "no cats, dogs or birds"; not "no people, a man ..."
-            if e[4] & _OR and neg_or and (e[1] != "," or nxt[0] != _D):
+            if e.flags & _OR and neg_or and (e.lemma != "," or nxt.pos != _D):
                 neg = True
             subj = _SUBJ if vchain else 0
     return objects, attributes
@@ -560,7 +570,7 @@ class TagVocab:
     def from_tags(cls, tags, synonyms=None):
         """A vocabulary from tag names alone (e.g. a checkpoint's): a name the parser reads
         as an attribute adjective is an attribute, anything else an object; counts are 0."""
-        kinds = ["attribute" if _TABLE.get(t, (None,))[0] == _A else "object" for t in tags]
+        kinds = ["attribute" if t in _TABLE and _TABLE[t].pos == _A else "object" for t in tags]
         return cls(tags, kinds, [0] * len(tags), {"synonyms": synonyms} if synonyms else None)
 
     def __len__(self):
@@ -588,13 +598,11 @@ class TagVocab:
         return out
 
     def save(self, path):
-        """Write vocab.json atomically (a temporary file, then a rename)."""
+        """Write vocab.json atomically (data.write_atomic)."""
         doc = {"format": "tagalign-tags/1", "tags": self.tags, "kinds": self.kinds,
                 "counts": self.counts, **self.meta}
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with data.write_atomic(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump(doc, f, ensure_ascii=False, indent=0)
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path):
@@ -794,37 +802,39 @@ def tag_files(paths, out_dir, top_objects=9000, top_attributes=1000, min_count=5
         final[i] = vocab.index.get(name, -1)
     nnz = int(counts[:len(keys)][final[:len(keys)] >= 0].sum())
 
-    # Pass 2 (over the temporary files only): keep the vocabulary's tags, write the CSR arrays.
+    # Pass 2 (over the temporary files only): keep the vocabulary's tags, write the CSR arrays
+    # and the sample keys; the three files replace earlier ones together, at the end.
     id_dtype = np.uint16 if len(vocab) <= 65535 else np.int32
-    offsets = np.lib.format.open_memmap(os.path.join(out_dir, "tag_offsets.npy.tmp"), "w+", np.int64, (n + 1,))
-    tag_ids = np.lib.format.open_memmap(os.path.join(out_dir, "tag_ids.npy.tmp"), "w+", id_dtype, (nnz,))
-    offsets[0] = 0
-    done = written = tagged = 0
-    with open(tmp_ids, "rb") as f_ids, open(tmp_lens, "rb") as f_lens:
-        while done < n:
-            lens = np.fromfile(f_lens, np.int32, count=1 << 16).astype(np.int64)  # bounded memory
-            g = np.fromfile(f_ids, np.int32, count=int(lens.sum()))
-            t = final[g]
-            keep = t >= 0
-            kept = np.concatenate([[0], np.cumsum(keep)])
-            ends = np.cumsum(lens)
-            new_lens = kept[ends] - kept[ends - lens]
-            offsets[done + 1:done + 1 + len(lens)] = written + np.cumsum(new_lens)
-            tag_ids[written:written + int(kept[-1])] = t[keep]
-            done, written = done + len(lens), written + int(kept[-1])
-            tagged += int(np.count_nonzero(new_lens))
-    offsets.flush()
-    tag_ids.flush()
-    del offsets, tag_ids
-    # The sample keys, fixed-width bytes, row by row (what training checks its samples against).
-    keys = np.lib.format.open_memmap(os.path.join(out_dir, "tag_keys.npy.tmp"), "w+", f"S{longest_key}", (n,))
-    with open(tmp_keys, "rb") as f_keys:
-        for i, line in enumerate(f_keys):
-            keys[i] = line.rstrip(b"\n")
-    keys.flush()
-    del keys
-    for name in ("tag_offsets.npy", "tag_ids.npy", "tag_keys.npy"):
-        os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
+    paths = [os.path.join(out_dir, name) for name in ("tag_offsets.npy", "tag_ids.npy", "tag_keys.npy")]
+    with data.write_atomic(paths[0]) as tmp_offsets, data.write_atomic(paths[1]) as tmp_tag_ids, \
+            data.write_atomic(paths[2]) as tmp_tag_keys:
+        offsets = np.lib.format.open_memmap(tmp_offsets, "w+", np.int64, (n + 1,))
+        tag_ids = np.lib.format.open_memmap(tmp_tag_ids, "w+", id_dtype, (nnz,))
+        offsets[0] = 0
+        done = written = tagged = 0
+        with open(tmp_ids, "rb") as f_ids, open(tmp_lens, "rb") as f_lens:
+            while done < n:
+                lens = np.fromfile(f_lens, np.int32, count=1 << 16).astype(np.int64)  # bounded memory
+                g = np.fromfile(f_ids, np.int32, count=int(lens.sum()))
+                t = final[g]
+                keep = t >= 0
+                kept = np.concatenate([[0], np.cumsum(keep)])
+                ends = np.cumsum(lens)
+                new_lens = kept[ends] - kept[ends - lens]
+                offsets[done + 1:done + 1 + len(lens)] = written + np.cumsum(new_lens)
+                tag_ids[written:written + int(kept[-1])] = t[keep]
+                done, written = done + len(lens), written + int(kept[-1])
+                tagged += int(np.count_nonzero(new_lens))
+        offsets.flush()
+        tag_ids.flush()
+        del offsets, tag_ids
+        # The sample keys, fixed-width bytes, row by row (what training checks its samples against).
+        keys = np.lib.format.open_memmap(tmp_tag_keys, "w+", f"S{longest_key}", (n,))
+        with open(tmp_keys, "rb") as f_keys:
+            for i, line in enumerate(f_keys):
+                keys[i] = line.rstrip(b"\n")
+        keys.flush()
+        del keys
     for p in (tmp_ids, tmp_lens, tmp_keys):
         os.remove(p)
     vocab_path = os.path.join(out_dir, "vocab.json")
@@ -837,8 +847,7 @@ def tag_files(paths, out_dir, top_objects=9000, top_attributes=1000, min_count=5
         "distinct_attributes": len(attribute_counts), "tag_occurrences": written,
         "seconds": seconds, "captions_per_s": n / seconds if seconds > 0 else 0.0,
         "workers": workers, "files": files, "vocab": vocab_path,
-        "offsets": os.path.join(out_dir, "tag_offsets.npy"), "ids": os.path.join(out_dir, "tag_ids.npy"),
-        "keys": os.path.join(out_dir, "tag_keys.npy"),
+        "offsets": paths[0], "ids": paths[1], "keys": paths[2],
     }
 
 

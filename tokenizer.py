@@ -262,6 +262,12 @@ class Tokenizer:
         return cls(merges)
 
     @classmethod
+    def from_checkpoint(cls, entry: str | dict) -> "Tokenizer":
+        """The tokenizer a checkpoint names in its "tokenizer" entry: "clip" (CLIP's own merges,
+        shipped in assets/, so a checkpoint need not copy them) or a trained one's state_dict()."""
+        return cls.from_clip() if entry == "clip" else cls.from_state_dict(entry)
+
+    @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> "Tokenizer":
         """Learn merges on a corpus until the vocabulary has `vocab_size` ids (or no pair is left).
 

@@ -1,6 +1,7 @@
 """The synthetic world: procedural scenes of coloured shapes on textured ground with captions
-and exact segmentation maps, deterministic from (seed, index); its training batches, its
-webdataset shards, and the three world benchmarks (world-object, world-stuff, world-attr).
+and exact segmentation maps, deterministic from (seed, index); its webdataset shards, its pixel
+statistics, and the three world benchmarks (world-object, world-stuff, world-attr). Its training
+batches are tagalign.world_batch.
 """
 import io
 import math
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from data import write_atomic
 
 # ---------------------------------------------------------------- the synthetic world
 # A procedural world of coloured shapes on textured ground. Every sample is a
@@ -80,11 +82,6 @@ _SHAPE_WORDS = {
 }
 _SIZE_WORDS = {"small": ("small", "little", "tiny"), "big": ("big", "large", "huge")}
 _STUFF_PHRASES = {
-    "grass": ("on grass", "on the grass"), "sand": ("on sand", "on the sand"),
-    "water": ("on water", "in the water"), "snow": ("in the snow", "on snow", "lying in the snow"),
-    "sky": ("in the sky", "against the sky", "up in the sky"), "road": ("on a road", "on the road"),
-}
-_STUFF_PHRASES = {
     "grass": ("on grass", "on the grass", "on a lawn", "in a field"),
     "sand": ("on sand", "on the sand", "on the beach", "in the desert"),
     "water": ("on water", "in the water", "floating on the sea", "on a lake"),
@@ -147,7 +144,7 @@ def _texture(kind, S, rng):
 
 
 def _pick(rng, seq):
-    """rng.choice without its conversion to an array (10x faster on a short tuple)."""
+    """rng.choice without its conversion to an array (slow on a short tuple)."""
     return seq[int(rng.integers(len(seq)))]
 
 
@@ -345,7 +342,7 @@ def write_world_shards(out_dir, scenes, per_shard=1000, seed=0, image_size=64, c
     world, paths = World(seed, image_size, "train", cfg), []
     for first in range(start, start + scenes, per_shard):
         path = os.path.join(out_dir, f"world-{len(paths):05d}.tar")
-        with tarfile.open(path + ".tmp", "w") as tf:
+        with write_atomic(path) as tmp, tarfile.open(tmp, "w") as tf:
             for i in range(first, min(first + per_shard, start + scenes)):
                 s, buf = world.sample(i), io.BytesIO()
                 Image.fromarray(s.image).save(buf, format="PNG")
@@ -353,12 +350,11 @@ def write_world_shards(out_dir, scenes, per_shard=1000, seed=0, image_size=64, c
                     info = tarfile.TarInfo(f"{i:09d}.{ext}")
                     info.size, info.mtime = len(payload), 0
                     tf.addfile(info, io.BytesIO(payload))
-        os.replace(path + ".tmp", path)
         paths.append(path)
     return paths
 
 
-# ---------------------------------------------------------------- world batches and benchmarks
+# ---------------------------------------------------------------- pixel statistics and benchmarks
 WORLD_MEAN = (0.48, 0.57, 0.57)  # per-channel pixel statistics of the world, measured on 10k images
 WORLD_STD = (0.28, 0.22, 0.29)
 WORLD_TEMPLATES = ("a {}.",)  # zero-shot prompt; world captions read "a big red circle on grass"

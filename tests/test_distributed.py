@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import distributed
 import kernels
 import tagalign
 from test_train import (dies_at_call, paper, read_log, run, run_paper, tiny,  # noqa: F401 (fixtures)
@@ -125,8 +126,7 @@ def _pieces_of_case(rank, impl, dtype):
     tag = kernels.tag_loss(i2, tags, targets[mine], s2, impl=impl)  # a mean over all rows: as it is
     tag.backward()
 
-    bn = nn.BatchNorm2d(C).to(dtype)
-    bn.__class__ = tagalign.SyncBatchNorm2d
+    bn = distributed.SyncBatchNorm2d.convert(nn.BatchNorm2d(C).to(dtype))
     xr = x[mine].clone().requires_grad_()
     y = bn(xr)
     (RANKS * (y * dy[mine]).sum()).backward()  # R x this rank's share of sum(y * dy)
@@ -134,6 +134,21 @@ def _pieces_of_case(rank, impl, dtype):
             "ds": s.grad, "tag": tag.detach(), "dimg_tag": i2.grad, "ds_tag": s2.grad, "y": y.detach(),
             "dx": xr.grad, "dw": bn.weight.grad, "db": bn.bias.grad,
             "running": (bn.running_mean, bn.running_var, bn.num_batches_tracked)}
+
+
+def test_sync_batchnorm_convert_keeps_the_parameters():
+    """SyncBatchNorm2d.convert replaces every BatchNorm2d, nested ones too, by one that holds the
+    same Parameter and buffer tensors: an optimizer built before still trains them, and the state
+    dict keeps its keys and values."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sequential(nn.GELU(), nn.BatchNorm2d(4)))
+    model(torch.randn(2, 3, 5, 5))  # running statistics away from their start
+    params, state = list(model.parameters()), {k: v.clone() for k, v in model.state_dict().items()}
+    assert distributed.SyncBatchNorm2d.convert(model) is model
+    assert [type(m) for m in model.modules()].count(distributed.SyncBatchNorm2d) == 2
+    assert not any(type(m) is nn.BatchNorm2d for m in model.modules())
+    assert all(a is b for a, b in zip(model.parameters(), params, strict=True))
+    assert list(model.state_dict()) == list(state)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
 CASES = [  # (impl, dtype, tolerance of O(1) values); one launch runs them all (a launch costs seconds)
@@ -249,10 +264,10 @@ class HalvesOfOneStream(data.ImageTextStream):
     """The single-process stream of global batches, of which each rank keeps its rows: so that
     2 x b and 1 x 2b read the same samples (the real split gives the ranks different shards)."""
 
-    def __init__(self, *a, rank=0, world_size=1, **kw):
+    def __init__(self, *a, rank=0, ranks=1, **kw):
         a = list(a)  # as paper_setup passes them: a[4] is the batch size
         self.n, self.r = a[4], rank
-        a[4] *= world_size
+        a[4] *= ranks
         super().__init__(*a, **kw)
 
     def __iter__(self):
@@ -263,7 +278,7 @@ class HalvesOfOneStream(data.ImageTextStream):
 
 def _paper(rank, ports, paper_files, out, flags):
     data.ImageTextStream = HalvesOfOneStream
-    wrap, synced = tagalign.data_parallel, []
+    wrap, synced = distributed.data_parallel, []
 
     def data_parallel(*a):  # what the DDP wrapper syncs: names of the parameters it keeps
         ddp = wrap(*a)
@@ -271,7 +286,7 @@ def _paper(rank, ports, paper_files, out, flags):
                       if n not in ddp.parameters_to_ignore)
         return ddp
 
-    tagalign.data_parallel = data_parallel
+    distributed.data_parallel = data_parallel
     model = run_paper(paper_files, out, *flags)
     return model.trainable_state_dict(), synced
 

@@ -802,7 +802,7 @@ class FakeWorld:
 def test_world_path_run_benchmarks(tmp_path, monkeypatch):
     monkeypatch.setattr(E, "WorldBenchmark", lambda name, n_images=3: FakeWorld(name, n_images))
     models = {}
-    for name in E.WORLD:
+    for name in E.WORLD_BENCHMARKS:
         w = FakeWorld(name)
         names = {c: (None if w.background and k == 0 else w.classes[k]) for k, c in enumerate(COLORS)}
         models[name] = Oracle(names, w.classes, mean=w.mean, std=w.std, templates=w.templates)

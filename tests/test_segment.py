@@ -1,11 +1,10 @@
 """`tagalign.py segment` and the Segmenter API on a tiny world model trained here: the same
 pixels as eval_seg.py's prediction, synonyms as averaged prompts, raw CLIP, bad files skipped
-and counted, outputs written atomically, bad input refused with one line, the README's commands."""
+and counted, outputs written atomically, bad input refused with one line. (The README's
+segment commands and its Python example run in tests/test_docs.py.)"""
 import json
 import os
 import re
-import shlex
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -244,36 +243,3 @@ def test_a_classes_file(ckpt, tmp_path):
     with pytest.raises(SystemExit, match="error: --classes-file .*: no class names"):
         f.write_text("# nothing\n\n")
         segment_cli("--demo", 1, "--ckpt", ckpt, "--classes-file", f, "--out", tmp_path / "none")
-
-
-# ----------------------------------------------------------------------------- the README
-def readme_section():
-    text = (ROOT / "README.md").read_text()
-    return text.split("## Segment your own images", 1)[1].split("\n## ", 1)[0]
-
-
-def test_readme_commands_run(ckpt, tmp_path, monkeypatch):
-    """The README's segment commands and its Python example, exactly as written, in a folder
-    as the quickstart leaves it (here: the tiny checkpoint as out/ckpt.pt) with what the other
-    commands name: photos/, a CLIP file (a small one) as ViT-B-16.pt, classes.txt."""
-    monkeypatch.chdir(tmp_path)
-    Path("out").mkdir()
-    shutil.copy(ckpt, "out/ckpt.pt")
-    Path("photos").mkdir()
-    image = WorldBenchmark("world-stuff", 1)[0][0]
-    Image.fromarray(image).save("photos/a.png")
-    Image.fromarray(image[:, ::-1]).save("photos/b.jpg")
-    write_clip(make_ref_clip(vision_layers=2, patch=16), "ViT-B-16.pt", "torchscript")
-    Path("classes.txt").write_text("cat\ngrass, lawn  # synonyms\n")
-    section = readme_section()
-    commands = [line for line in section.splitlines() if line.startswith("python tagalign.py segment")]
-    assert len(commands) == 3
-    runs = [tagalign.main(shlex.split(line)[2:]) for line in commands]
-    assert [len(r["images"]) for r in runs] == [8, 2, 1] and not any(r["skipped"] for r in runs)
-    assert runs[2]["classes"] == ["cat", "grass, lawn"] and Path("out/segment/b.scores.npy").is_file()
-    assert "![segment demo](assets/segment_demo.png)" in section and (ROOT / "assets/segment_demo.png").is_file()
-    code = section.split("```python\n", 1)[1].split("```", 1)[0]
-    scope = {}
-    exec(compile(code, "README.md", "exec"), scope)
-    labels, scores = scope["labels"], scope["scores"]
-    assert labels.shape == (64, 64) and scores.shape == (4, 64, 64) and labels.max() <= 4

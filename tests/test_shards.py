@@ -105,7 +105,7 @@ def test_every_sample_once_per_epoch_across_two_ranks_of_two_workers(world):
     tags = ShardTags(str(root / "tags"), paths)
     seen, per_rank = Counter(), []
     for rank in (0, 1):
-        s = data.ImageTextStream(paths, tags, tok, 16, 4, image_size=16, buffer=7, rank=rank, world_size=2, workers=2)
+        s = data.ImageTextStream(paths, tags, tok, 16, 4, image_size=16, buffer=7, rank=rank, ranks=2, workers=2)
         mine = Counter()
         for k, b in enumerate(torch.utils.data.DataLoader(s, batch_size=None, num_workers=2)):
             mine.update(zip(b["epochs"].tolist(), b["rows"].tolist()))
@@ -118,7 +118,7 @@ def test_every_sample_once_per_epoch_across_two_ranks_of_two_workers(world):
         assert sorted(r for e, r in seen if e == epoch) == list(range(56)), epoch
     assert not per_rank[0] & per_rank[1]  # an epoch's samples split, not shared, between the ranks
     with pytest.raises(ValueError, match="5 shards for 2 ranks x 3 workers"):
-        data.ImageTextStream(paths, tags, tok, 16, 4, rank=1, world_size=2, workers=3)
+        data.ImageTextStream(paths, tags, tok, 16, 4, rank=1, ranks=2, workers=3)
 
 
 def check_resume(make, stop=9, total=24):
@@ -279,3 +279,18 @@ def test_keys_are_checked_against_the_tags(world, tmp_path):
     with pytest.raises(ValueError, match="tags do not match"):
         next(iter(stream([target], tags, tok, buffer=1)))
 
+
+
+def test_write_atomic_replaces_the_file_or_leaves_it(tmp_path):
+    """data.write_atomic: a writer that raises leaves the old file and no temporary; one that
+    finishes replaces it."""
+    path = tmp_path / "f.txt"
+    path.write_text("old")
+    with pytest.raises(RuntimeError):
+        with data.write_atomic(path) as tmp:
+            open(tmp, "w").write("half")
+            raise RuntimeError("killed mid-write")
+    assert path.read_text() == "old" and not os.path.exists(f"{path}.tmp")
+    with data.write_atomic(path) as tmp, open(tmp, "w") as f:
+        f.write("new")
+    assert path.read_text() == "new" and not os.path.exists(f"{path}.tmp")

@@ -169,6 +169,8 @@ def test_bad_input_fails_with_one_line(tmp_path, capsys):
         with pytest.raises(SystemExit):
             run(tmp_path, "--steps", "1", *flag)
         assert "--augment and --decode: paper mode only" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="vocab_size=300: must be at least 514"):  # one line, not a traceback
+        run(tmp_path, "--steps", "1", "--vocab-size", "300")
 
 
 def test_triton_and_torch_kernels_train_the_same(tiny, tmp_path):
@@ -221,7 +223,7 @@ def test_set_changes_the_model_and_the_world_and_is_recorded(tiny, tmp_path):
     assert metrics["config"]["vision_layers"] == 2 and metrics["world"]["shapes"] == ["circle", "ring"]
     assert list(metrics["world-object"]["IoU"]) == ["background", "circle", "ring"]  # the run's own world
     seg = load_model(str(tmp_path / "ckpt.pt"))
-    assert seg.world.shapes == ("circle", "ring")
+    assert seg.world_cfg.shapes == ("circle", "ring")
 
 
 @pytest.mark.parametrize("setting, message", [
