@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import augment
+import bench
 import data
 
 FILL = (124, 116, 104)
@@ -152,18 +153,6 @@ def test_draft_output_is_close_to_full():
 
 # ---------------------------------------------------------------- the light pipeline
 
-def stream_transform_before(image, size, rng, mean, std, scale):
-    """data.train_transform as the stream had it before augment.py (data.py at b03b4fc): crop,
-    flip, normalise in float32 arithmetic."""
-    x, y, w, h = augment.random_resized_crop(image.width, image.height, rng, scale)
-    image = image.resize((size, size), Image.BILINEAR, box=(x, y, x + w, y + h))
-    a = np.asarray(image, np.float32) / 255
-    if rng.uniform() < 0.5:
-        a = a[:, ::-1]
-    a = (a - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
-
-
 def test_light_is_the_streams_transform_bit_for_bit():
     rng = np.random.default_rng(4)
     sources = [augment.cc12m_like_jpeg(rng, sides=(120, 300)) for _ in range(4)]
@@ -175,7 +164,7 @@ def test_light_is_the_streams_transform_bit_for_bit():
             for seed in range(4):
                 r1, r2 = np.random.default_rng([seed, i]), np.random.default_rng([seed, i])
                 with Image.open(io.BytesIO(src)) as im:
-                    want = stream_transform_before(im.convert("RGB"), 64, r1, MEAN, STD, scale)
+                    want = bench.today_transform(im.convert("RGB"), 64, r1, MEAN, STD, scale)
                 got = light(src, r2)
                 assert got.dtype == want.dtype and got.shape == (3, 64, 64)
                 assert got.equal(want)
