@@ -338,6 +338,20 @@ def pairs(caption):
     return parse_pairs(caption)[2]
 
 
+def test_gold_set_pair_precision_recall():
+    """The gold set's pairs (parser_gold.md, "Pairs"): micro precision and recall over
+    (caption, attribute, object), printed with -s."""
+    rows = [json.loads(line) for line in open(GOLD, encoding="utf-8")]
+    tp = fp = fn = 0
+    for r in rows:
+        gold, pred = {tuple(p) for p in r["pairs"]}, set(pairs(r["caption"]))
+        tp, fp, fn = tp + len(gold & pred), fp + len(pred - gold), fn + len(gold - pred)
+        if gold != pred:
+            print(f"\n  differs: {r['caption']}: wrong {sorted(pred - gold)}, missed {sorted(gold - pred)}", end="")
+    print(f"\npairs: {tp + fp} predicted, {tp + fn} gold; precision {tp / (tp + fp):.3f}, recall {tp / (tp + fn):.3f}")
+    assert tp / (tp + fp) >= 0.95 and tp / (tp + fn) >= 0.95
+
+
 def test_pairs_bind_each_attribute_to_its_own_object():
     assert pairs("a big red circle and a blue ring") == [("big", "circle"), ("red", "circle"), ("blue", "ring")]
     assert pairs("a blue circle and a red ring") == [("blue", "circle"), ("red", "ring")]  # not the same tags
