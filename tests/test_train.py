@@ -14,7 +14,7 @@ import tagalign
 from _clip import make_ref_clip, write_clip
 from _planted import Planted
 from eval_seg import load_model
-from world import WORLD_BENCHMARKS, write_world_shards
+from world import SHAPES, WORLD_BENCHMARKS, write_world_shards
 
 TINY = dict(stem_width=8, vision_width=32, vision_layers=1, vision_heads=2, context_length=28,
             text_width=32, text_layers=1, text_heads=2, embed_dim=16, decoder_blocks=1)
@@ -395,6 +395,10 @@ def test_pairs_train_and_resume_exactly(tiny, tmp_path, monkeypatch):
     targets = tagalign.world_batch(tagalign.World(0), 0, 8, tagalign.Tokenizer.from_state_dict(ckpt["tokenizer"]),
                                    vocab, tiny_config())[2]
     assert targets[:, len(tags) - len(pairs):].any(1).float().mean() > 0.5  # most captions name a pair
+    # RESULTS.md reads the pair runs with the evaluator's cosines, world-attr's classes being pair phrases
+    metrics = eval_seg.main(["--ckpt", str(straight / "ckpt.pt"), "--benchmarks", "world-stuff,world-attr", "--cosines",
+                             "--world-images", "2", "--n-vis", "0", "--out", str(tmp_path / "cosines")])
+    assert "red circle" in metrics["world-attr"]["cosines"] and "grass" in metrics["world-stuff"]["cosines"]
 
     batch = tagalign.world_batch
 
@@ -430,6 +434,12 @@ def test_paper_mode_trains_on_pair_tags(paper, tmp_path, capsys):
                    "--min-pair-count", "1", "--quiet", "--workers", "1"])
     vocab = tagalign.TagVocab.load(str(root / "tags_pairs" / "vocab.json"))
     assert vocab.pairs and "pair" not in tagalign.TagVocab.load(str(root / "tags" / "vocab.json")).kinds
+    syn = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "words", "world_synonyms.txt")
+    tagalign.main(["tags", "--captions", *shards, "--out", str(root / "tags_syn_pairs"), "--synonyms", syn, "--pairs",
+                   "--min-count", "1", "--min-pair-count", "1", "--quiet", "--workers", "1"])
+    merged = tagalign.TagVocab.load(str(root / "tags_syn_pairs" / "vocab.json"))
+    merged_pairs = [t for t, k in zip(merged.tags, merged.kinds) if k == "pair"]
+    assert merged_pairs and {t.split()[-1] for t in merged_pairs} <= set(SHAPES)  # "red disk" -> "red circle"
     run_paper(paper, tmp_path, "--steps", "2", "--tags", str(root / "tags_pairs"))
     emb = torch.load(root / "tags_pairs" / "tag_embeddings.pt", weights_only=True)["embeddings"]
     assert emb.shape[0] == len(vocab) and f"tag embeddings: {len(vocab)} computed" in capsys.readouterr().out
