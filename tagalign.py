@@ -236,6 +236,9 @@ def resume_checkpoint(args, path):
         if ckpt["args"].get(k) != getattr(args, k, None):
             raise SystemExit(f"error: {path} was trained with --{k.replace('_', '-')} "
                              f"{ckpt['args'].get(k)}, this command says {getattr(args, k, None)}")
+    if ckpt["args"].get("pairs", False) != args.pairs:  # checkpoints from before --pairs have none
+        raise SystemExit(f"error: {path} was trained {'without' if args.pairs else 'with'} --pairs, "
+                         f"this command says {'with' if args.pairs else 'without'}")
     if ckpt["args"]["ranks"] != args.ranks:  # each rank's data and the global batch depend on it
         raise SystemExit(f"error: {path} was trained on {ckpt['args']['ranks']} ranks, this run has "
                          f"{args.ranks}: resume with as many (torchrun --nnodes x --nproc_per_node)")
@@ -275,7 +278,8 @@ def build_world_text(args, world):
     except ValueError as e:  # --vocab-size too small, a broken synonym file
         raise SystemExit(f"error: {e}") from None
     vocab = build_vocab(corpus, top_objects=args.top_tags, top_attributes=args.top_tags,
-                        min_count=args.min_tag_count, synonyms=synonyms)
+                        min_count=args.min_tag_count, synonyms=synonyms, pairs=args.pairs,
+                        top_pairs=args.top_tags, min_pair_count=args.min_tag_count)
     return tokenizer, vocab
 
 
@@ -358,7 +362,7 @@ def world_setup(args, ckpt, device):
     world = World(args.seed, cfg.image_size, cfg=world_cfg)
     if ckpt:
         tokenizer = Tokenizer.from_checkpoint(ckpt["tokenizer"])
-        vocab = TagVocab.from_tags(ckpt["tags"], ckpt.get("synonyms"))
+        vocab = TagVocab.from_tags(ckpt["tags"], ckpt.get("synonyms"), ckpt.get("tag_kinds"))
     elif pretrain:
         tokenizer, vocab = Tokenizer.from_clip(), TagVocab([], [], [])
     else:
@@ -381,7 +385,8 @@ def world_setup(args, ckpt, device):
     return Run(
         model=model, batches=WorldBatches(world, args.batch_size, args.steps, tokenizer, vocab, cfg, norm),
         extra_state={"tokenizer": "clip" if pretrain else tokenizer.state_dict(), "tags": vocab.tags,
-                     "synonyms": vocab.synonyms, "world": dataclasses.asdict(world_cfg)},
+                     "synonyms": vocab.synonyms, "world": dataclasses.asdict(world_cfg),
+                     **({"tag_kinds": vocab.kinds} if vocab.pairs else {})},
         eval_model=eval_model, decay="matrices",
         summary=f"model: {n_params / 1e6:.2f}M parameters, grid {cfg.image_size // cfg.patch_size}^2, "
                 f"tag weight {args.tag_weight} ({args.tag_loss}), kernels {args.kernels}",
@@ -649,6 +654,8 @@ def build_parser():
         p.add_argument("--template", default="a photo of a {}.", help="paper mode: the prompt that embeds each tag")
         p.add_argument("--synonyms", help="world: a synonym-group file (e.g. words/world_synonyms.txt) that makes "
                                           "each group one tag (paper mode: give it to `tags` instead)")
+        p.add_argument("--pairs", action="store_true", help="world: also pair tags 'attribute object' ('red circle'), "
+                                                             "under --top-tags and --min-tag-count (paper mode: `tags --pairs`)")
         p.add_argument("--norm", choices=("imagenet", "clip"), default="imagenet",
                        help="paper mode and pretrain: image normalisation (the official code's ImageNet mean/std, or CLIP's)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -696,6 +703,11 @@ def build_parser():
     p.add_argument("--min-count", type=int, default=5, help="a tag must occur in at least this many captions")
     p.add_argument("--workers", type=int, default=None, help="parser processes (default: all cores)")
     p.add_argument("--synonyms", help="a synonym-group file (e.g. words/synonyms.txt): each group becomes one tag")
+    p.add_argument("--pairs", action="store_true", help="also pair tags 'attribute object' ('black cat'), after "
+                                                        "the objects and attributes (not in the paper)")
+    p.add_argument("--top-pairs", type=int, default=1000, help="with --pairs: most frequent pairs kept as tags")
+    p.add_argument("--min-pair-count", type=int, default=5, help="with --pairs: a pair must occur in at least "
+                                                                  "this many captions")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("shards", help="write the world's training split as webdataset shards (PNG + caption)")
@@ -734,6 +746,8 @@ def finish_train_args(parser, args):
         parser.error("--clip needs --data (the image-text shards to train on)")
     if args.synonyms and args.clip:
         parser.error("--synonyms: in paper mode the tags come from `tags`; give --synonyms to that command")
+    if args.pairs and args.mode != "world":
+        parser.error("--pairs: the world from scratch only (paper mode: give --pairs to `tags`; pretrain has no tags)")
     if (args.data or args.tags) and not args.clip:
         parser.error("--data and --tags train the paper's decoder: give --clip PATH as well")
     if args.clip and not args.tags and args.tag_weight:
@@ -764,7 +778,8 @@ def main(argv=None):
             paths = data.expand_shards(args.captions, flag="--captions")  # brace lists and globs, as --data
             stats = tag_files(paths, args.out, top_objects=args.top_objects,
                                    top_attributes=args.top_attributes, min_count=args.min_count,
-                                   workers=args.workers, progress=not args.quiet, synonyms=synonyms)
+                                   workers=args.workers, progress=not args.quiet, synonyms=synonyms,
+                                   pairs=args.pairs, top_pairs=args.top_pairs, min_pair_count=args.min_pair_count)
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(f"error: {e}")
         print(format_tag_stats(stats))

@@ -3,7 +3,8 @@ vocabulary (optionally synonym-aware), the `tags` command's reading and writing,
 which joins training samples to their tags.
 
     parse_caption("A man in a red shirt riding a bike.")  # (['man', 'shirt', 'bike'], ['red'])
-    python tagalign.py tags --captions 'cc12m/{00000..01242}.tar' --out tags/
+    parse_pairs("a red shirt")  # (['shirt'], ['red'], [('red', 'shirt')]): for pair tags "red shirt"
+    python tagalign.py tags --captions 'cc12m/{00000..01242}.tar' --out tags/ [--pairs]
 """
 import functools
 import json
@@ -355,11 +356,12 @@ def _merge_names(toks, hits):
 
 
 # ---------------------------------------------------------------- tag parser: the parser
-def _close(phrase, neg, of_next, objects, attributes):
+def _close(phrase, neg, of_next, objects, attributes, pairs):
     """Emit a closed noun phrase: its head to objects, its attributes to attributes, unless a
     negator waits for it (then it is dropped). Returns whether it was negated.
     phrase: entries, the head last (a phrase without a noun has only attributes);
-    of_next: the phrase is followed by "of" ("group of", "photo of")."""
+    of_next: the phrase is followed by "of" ("group of", "photo of");
+    pairs: None, or a list that gets each (attribute, object) of the phrase."""
     if neg:
         return True
     head = phrase[-1]
@@ -386,8 +388,13 @@ def _close(phrase, neg, of_next, objects, attributes):
             return False  # "the left side of": no object, no attributes
         elif kind == _QTY:  # "a large group of": its size is not the members'; colours are
             mods = [m for m in mods if not m.flags & _SIZE]
-        if obj is not None and obj not in objects:
-            objects.append(obj)
+        if obj is not None:
+            if obj not in objects:
+                objects.append(obj)
+            if pairs is not None:  # the binding the separate tags lose: "red circle", "blue ring"
+                for m in mods:
+                    if m.attribute is not None and (m.attribute, obj) not in pairs:
+                        pairs.append((m.attribute, obj))
     for m in mods:
         a = m.attribute
         if a is not None and a not in attributes:
@@ -395,19 +402,8 @@ def _close(phrase, neg, of_next, objects, attributes):
     return False
 
 
-def parse_caption(text):
-    """Objects and attributes of a caption, before any vocabulary filtering.
-
-    Returns two lists of lower-case strings, de-duplicated, in order of appearance:
-    objects as singular lemmas (multi-word names kept whole), attributes as written.
-
-    >>> parse_caption("A man in a red shirt riding a bike down a busy street.")
-    (['man', 'shirt', 'bike', 'street'], ['red'])
-    >>> parse_caption("wooden chairs and a round table in a sunny garden")
-    (['chair', 'table', 'garden'], ['wooden', 'round', 'sunny'])
-    >>> parse_caption("a room with no people, a man skis down a stone wall")
-    (['room', 'man', 'wall'], ['stone'])
-    """
+def _parse(text, pairs):
+    """parse_caption's work; pairs: None, or a list that gets the (attribute, object) pairs."""
     low = text.lower().replace("-and-", " and ")  # "black-and-white" -> black, white
     if _NOT_PLAIN.search(low) is None:
         toks = low.replace(",", " , ").replace(".", " . ").split()
@@ -441,16 +437,16 @@ def parse_caption(text):
                 subj = fl & _PL_ANIM | _NOUN
                 vchain = False
                 if fl & _POSS:  # "the boy's bicycle": the possessor is a phrase of its own
-                    neg_or = _close(phrase, neg, False, objects, attributes)
+                    neg_or = _close(phrase, neg, False, objects, attributes, pairs)
                     neg, phrase, subj = False, [], 0
                 continue
             if phrase:  # the verb ends the phrase
-                neg_or = _close(phrase, neg, False, objects, attributes)
+                neg_or = _close(phrase, neg, False, objects, attributes, pairs)
                 neg, phrase = False, []
             subj, vchain = 0, True
         elif cls >= _D:  # determiners, prepositions, other words, negators, the end
             if phrase:
-                neg_or = _close(phrase, neg, e is _OF, objects, attributes)
+                neg_or = _close(phrase, neg, e is _OF, objects, attributes, pairs)
                 neg, phrase = False, []
             if cls == _D:
                 subj, vchain = 0, False
@@ -473,14 +469,14 @@ def parse_caption(text):
                 if phrase[-1].flags & _GUESS:
                     phrase.pop()
                 else:
-                    neg_or = _close(phrase, neg, False, objects, attributes)
+                    neg_or = _close(phrase, neg, False, objects, attributes, pairs)
                     neg, phrase = False, []
             if cls == _A:
                 phrase.append(e)
             subj = 0
         elif cls == _G:  # a participle ends a phrase that has its head, else it is skipped
             if phrase and phrase[-1].pos == _N:
-                neg_or = _close(phrase, neg, False, objects, attributes)
+                neg_or = _close(phrase, neg, False, objects, attributes, pairs)
                 neg, phrase = False, []
             subj, vchain = 0, True
         elif cls == _C:
@@ -488,13 +484,43 @@ def parse_caption(text):
             nxt = ents[i + 1]
             if phrase and not (phrase[-1].attribute is not None and nxt.attribute is not None
                                and (nxt.pos == _A or nxt.pos == _N and not nxt.flags & _PL)):
-                neg_or = _close(phrase, neg, False, objects, attributes)
+                neg_or = _close(phrase, neg, False, objects, attributes, pairs)
                 neg, phrase = False, []
             # "no cars or people", "no cats, dogs or birds"; not "no people, a man ..."
             if e.flags & _OR and neg_or and (e.lemma != "," or nxt.pos != _D):
                 neg = True
             subj = _SUBJ if vchain else 0
     return objects, attributes
+
+
+def parse_caption(text):
+    """Objects and attributes of a caption, before any vocabulary filtering.
+
+    Returns two lists of lower-case strings, de-duplicated, in order of appearance:
+    objects as singular lemmas (multi-word names kept whole), attributes as written.
+
+    >>> parse_caption("A man in a red shirt riding a bike down a busy street.")
+    (['man', 'shirt', 'bike', 'street'], ['red'])
+    >>> parse_caption("wooden chairs and a round table in a sunny garden")
+    (['chair', 'table', 'garden'], ['wooden', 'round', 'sunny'])
+    >>> parse_caption("a room with no people, a man skis down a stone wall")
+    (['room', 'man', 'wall'], ['stone'])
+    """
+    return _parse(text, None)
+
+
+def parse_pairs(text):
+    """parse_caption's objects and attributes, and which attribute modifies which object:
+    (objects, attributes, pairs), pairs a de-duplicated list of (attribute, object) in order of
+    appearance, one for each attribute in an object's noun phrase. A phrase without an object
+    ("a large group of", "black and white") pairs nothing, and a negated one is dropped whole.
+
+    >>> parse_pairs("two big red circles and no blue ring next to a black cat")
+    (['circle', 'cat'], ['big', 'red', 'black'], [('big', 'circle'), ('red', 'circle'), ('black', 'cat')])
+    """
+    pairs = []
+    objects, attributes = _parse(text, pairs)
+    return objects, attributes, pairs
 
 
 def score_tags(gold, pred):
@@ -535,57 +561,85 @@ def read_synonyms(path):
     return canon
 
 
-def _caption_tags(text, synonyms=None):
+def _caption_tags(text, synonyms=None, pairs=False):
     """Tags of one caption as counted and encoded: its objects, then its attributes that are
     not also objects ("an orange cat next to an orange" counts "orange" once); with synonyms
-    (read_synonyms), each name replaced by its group's, counted once."""
-    objects, attributes = parse_caption(text)
+    (read_synonyms), each name replaced by its group's, counted once. pairs: also a third list,
+    the pair tags "attribute object" (parse_pairs), both names through the synonym map ("red
+    disk" -> "red circle")."""
+    if not pairs:
+        objects, attributes = parse_caption(text)
+        if synonyms:
+            objects = list(dict.fromkeys(synonyms.get(t, t) for t in objects))
+            attributes = list(dict.fromkeys(synonyms.get(t, t) for t in attributes))
+        return objects, [a for a in attributes if a not in objects]
+    objects, attributes, bound = parse_pairs(text)
     if synonyms:
         objects = list(dict.fromkeys(synonyms.get(t, t) for t in objects))
         attributes = list(dict.fromkeys(synonyms.get(t, t) for t in attributes))
-    return objects, [a for a in attributes if a not in objects]
+    attributes = [a for a in attributes if a not in objects]
+    if synonyms:
+        bound = [(synonyms.get(a, a), synonyms.get(o, o)) for a, o in bound]
+    names = dict.fromkeys(f"{a} {o}" for a, o in bound)
+    return objects, attributes, [p for p in names if p not in objects]  # one tag per name
+
+
+KINDS = ("object", "attribute", "pair")
 
 
 class TagVocab:
-    """The K tags of TagAlign's classification loss: objects first, then attributes, one index
-    space. A name is one tag even if captions use it both ways ("orange").
+    """The K tags of TagAlign's classification loss: objects first, then attributes, then (if
+    built with pairs) the pair tags "attribute object", one index space. A name is one tag even
+    if captions use it both ways ("orange").
 
-    tags: list[str]; kinds: "object" or "attribute" per tag; counts: number of captions of the
-    building corpus that mention the tag; index: name -> position; meta: what built it, with
-    meta["synonyms"] the synonym map applied to parsed names (read_synonyms), if any."""
+    tags: list[str]; kinds: "object", "attribute" or "pair" per tag; counts: number of captions
+    of the building corpus that mention the tag; index: name -> position; meta: what built it,
+    with meta["synonyms"] the synonym map applied to parsed names (read_synonyms), if any;
+    pairs: whether any tag is a pair (then encode parses the bindings too)."""
 
     def __init__(self, tags, kinds, counts, meta=None):
         if not len(tags) == len(kinds) == len(counts):
             raise ValueError(f"TagVocab: {len(tags)} tags, {len(kinds)} kinds, {len(counts)} counts")
-        if any(k not in ("object", "attribute") for k in kinds):
-            raise ValueError("TagVocab: kinds must be 'object' or 'attribute'")
+        if any(k not in KINDS for k in kinds):
+            raise ValueError("TagVocab: kinds must be 'object', 'attribute' or 'pair'")
         self.tags, self.kinds, self.counts = list(tags), list(kinds), [int(c) for c in counts]
         self.index = {t: i for i, t in enumerate(self.tags)}
         if len(self.index) != len(self.tags):
             raise ValueError("TagVocab: duplicate tag names")
         self.meta = dict(meta or {})
         self.synonyms = self.meta.get("synonyms") or {}
+        self.pairs = "pair" in self.kinds
 
     @classmethod
-    def from_tags(cls, tags, synonyms=None):
-        """A vocabulary from tag names alone (e.g. a checkpoint's): a name the parser reads
-        as an attribute adjective is an attribute, anything else an object; counts are 0."""
-        kinds = ["attribute" if t in _TABLE and _TABLE[t].pos == _A else "object" for t in tags]
+    def from_tags(cls, tags, synonyms=None, kinds=None):
+        """A vocabulary from tag names alone (e.g. a checkpoint's), with their kinds if given;
+        else a name the parser reads as an attribute adjective is an attribute, anything else
+        an object; counts are 0."""
+        if kinds is None:
+            kinds = ["attribute" if t in _TABLE and _TABLE[t].pos == _A else "object" for t in tags]
         return cls(tags, kinds, [0] * len(tags), {"synonyms": synonyms} if synonyms else None)
 
     def __len__(self):
         return len(self.tags)
 
     def __repr__(self):
-        n_obj = self.kinds.count("object")
-        return f"TagVocab({n_obj} objects + {len(self) - n_obj} attributes)"
+        n_obj, n_pair = self.kinds.count("object"), self.kinds.count("pair")
+        pairs = f" + {n_pair} pairs" if self.pairs else ""
+        return f"TagVocab({n_obj} objects + {len(self) - n_obj - n_pair} attributes{pairs})"
 
     def encode(self, caption):
-        """Indices of the caption's tags that are in the vocabulary, objects first.
+        """Indices of the caption's tags that are in the vocabulary, objects first, pairs last.
         >>> TagVocab(["cat", "black"], ["object", "attribute"], [1, 1]).encode("A black cat.")
         [0, 1]
+        >>> TagVocab(["cat", "black", "black cat"], ["object", "attribute", "pair"], [1, 1, 1]).encode(
+        ...     "A black cat.")
+        [0, 1, 2]
         """
-        objects, attributes = _caption_tags(caption, self.synonyms)
+        if self.pairs:
+            objects, attributes, bound = _caption_tags(caption, self.synonyms, True)
+            attributes += bound  # a pair is never an object's name (_caption_tags)
+        else:
+            objects, attributes = _caption_tags(caption, self.synonyms)
         index, out = self.index, []
         for t in objects:
             j = index.get(t)
@@ -622,61 +676,80 @@ class TagVocab:
             raise ValueError(f"{path}: broken tag vocabulary ({e})") from None
 
 
-def _check_vocab_args(top_objects, top_attributes, min_count):
+def _check_vocab_args(top_objects, top_attributes, min_count, top_pairs=0, min_pair_count=1):
     for flag, v, low in (("--top-objects", top_objects, 0), ("--top-attributes", top_attributes, 0),
-                         ("--min-count", min_count, 1)):
+                         ("--min-count", min_count, 1), ("--top-pairs", top_pairs, 0),
+                         ("--min-pair-count", min_pair_count, 1)):
         if not isinstance(v, int) or v < low:
             raise ValueError(f"{flag} must be an integer >= {low}, got {v!r}")
 
 
-def _select_tags(object_counts, attribute_counts, top_objects, top_attributes, min_count, meta=None):
+def _select_tags(object_counts, attribute_counts, top_objects, top_attributes, min_count, meta=None,
+                 pair_counts=None, top_pairs=1000, min_pair_count=5):
     """The most frequent objects and attributes (ties by name, so the result is deterministic);
-    an attribute whose name is already an object tag is not added twice."""
-    def top(counts, k, taken):
-        ranked = sorted((-c, t) for t, c in counts.items() if c >= min_count and t not in taken)
+    an attribute whose name is already an object tag is not added twice. pair_counts: also the
+    most frequent pairs, under their own cap and threshold (a pair is rarer than its words)."""
+    def top(counts, k, taken, low=min_count):
+        ranked = sorted((-c, t) for t, c in counts.items() if c >= low and t not in taken)
         return [t for _, t in ranked[:k]]
 
     objects = top(object_counts, top_objects, ())
     attributes = top(attribute_counts, top_attributes, set(objects))
-    tags = objects + attributes
-    counts = [object_counts.get(t, 0) + attribute_counts.get(t, 0) for t in tags]
-    kinds = ["object"] * len(objects) + ["attribute"] * len(attributes)
+    pairs = [] if pair_counts is None else top(pair_counts, top_pairs, set(objects + attributes), min_pair_count)
+    tags = objects + attributes + pairs
+    counts = [object_counts.get(t, 0) + attribute_counts.get(t, 0) for t in objects + attributes]
+    counts += [pair_counts[t] for t in pairs]
+    kinds = ["object"] * len(objects) + ["attribute"] * len(attributes) + ["pair"] * len(pairs)
     params = {"top_objects": top_objects, "top_attributes": top_attributes, "min_count": min_count}
+    if pair_counts is not None:
+        params.update(top_pairs=top_pairs, min_pair_count=min_pair_count)
     return TagVocab(tags, kinds, counts, {"params": params, **(meta or {})})
 
 
-def build_vocab(captions, top_objects=9000, top_attributes=1000, min_count=5, synonyms=None):
+def build_vocab(captions, top_objects=9000, top_attributes=1000, min_count=5, synonyms=None,
+                pairs=False, top_pairs=1000, min_pair_count=5):
     """Count the tags of an iterable of captions and keep the most frequent ones.
 
     The paper keeps the top 10,000 tags. Attributes are a closed class (the parser knows a few
     hundred), so 1,000 slots hold all that occur and the other 9,000 go to objects; a tag seen
     in fewer than min_count captions is too rare to learn and is often a typo. synonyms: a
-    read_synonyms map; each group then counts as one tag, named by its first name."""
-    _check_vocab_args(top_objects, top_attributes, min_count)
-    object_counts, attribute_counts = Counter(), Counter()
+    read_synonyms map; each group then counts as one tag, named by its first name. pairs: also
+    the top_pairs most frequent pair tags "attribute object" seen in min_pair_count captions
+    (not in the paper: the binding that separate tags lose, "red circle" vs "blue circle")."""
+    _check_vocab_args(top_objects, top_attributes, min_count, top_pairs, min_pair_count)
+    object_counts, attribute_counts, pair_counts = Counter(), Counter(), Counter() if pairs else None
     for c in captions:
-        objects, attributes = _caption_tags(c, synonyms)
+        if pairs:
+            objects, attributes, bound = _caption_tags(c, synonyms, True)
+            pair_counts.update(bound)
+        else:
+            objects, attributes = _caption_tags(c, synonyms)
         object_counts.update(objects)
         attribute_counts.update(attributes)
     return _select_tags(object_counts, attribute_counts, top_objects, top_attributes, min_count,
-                        {"synonyms": synonyms} if synonyms else None)
+                        {"synonyms": synonyms} if synonyms else None, pair_counts, top_pairs, min_pair_count)
 
 
-def _tag_chunk(captions, synonyms=None):
+def _tag_chunk(captions, synonyms=None, pairs=False):
     """Worker: tags of a chunk of captions (None = malformed). Returns the chunk's distinct
-    (kind, name) keys, kind 0 object / 1 attribute, and per caption the key numbers
+    (kind, name) keys, kind 0 object / 1 attribute / 2 pair, and per caption the key numbers
     (int32 bytes) and their count (int32 bytes): small to send back to the main process."""
     local, ids, lens = {}, array("i"), array("i")
     for c in captions:
         if c is None:
             lens.append(0)
             continue
-        objects, attributes = _caption_tags(c, synonyms)
+        if pairs:
+            objects, attributes, bound = _caption_tags(c, synonyms, True)
+        else:
+            (objects, attributes), bound = _caption_tags(c, synonyms), ()
         for t in objects:
             ids.append(local.setdefault((0, t), len(local)))
         for t in attributes:
             ids.append(local.setdefault((1, t), len(local)))
-        lens.append(len(objects) + len(attributes))
+        for t in bound:
+            ids.append(local.setdefault((2, t), len(local)))
+        lens.append(len(objects) + len(attributes) + len(bound))
     return list(local), ids.tobytes(), lens.tobytes()
 
 
@@ -708,13 +781,14 @@ def _chunks(it, size):
 
 
 def tag_files(paths, out_dir, top_objects=9000, top_attributes=1000, min_count=5, workers=None,
-              chunk_size=2048, progress=True, synonyms=None):
+              chunk_size=2048, progress=True, synonyms=None, pairs=False, top_pairs=1000, min_pair_count=5):
     """The `tags` command: parse every caption of the files, build the vocabulary, and write
 
         out_dir/vocab.json        TagVocab.save: tags, kinds, counts, params, the input files
                                   (path, name, bytes, first_row, samples, malformed)
         out_dir/tag_offsets.npy   int64 (N+1,): sample i has tags ids[offsets[i]:offsets[i+1]]
-        out_dir/tag_ids.npy       uint16 (int32 if K > 65535) tag indices, objects first
+        out_dir/tag_ids.npy       uint16 (int32 if K > 65535) tag indices, objects first,
+                                  pairs last (vocab.json's kinds say which tags are pairs)
         out_dir/tag_keys.npy      bytes (N,): sample i's key (see iter_captions)
 
     with one row per input sample in input order (files in the given order; a malformed
@@ -722,8 +796,9 @@ def tag_files(paths, out_dir, top_objects=9000, top_attributes=1000, min_count=5
     `workers` processes (None: all cores) in chunks, and their provisional tag numbers spill
     to a temporary file; memory holds one number per distinct tag, not the parses.
     synonyms: a read_synonyms map applied to every parsed name (a synonym-aware vocabulary).
+    pairs, top_pairs, min_pair_count: also pair tags "attribute object", as in build_vocab.
     Returns a dict of stats (see format_tag_stats)."""
-    _check_vocab_args(top_objects, top_attributes, min_count)
+    _check_vocab_args(top_objects, top_attributes, min_count, top_pairs, min_pair_count)
     if workers is None:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if not isinstance(workers, int) or workers < 1:
@@ -772,7 +847,7 @@ def tag_files(paths, out_dir, top_objects=9000, top_attributes=1000, min_count=5
     bar = tqdm(desc="tagging", unit=" captions", unit_scale=True, disable=not progress)
     try:
         with open(tmp_ids, "wb") as f_ids, open(tmp_lens, "wb") as f_lens, open(tmp_keys, "wb") as f_keys:
-            tag_chunk = functools.partial(_tag_chunk, synonyms=synonyms)  # picklable for the workers
+            tag_chunk = functools.partial(_tag_chunk, synonyms=synonyms, pairs=pairs)  # picklable for the workers
             for chunk_keys, ids, lens in _map_ordered(tag_chunk, _chunks(captions(f_keys), chunk_size), workers):
                 remap = np.array([keys.setdefault(k, len(keys)) for k in chunk_keys], np.int32)
                 g = remap[np.frombuffer(ids, np.int32)] if ids else np.zeros(0, np.int32)
@@ -794,9 +869,11 @@ def tag_files(paths, out_dir, top_objects=9000, top_attributes=1000, min_count=5
     # The vocabulary, and each provisional number's tag index (-1: not kept).
     object_counts = {name: int(counts[i]) for (kind, name), i in keys.items() if kind == 0}
     attribute_counts = {name: int(counts[i]) for (kind, name), i in keys.items() if kind == 1}
+    pair_counts = {name: int(counts[i]) for (kind, name), i in keys.items() if kind == 2} if pairs else None
     corpus = {"samples": n, "malformed": sum(rec["malformed"] for rec in files), "files": files}
     vocab = _select_tags(object_counts, attribute_counts, top_objects, top_attributes, min_count,
-                         {"corpus": corpus, **({"synonyms": synonyms} if synonyms else {})})
+                         {"corpus": corpus, **({"synonyms": synonyms} if synonyms else {})},
+                         pair_counts, top_pairs, min_pair_count)
     final = np.full(max(len(keys), 1), -1, np.int64)
     for (kind, name), i in keys.items():
         final[i] = vocab.index.get(name, -1)
@@ -845,6 +922,7 @@ def tag_files(paths, out_dir, top_objects=9000, top_attributes=1000, min_count=5
         "tagged": tagged, "tags": len(vocab), "objects": vocab.kinds.count("object"),
         "attributes": vocab.kinds.count("attribute"), "distinct_objects": len(object_counts),
         "distinct_attributes": len(attribute_counts), "tag_occurrences": written,
+        "pairs": vocab.kinds.count("pair"), "distinct_pairs": len(pair_counts) if pairs else None,
         "seconds": seconds, "captions_per_s": n / seconds if seconds > 0 else 0.0,
         "workers": workers, "files": files, "vocab": vocab_path,
         "offsets": paths[0], "ids": paths[1], "keys": paths[2],
@@ -853,13 +931,15 @@ def tag_files(paths, out_dir, top_objects=9000, top_attributes=1000, min_count=5
 
 def format_tag_stats(stats):
     """The `tags` command's report, a few lines."""
+    with_pairs = stats.get("distinct_pairs") is not None
+    pairs, seen = (f" + {stats['pairs']:,} pairs", f", {stats['distinct_pairs']:,} distinct pairs") if with_pairs else ("", "")
     lines = [
         f"tagged {stats['samples']:,} samples in {stats['seconds']:.1f}s "
         f"({stats['captions_per_s']:,.0f} captions/s, {stats['workers']} workers); "
         f"{stats['tagged']:,} have at least one tag",
         f"vocabulary: {stats['tags']:,} tags = {stats['objects']:,} objects + "
-        f"{stats['attributes']:,} attributes (of {stats['distinct_objects']:,} distinct objects, "
-        f"{stats['distinct_attributes']:,} distinct attributes seen)",
+        f"{stats['attributes']:,} attributes{pairs} (of {stats['distinct_objects']:,} distinct objects, "
+        f"{stats['distinct_attributes']:,} distinct attributes{seen} seen)",
         f"malformed samples: {stats['malformed']:,} (empty rows in the tag file)",
     ]
     lines += [f"  {w}" for w in stats["malformed_examples"]]

@@ -1,4 +1,4 @@
-"""Tag parser (parse_caption), vocabulary (build_vocab, TagVocab) and scoring.
+"""Tag parser (parse_caption, parse_pairs), vocabulary (build_vocab, TagVocab) and scoring.
 
 The gold set tests/parser_gold.jsonl was written from tests/parser_gold.md before the parser
 was tuned; its score is printed (run with -s) and held to the issue's bar. The other tests
@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tags import _word_list, build_vocab, parse_caption, read_synonyms, score_tags, TagVocab
+from tags import _word_list, build_vocab, parse_caption, parse_pairs, read_synonyms, score_tags, TagVocab
 from world import COLOUR_NAMES, SHAPES, STUFF, World
 
 GOLD = os.path.join(os.path.dirname(__file__), "parser_gold.jsonl")
@@ -331,3 +331,131 @@ def test_world_synonym_file_covers_the_world_caption_synonyms():
     captions = [world.caption(i) for i in range(3000)]
     vocab = build_vocab(captions, min_count=1, synonyms=canon)
     assert sorted(t for t, k in zip(vocab.tags, vocab.kinds) if k == "object") == sorted(SHAPES + STUFF)
+
+
+# ---------------------------------------------------------------- pair tags (attribute, object)
+def pairs(caption):
+    return parse_pairs(caption)[2]
+
+
+def test_gold_set_pair_precision_recall():
+    """The gold set's pairs (parser_gold.md, "Pairs"): micro precision and recall over
+    (caption, attribute, object), printed with -s."""
+    rows = [json.loads(line) for line in open(GOLD, encoding="utf-8")]
+    tp = fp = fn = 0
+    for r in rows:
+        gold, pred = {tuple(p) for p in r["pairs"]}, set(pairs(r["caption"]))
+        tp, fp, fn = tp + len(gold & pred), fp + len(pred - gold), fn + len(gold - pred)
+        if gold != pred:
+            print(f"\n  differs: {r['caption']}: wrong {sorted(pred - gold)}, missed {sorted(gold - pred)}", end="")
+    print(f"\npairs: {tp + fp} predicted, {tp + fn} gold; precision {tp / (tp + fp):.3f}, recall {tp / (tp + fn):.3f}")
+    assert tp / (tp + fp) >= 0.95 and tp / (tp + fn) >= 0.95
+
+
+def test_pairs_bind_each_attribute_to_its_own_object():
+    assert pairs("a big red circle and a blue ring") == [("big", "circle"), ("red", "circle"), ("blue", "ring")]
+    assert pairs("a blue circle and a red ring") == [("blue", "circle"), ("red", "ring")]  # not the same tags
+    assert pairs("two small yellow triangles next to three red circles") == [
+        ("small", "triangle"), ("yellow", "triangle"), ("red", "circle")]  # lemmas, counts dropped
+    assert pairs("a red circle and a blue circle") == [("red", "circle"), ("blue", "circle")]
+    assert pairs("a red circle, another red circle") == [("red", "circle")]  # de-duplicated
+    assert pairs("a black cat sleeping on a stone wall") == [("black", "cat"), ("stone", "wall")]  # materials
+    assert pairs("a black and white cat") == [("black", "cat"), ("white", "cat")]
+    assert pairs("the boy's red bicycle") == [("red", "bicycle")]  # the possessor is a phrase of its own
+
+
+def test_pairs_drop_negated_and_headless_phrases():
+    assert pairs("a red circle and no blue ring") == [("red", "circle")]
+    assert pairs("a road without red cars or blue trucks") == []
+    assert parse_pairs("no blue ring")[:2] == ([], [])
+    assert pairs("a large group of red birds") == [("red", "bird")]  # the frame's size is not the birds'
+    assert pairs("a cat, black and fluffy") == []  # the attributes after the noun have no head
+    assert pairs("a red cat illustration") == [("red", "cat")]  # the medium's modifier noun is the object
+    assert parse_pairs("a black and white photo of a dog") == (["dog"], ["black", "white"], [])  # the photo's
+    assert pairs("the left side of a red car") == [("red", "car")]
+    assert pairs("a man skis down a snowy hill") == [("snowy", "hill")]
+    assert pairs("") == [] and pairs("a cat") == []
+
+
+def test_parse_pairs_objects_and_attributes_are_parse_captions():
+    rows = [json.loads(line) for line in open(GOLD, encoding="utf-8")]
+    world = World(0)
+    for caption in [r["caption"] for r in rows] + [world.caption(i) for i in range(300)]:
+        objects, attributes, bound = parse_pairs(caption)
+        assert (objects, attributes) == parse_caption(caption), caption
+        assert all(o in objects and a in attributes for a, o in bound), caption
+
+
+def test_world_captions_pair_exactly():
+    """Every world caption's pairs are the (size, shape) and (colour, shape) of its phrases,
+    read from the text with the grammar's own words (world.py: _caption)."""
+    import re
+    shape_words = {"circle": "circle", "disk": "disk", "triangle": "triangle", "cross": "cross",
+                   "ring": "ring", "donut": "donut"}
+    phrase = re.compile(r"\b(?:a|two|three|four|five|six) (?:(small|little|tiny|big|large|huge) )?"
+                        rf"(?:({'|'.join(COLOUR_NAMES)}) )?({'|'.join(shape_words)})(?:e?s)?\b")
+    world = World(seed=1)
+    n = 0
+    for i in range(2000):
+        caption = world.caption(i)
+        want = []
+        for size, colour, shape in phrase.findall(caption):
+            want += [(a, shape_words[shape]) for a in (size, colour) if a]
+        assert pairs(caption) == list(dict.fromkeys(want)), caption
+        n += len(want)
+    assert n > 3000  # the check saw pairs
+
+
+def test_build_vocab_with_pairs_threshold_cap_and_kinds():
+    caps = ["a red car on a road", "a red car and a dog", "a black dog on grass", "a black dog",
+            "a big red ball", "a red car", "no blue car"]
+    plain = build_vocab(caps, min_count=1)
+    v = build_vocab(caps, min_count=1, pairs=True, min_pair_count=2)
+    k = len(plain)
+    assert v.tags[:k] == plain.tags and v.kinds[:k] == plain.kinds and v.counts[:k] == plain.counts
+    assert v.tags[k:] == ["red car", "black dog"] and v.kinds[k:] == ["pair", "pair"] and v.counts[k:] == [3, 2]
+    assert v.pairs and not plain.pairs and repr(v) == "TagVocab(5 objects + 3 attributes + 2 pairs)"
+    assert v.meta["params"] == {"top_objects": 9000, "top_attributes": 1000, "min_count": 1,
+                                "top_pairs": 1000, "min_pair_count": 2}
+    assert plain.meta["params"] == {"top_objects": 9000, "top_attributes": 1000, "min_count": 1}
+    assert build_vocab(caps, min_count=1, pairs=True, top_pairs=1, min_pair_count=1).tags[k:] == ["red car"]  # the cap
+    assert build_vocab(caps, min_count=1, pairs=True, min_pair_count=1).tags[k:] == [
+        "red car", "black dog", "big ball", "red ball"]  # ties by name
+    assert [v.tags[i] for i in v.encode("a red car next to a black dog")] == [
+        "car", "dog", "red", "black", "red car", "black dog"]  # objects, attributes, pairs
+    assert [v.tags[i] for i in v.encode("a black car and a red dog")] == ["car", "dog", "black", "red"]  # no pair
+    assert plain.encode("a black car and a red dog") == v.encode("a black car and a red dog")
+    with pytest.raises(ValueError, match="--min-pair-count"):
+        build_vocab(caps, pairs=True, min_pair_count=0)
+    with pytest.raises(ValueError, match="--top-pairs"):
+        build_vocab(caps, pairs=True, top_pairs=-1)
+
+
+def test_pairs_with_synonyms_name_the_group(tmp_path):
+    syn = tmp_path / "syn.txt"
+    syn.write_text("circle disk\nred crimson\n")
+    canon = read_synonyms(str(syn))
+    caps = ["a red disk", "a crimson circle", "a red circle and a red disk", "a blue disk"]
+    v = build_vocab(caps, min_count=1, synonyms=canon, pairs=True, min_pair_count=1)
+    assert [(t, c) for t, k, c in zip(v.tags, v.kinds, v.counts) if k == "pair"] == [("red circle", 3), ("blue circle", 1)]
+    assert v.encode("a crimson disk") == v.encode("a red circle")
+
+
+def test_pair_vocab_save_load_and_old_files(tmp_path):
+    v = build_vocab(["a red car", "a red car"], min_count=1, pairs=True, min_pair_count=2)
+    v.save(str(tmp_path / "vocab.json"))
+    w = TagVocab.load(str(tmp_path / "vocab.json"))
+    assert (w.tags, w.kinds, w.pairs) == (["car", "red", "red car"], ["object", "attribute", "pair"], True)
+    assert w.encode("a red car") == [0, 1, 2]
+    # A vocabulary written before pair tags existed: two kinds, no pair parameters.
+    old = {"format": "tagalign-tags/1", "tags": ["car", "red"], "kinds": ["object", "attribute"], "counts": [2, 2],
+           "params": {"top_objects": 9000, "top_attributes": 1000, "min_count": 1}}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    o = TagVocab.load(str(tmp_path / "old.json"))
+    assert not o.pairs and o.encode("a red car") == [0, 1]
+    (tmp_path / "bad.json").write_text(json.dumps({**old, "kinds": ["object", "colour"]}))
+    with pytest.raises(ValueError, match="bad.json: broken tag vocabulary.*'pair'"):
+        TagVocab.load(str(tmp_path / "bad.json"))
+    # A checkpoint keeps the names and, with pairs, the kinds.
+    assert TagVocab.from_tags(w.tags, kinds=w.kinds).encode("a red car") == [0, 1, 2]
+    assert TagVocab.from_tags(w.tags).kinds == ["object", "attribute", "object"]

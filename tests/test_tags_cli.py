@@ -152,3 +152,49 @@ def test_tags_truncated_tar_counts_and_keeps_going(tmp_path):
     vocab, rows = read_rows(tmp_path / "out")
     assert stats["malformed"] == 1 and "truncated or corrupt tar" in stats["malformed_examples"][0]
     assert rows[-1] == ["car", "blue"] and all(r == ["ball", "red"] for r in rows[:-2])
+
+
+PAIRS = {0: ["red car"], 2: ["black cat", "white dog"], 4: ["red car"], 5: ["blue car"], 14: ["big dog"],
+         15: ["green tree"], 16: ["yellow car"], 19: ["white cat"]}  # the corpus rows' pair tags
+
+
+def test_tags_pairs_end_to_end(corpus, tmp_path, capsys):
+    import tagalign
+    paths, want_rows = corpus
+    base = ["tags", "--captions", *paths, "--min-count", "1", "--workers", "1", "--quiet"]
+    stats = tagalign.main(base + ["--out", str(tmp_path / "p"), "--pairs", "--min-pair-count", "1"])
+    vocab, rows = read_rows(tmp_path / "p")
+    assert rows == [r + PAIRS.get(i, []) for i, r in enumerate(want_rows)]  # pairs after the words
+    assert vocab.kinds == ["object"] * 7 + ["attribute"] * 7 + ["pair"] * 8
+    assert vocab.tags[14:16] == ["red car", "big dog"] and vocab.counts[14:16] == [2, 1]  # by count, then name
+    assert vocab.meta["params"]["min_pair_count"] == 1 and vocab.meta["params"]["top_pairs"] == 1000
+    assert (stats["pairs"], stats["distinct_pairs"]) == (8, 8)
+    assert "22 tags = 7 objects + 7 attributes + 8 pairs (of 7 distinct objects, 7 distinct attributes, " \
+           "8 distinct pairs seen)" in capsys.readouterr().out
+    # The pair threshold and cap are their own: the words keep min_count 1.
+    tagalign.main(base + ["--out", str(tmp_path / "m2"), "--pairs", "--min-pair-count", "2"])
+    assert read_rows(tmp_path / "m2")[0].tags[14:] == ["red car"]
+    tagalign.main(base + ["--out", str(tmp_path / "top"), "--pairs", "--min-pair-count", "1", "--top-pairs", "2"])
+    assert read_rows(tmp_path / "top")[0].tags[14:] == ["red car", "big dog"]
+    with pytest.raises(SystemExit, match="--min-pair-count must be an integer >= 1"):
+        tagalign.main(base + ["--out", str(tmp_path / "bad"), "--pairs", "--min-pair-count", "0"])
+
+
+def test_tags_without_pairs_are_todays_files(corpus, tmp_path):
+    """Off by default: no pair parameter, kind or count anywhere, and the object and attribute
+    tags, counts and rows the same as the pair run's with its pairs taken out."""
+    paths, want_rows = corpus
+    plain = tag_files(paths, str(tmp_path / "a"), min_count=1, workers=1, progress=False)
+    tag_files(paths, str(tmp_path / "b"), min_count=1, workers=1, progress=False, pairs=False, top_pairs=3,
+              min_pair_count=9)  # the pair settings are ignored without pairs
+    for name in ("vocab.json", "tag_offsets.npy", "tag_ids.npy", "tag_keys.npy"):
+        a, b = (tmp_path / "a" / name).read_bytes(), (tmp_path / "b" / name).read_bytes()
+        assert a == b, name
+    doc = json.loads((tmp_path / "a" / "vocab.json").read_text())
+    assert set(doc["kinds"]) == {"object", "attribute"} and set(doc["params"]) == {"top_objects", "top_attributes", "min_count"}
+    assert "7 attributes (of 7 distinct objects, 7 distinct attributes seen)" in format_tag_stats(plain)
+    tag_files(paths, str(tmp_path / "p"), min_count=1, workers=1, progress=False, pairs=True, min_pair_count=1)
+    v, rows = read_rows(tmp_path / "a")
+    vp, rows_p = read_rows(tmp_path / "p")
+    assert vp.tags[:len(v)] == v.tags and vp.counts[:len(v)] == v.counts
+    assert rows == [[t for t in r if t in v.index] for r in rows_p] == want_rows

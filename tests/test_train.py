@@ -14,7 +14,7 @@ import tagalign
 from _clip import make_ref_clip, write_clip
 from _planted import Planted
 from eval_seg import load_model
-from world import WORLD_BENCHMARKS, write_world_shards
+from world import SHAPES, WORLD_BENCHMARKS, write_world_shards
 
 TINY = dict(stem_width=8, vision_width=32, vision_layers=1, vision_heads=2, context_length=28,
             text_width=32, text_layers=1, text_heads=2, embed_dim=16, decoder_blocks=1)
@@ -385,3 +385,75 @@ def test_paper_mode_refuses_bad_input(paper, tmp_path, capsys):
         run_paper(paper, tmp_path, "--steps", "1", "--set", "decoder_width=3")
     with pytest.raises(SystemExit, match="unknown setting"):
         run_paper(paper, tmp_path, "--steps", "1", "--set", "vision_layers=3")  # the file decides the shape
+
+
+# ---------------------------------------------------------------- pair tags
+def test_pairs_train_and_resume_exactly(tiny, tmp_path, monkeypatch):
+    """`train --pairs`: the vocabulary gets the world's pair tags, the targets name them, the
+    checkpoint keeps their kinds, so --resume continues the same run; without --pairs, none."""
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    flags = ["--pairs", "--steps", "4", "--ckpt-every", "2"]
+    reference = run(straight, *flags)
+    ckpt = torch.load(straight / "ckpt.pt", weights_only=True)
+    tags, kinds = ckpt["tags"], ckpt["tag_kinds"]
+    pairs = [t for t, k in zip(tags, kinds) if k == "pair"]
+    assert kinds == sorted(kinds, key=("object", "attribute", "pair").index) and ckpt["args"]["pairs"]
+    assert "red circle" in pairs and "big ring" in pairs and all(" " in t for t in pairs)
+    assert set(tags) - set(pairs) == set(torch.load(_plain_ckpt(tmp_path), weights_only=True)["tags"])
+    vocab = tagalign.TagVocab.from_tags(tags, kinds=kinds)
+    targets = tagalign.world_batch(tagalign.World(0), 0, 8, tagalign.Tokenizer.from_state_dict(ckpt["tokenizer"]),
+                                   vocab, tiny_config())[2]
+    assert targets[:, len(tags) - len(pairs):].any(1).float().mean() > 0.5  # most captions name a pair
+    # RESULTS.md reads the pair runs with the evaluator's cosines, world-attr's classes being pair phrases
+    metrics = eval_seg.main(["--ckpt", str(straight / "ckpt.pt"), "--benchmarks", "world-stuff,world-attr", "--cosines",
+                             "--world-images", "2", "--n-vis", "0", "--out", str(tmp_path / "cosines")])
+    assert "red circle" in metrics["world-attr"]["cosines"] and "grass" in metrics["world-stuff"]["cosines"]
+
+    batch = tagalign.world_batch
+
+    def batch_or_die(world, step, *rest):
+        if step == 3:
+            raise KeyboardInterrupt
+        return batch(world, step, *rest)
+
+    monkeypatch.setattr(tagalign, "world_batch", batch_or_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(broken, *flags)
+    monkeypatch.setattr(tagalign, "world_batch", batch)
+    with pytest.raises(SystemExit, match="trained with --pairs, this command says without"):
+        run(broken, *flags[1:], "--resume")
+    resumed = run(broken, *flags, "--resume")
+    for k, v in reference.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    assert [r["loss"] for r in read_log(straight)] == [r["loss"] for r in read_log(broken)]
+
+
+def _plain_ckpt(tmp_path):
+    run(tmp_path / "plain", "--steps", "1")
+    ckpt = torch.load(tmp_path / "plain" / "ckpt.pt", weights_only=True)
+    assert "tag_kinds" not in ckpt and not ckpt["args"]["pairs"]
+    return tmp_path / "plain" / "ckpt.pt"
+
+
+def test_paper_mode_trains_on_pair_tags(paper, tmp_path, capsys):
+    """The miniature's pair rows: `tags --pairs` on the shards, then `train --clip ... --tags`."""
+    root, clip = paper
+    shards = sorted(str(p) for p in (root / "shards").glob("world-*.tar"))
+    tagalign.main(["tags", "--captions", *shards, "--out", str(root / "tags_pairs"), "--pairs", "--min-count", "1",
+                   "--min-pair-count", "1", "--quiet", "--workers", "1"])
+    vocab = tagalign.TagVocab.load(str(root / "tags_pairs" / "vocab.json"))
+    assert vocab.pairs and "pair" not in tagalign.TagVocab.load(str(root / "tags" / "vocab.json")).kinds
+    syn = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "words", "world_synonyms.txt")
+    tagalign.main(["tags", "--captions", *shards, "--out", str(root / "tags_syn_pairs"), "--synonyms", syn, "--pairs",
+                   "--min-count", "1", "--min-pair-count", "1", "--quiet", "--workers", "1"])
+    merged = tagalign.TagVocab.load(str(root / "tags_syn_pairs" / "vocab.json"))
+    merged_pairs = [t for t, k in zip(merged.tags, merged.kinds) if k == "pair"]
+    assert merged_pairs and {t.split()[-1] for t in merged_pairs} <= set(SHAPES)  # "red disk" -> "red circle"
+    run_paper(paper, tmp_path, "--steps", "2", "--tags", str(root / "tags_pairs"))
+    emb = torch.load(root / "tags_pairs" / "tag_embeddings.pt", weights_only=True)["embeddings"]
+    assert emb.shape[0] == len(vocab) and f"tag embeddings: {len(vocab)} computed" in capsys.readouterr().out
+    assert all(r["tag"] > 0 for r in read_log(tmp_path))
+    with pytest.raises(SystemExit):
+        tagalign.main(["train", "--clip", clip, "--data", shards[0], "--tags", str(root / "tags_pairs"),
+                       "--pairs", "--out", str(tmp_path / "x")])
+    assert "--pairs: the world from scratch only" in capsys.readouterr().err
