@@ -232,9 +232,10 @@ def _ce_fwd_chunked(x, y, scale, targets, offset, symmetric):
     return (m, logl, pos, cnt, None), (cm, cl)  # no argmax: its recompute is bitwise the same
 
 
-def _ce_bwd_chunked(x, y, scale, targets, offset, rows, cols, need_dy, cap=None):
+def _ce_bwd_chunked(x, y, scale, targets, offset, rows, cols, need_dy, cap=None, capped=None):
     """rows, cols: (max, log-sum, upstream grad, upstream grad / n) or None for cols; cap: the
-    cap on each positive's cross-entropy (dense targets), or None."""
+    cap on each positive's cross-entropy (dense targets), or None; capped: (N,) bool, the rows
+    where the forward found a capped positive (the others need no mask)."""
     acc = _acc_dtype(x.dtype)
     xf, yf, s = x.to(acc), y.to(acc), scale.to(acc)
     dx = torch.empty_like(xf)
@@ -252,9 +253,10 @@ def _ce_bwd_chunked(x, y, scale, targets, offset, rows, cols, need_dy, cap=None)
                 i = torch.arange(i1 - i0, device=x.device)
                 G[i, i + i0 + offset] -= a_pos[i0:i1]
             else:
-                t = targets[i0:i1].to(acc)
-                if cap is not None:  # capped positives have no gradient of their own
-                    t = torch.where(G < -cap, 0.0, t)
+                t = targets[i0:i1]
+                if cap is not None and capped[i0:i1].any():  # capped positives: no gradient of their own
+                    t = t * (G >= -cap)  # bool & bool stays bool: one pass, converted below
+                t = t.to(acc)
                 G.exp_().mul_(a[i0:i1, None]).addcmul_(t, a_pos[i0:i1, None], value=-1)
             if cols is not None:  # symmetric: diagonal positives, offset 0
                 cm, cl, b, _ = cols
@@ -643,7 +645,7 @@ def _capped_positives(x, y, scale, targets, m, logl, cnt, cap):
     acc = m.dtype
     over, lost = torch.zeros_like(m), torch.zeros_like(m)
     i, j = targets.nonzero(as_tuple=True)  # (nnz,) each
-    chunk = max(1, CHUNK_LOGITS // x.shape[1])
+    chunk = max(1, CHUNK_LOGITS // (4 * x.shape[1]))  # rows gathered at a time: 4 MiB of fp32 each side
     for c0 in range(0, i.numel(), chunk):
         ii, jj = i[c0:c0 + chunk], j[c0:c0 + chunk]
         X = scale.to(acc) * (x[ii].to(acc) * y[jj].to(acc)).sum(1)
@@ -686,7 +688,7 @@ class ScaledMatmulCE(torch.autograd.Function):
         a = a * u  # the LSE term's share: the target mass that is not capped
         if ctx.impl != "triton":
             rows, cols = (m, logl, a, a_pos), ((cm, cl, b, b) if sym else None)
-            dx, dy, ds = _ce_bwd_chunked(x, y, scale, targets, offset, rows, cols, need_dy, cap)
+            dx, dy, ds = _ce_bwd_chunked(x, y, scale, targets, offset, rows, cols, need_dy, cap, u < 1)
         else:
             # Divide the upstream gradients by g so that G stays O(1) for the fp16/bf16 dot.
             g = torch.maximum(a.abs().max(), a_pos.abs().max())
