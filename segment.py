@@ -45,6 +45,7 @@ from model import READINGS, autocast, load_clip
 from tokenizer import Tokenizer
 from world import WorldBenchmark
 
+
 # ----------------------------------------------------------------------------- classes
 def parse_classes(classes):
     """"cat; grass, lawn" or ["cat", "grass, lawn"] -> [["cat"], ["grass", "lawn"]]: classes
