@@ -1,4 +1,5 @@
-"""Benchmarks: the fused losses, the tag parser, the world, the evaluator and paper-mode loading.
+"""Benchmarks: the fused losses, the tag parser, the world, the evaluator, paper-mode loading and
+segment.py's scoring.
 
     python bench.py                      # = bench.py losses
     python bench.py losses --loss clip --sizes 4096 16384 --dtypes bf16
@@ -507,7 +508,6 @@ def bench_segment(args):
     images/s of a world checkpoint on the world's validation scenes, and crops/s of a
     ViT-B/16-shaped paper-mode model (random weights) on a 448 x (448 + 224 (N - 1)) image,
     N windows of 448 (the published protocol: decoder + raw-CLIP blend, VOC's 20 classes)."""
-    import dataclasses
     import eval_seg
     import model as M
     from segment import Segmenter
@@ -539,8 +539,7 @@ def bench_segment(args):
     net = M.TagAlign(M.Config(**M.VIT_B16), frozen_clip=True)
     net.init_head_from_clip()
     model = eval_seg.SegmentationModel(net, Tokenizer.from_clip(), device)
-    protocol = eval_seg.protocol_for("tcl", None)
-    seg = Segmenter(model, dataclasses.replace(protocol, clip_w=eval_seg.effective_clip_w(model, protocol)))
+    seg = Segmenter(model, eval_seg.model_protocol(model, "tcl", None))
     W = 448 + 224 * (args.paper_crops - 1)
     image = np.random.default_rng(0).integers(0, 256, (448, W, 3), np.uint8)
     t = timed(seg, [image], seg.embed(eval_seg.VOC[1:]))
@@ -603,21 +602,17 @@ def write_loader_shards(out, samples, shards, distinct, sides, quality, seed=0):
     `distinct` JPEGs (augment.cc12m_like_jpeg; reused in turn, since making one takes ~70 ms
     and decoding does not get cheaper with repetition) beside distinct generated captions (the
     tag benchmark's). Returns (shard paths, ShardTags, mean JPEG bytes)."""
-    import io
-    import tarfile
     import augment
+    import data
     from tags import tag_files
     rng = np.random.default_rng(seed)
     jpegs = [augment.cc12m_like_jpeg(rng, sides=tuple(sides), quality=quality) for _ in range(distinct)]
     captions, paths = make_captions(samples, seed), []
     for s in range(shards):
         paths.append(os.path.join(out, f"cc-{s:05d}.tar"))
-        with tarfile.open(paths[-1], "w") as tf:
-            for i in range(s * samples // shards, (s + 1) * samples // shards):
-                for ext, payload in (("jpg", jpegs[i % distinct]), ("txt", captions[i].encode())):
-                    info = tarfile.TarInfo(f"{i:09d}.{ext}")  # img2dataset's keys
-                    info.size = len(payload)
-                    tf.addfile(info, io.BytesIO(payload))
+        data.write_tar(paths[-1], [(f"{i:09d}.{ext}", payload)  # img2dataset's keys
+                                   for i in range(s * samples // shards, (s + 1) * samples // shards)
+                                   for ext, payload in (("jpg", jpegs[i % distinct]), ("txt", captions[i].encode()))])
     tag_files(paths, os.path.join(out, "tags"), min_count=1, workers=1, progress=False)
     return paths, ShardTags(os.path.join(out, "tags"), paths), statistics.mean(map(len, jpegs))
 

@@ -1,10 +1,11 @@
 """Paper-mode training data: caption files (txt, tsv, jsonl, webdataset tars), shard
 expansion, and ImageTextStream, which streams image-text shards for a DataLoader with exact
 resume, each worker building whole batches (images through augment.py, tokens, tag targets);
-the image normalisations (ImageNet's, CLIP's); write_atomic, how every file of the project is
-written.
+the image normalisations (ImageNet's, CLIP's); write_atomic and write_tar, how checkpoints,
+tag files, shards and segment's outputs are written.
 """
 import contextlib
+import io
 import json
 import math
 import os
@@ -120,6 +121,17 @@ def iter_captions(path):
                 continue
             cap = cap.strip()
             yield (key, cap, None) if cap else (key, None, f"{where}: empty caption")
+
+
+def write_tar(path, members):
+    """A tar of (name, bytes) members, in the order given (an iterable: written as it comes),
+    as webdataset shards are; returns the path."""
+    with tarfile.open(path, "w") as tf:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)  # mtime 0, mode 0644: the same bytes on every run
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+    return str(path)
 
 
 def tar_groups(tf):

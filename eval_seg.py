@@ -558,7 +558,7 @@ class SegmentationModel:
 
 
 def load_model(path, device="cpu", reading=None, clip=None):
-    """A trained checkpoint as the evaluator's SegmentationModel (used by eval_seg.py)."""
+    """A trained checkpoint as the evaluator's SegmentationModel."""
     ckpt = read_checkpoint(path)
     if ckpt["args"]["command"] == "pretrain":
         raise SystemExit(f"error: {path} is a pretrain checkpoint: evaluate the CLIP file that run wrote, "
@@ -567,6 +567,13 @@ def load_model(path, device="cpu", reading=None, clip=None):
                              device, reading,
                              norm=NORMS[ckpt["args"]["norm"]] if ckpt.get("clip") else None,  # trained with it
                              world_cfg=WorldConfig(**ckpt["world"]) if ckpt.get("world") else None)
+
+
+def load_raw_clip(path, device="cpu", reading=None, norm="imagenet"):
+    """An OpenAI CLIP file as raw CLIP: its own ln_post + proj on the `reading` of its patch
+    tokens, images normalised with NORMS[norm] (the zero-shot baseline)."""
+    return SegmentationModel(load_clip(path), Tokenizer.from_clip(), device, reading, head="clip",
+                             norm=NORMS[norm])
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -644,12 +651,18 @@ def pamr(image, mask, iters=10, dilations=(1, 2, 4, 8, 12, 24)):
     return mask
 
 # ----------------------------------------------------------------------------- model side
+def prompts(names, templates):
+    """A class's prompts: each template filled with each of its names (a name, or a list of
+    synonyms), in the order text_embeddings embeds them."""
+    return [t.format(s) for s in ([names] if isinstance(names, str) else names) for t in templates]
+
+
 def text_embeddings(model, names, templates, chunk=256):
     """(C, E) L2-normalised class embeddings: each template filled with each name, embeddings
     averaged un-normalised over the templates, then normalised (TCL/TagAlign). A name may be a
     list of synonyms ("grass", "lawn"): its prompts are all of theirs, averaged the same way."""
     groups = [[n] if isinstance(n, str) else list(n) for n in names]
-    texts = [t.format(s) for g in groups for s in g for t in templates]
+    texts = [p for g in groups for p in prompts(g, templates)]
     emb = torch.cat([model.encode_text(texts[i:i + chunk]).float() for i in range(0, len(texts), chunk)])
     per_class = emb.split([len(g) * len(templates) for g in groups])  # (synonyms x templates, E) each
     return F.normalize(torch.stack([e.mean(0) for e in per_class]), dim=-1)
@@ -1154,6 +1167,13 @@ def protocol_for(name, bench, overrides=None, norm=None):
     return dataclasses.replace(p, **(overrides or {}))
 
 
+def model_protocol(model, name, bench, overrides=None):
+    """protocol_for with the model's own normalisation (model.norm), and the raw-CLIP blend only
+    where the model has a raw CLIP path (effective_clip_w): the protocol a model is scored by."""
+    p = protocol_for(name, bench, overrides, getattr(model, "norm", None))
+    return dataclasses.replace(p, clip_w=effective_clip_w(model, p))
+
+
 def run_benchmarks(model, names=WORLD_BENCHMARKS, data_root=None, out_dir="out", n_vis=4, batch_size=16,
                    extra=None, overrides=None, n_images=None, limit=None, preds_dir=None, world_cfg=None,
                    cosines=False):
@@ -1170,8 +1190,7 @@ def run_benchmarks(model, names=WORLD_BENCHMARKS, data_root=None, out_dir="out",
     results, metrics = {}, {}
     for k, bench in benches.items():
         if preds_dir is None:
-            protocol = protocol_for(k, bench, overrides, getattr(model, "norm", None))
-            protocol = dataclasses.replace(protocol, clip_w=effective_clip_w(model, protocol))
+            protocol = model_protocol(model, k, bench, overrides)
             r = evaluate(model, bench, protocol, k, batch_size, n_vis, out_dir / "vis", limit)
             r["protocol"] = protocol
             r["speed"] = {"images_per_s": r["images"] / r["seconds"],
@@ -1271,8 +1290,7 @@ def main(argv=None):
             raise SystemExit(f"eval_seg: --ckpt {args.ckpt}: no such file")
         model = load_model(args.ckpt, device=args.device, reading=args.dense, clip=args.clip)
     elif args.clip is not None:
-        model = SegmentationModel(load_clip(args.clip), Tokenizer.from_clip(), args.device,
-                                  args.dense, head="clip", norm=NORMS[args.norm])
+        model = load_raw_clip(args.clip, args.device, args.dense, args.norm)
     elif not Path(args.preds).is_dir():
         raise SystemExit(f"eval_seg: --preds {args.preds}: no such folder")
     if model is not None:

@@ -28,7 +28,6 @@ pixels), STEM.labels.png (palette PNG of class indices: 0 = background when it i
 (h, w, E), the model's dense embeddings of the resized image), and segment.json for the run.
 Every file is written under a temporary name and renamed: an interrupted run leaves no half file.
 """
-import dataclasses
 import glob
 import os
 import time
@@ -40,9 +39,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 import eval_seg
-from data import NORMS, write_atomic
-from model import READINGS, autocast, load_clip
-from tokenizer import Tokenizer
+from data import write_atomic
+from model import READINGS, autocast
 from world import WorldBenchmark
 
 
@@ -125,6 +123,7 @@ class Segmenter:
     def __init__(self, model, protocol, background=True, batch_size=16):
         self.model, self.protocol, self.background, self.batch_size = model, protocol, background, batch_size
         self.device = torch.device(getattr(model, "device", "cpu"))
+        self._embedded = {}  # class list -> its (C, E) embeddings: seg(image, classes) in a loop embeds once
 
     @classmethod
     def load(cls, ckpt=None, *, clip=None, dense=None, device=None, background=None, pamr=False,
@@ -138,8 +137,7 @@ class Segmenter:
         if ckpt is not None:
             model = eval_seg.load_model(ckpt, device, reading=dense, clip=clip)
         elif clip is not None:
-            model = eval_seg.SegmentationModel(load_clip(clip), Tokenizer.from_clip(), device, dense,
-                                               head="clip", norm=NORMS["imagenet"])
+            model = eval_seg.load_raw_clip(clip, device, dense)
         else:
             raise SystemExit("error: give a checkpoint (--ckpt PATH) or a CLIP file (--clip PATH)")
         overrides = {"pamr": pamr}
@@ -150,8 +148,7 @@ class Segmenter:
         # The model's protocol, as run_benchmarks picks it: the world's (a world benchmark's
         # geometry, normalisation and prompt) for a model trained on the world, else TCL's.
         world = WorldBenchmark("world-object", 0, cfg=model.world_cfg) if model.world_cfg is not None else None
-        protocol = eval_seg.protocol_for("tcl" if world is None else world.name, world, overrides, model.norm)
-        protocol = dataclasses.replace(protocol, clip_w=eval_seg.effective_clip_w(model, protocol))
+        protocol = eval_seg.model_protocol(model, "tcl" if world is None else world.name, world, overrides)
         return cls(model, protocol, background is not False, batch_size)
 
     def names(self, classes):
@@ -164,8 +161,12 @@ class Segmenter:
 
     def embed(self, classes):
         """(C, E) class embeddings on the model's device; classes as parse_classes reads them."""
-        self.names(classes)
-        return eval_seg.text_embeddings(self.model, parse_classes(classes), self.protocol.templates).to(self.device)
+        key = classes if isinstance(classes, str) else tuple(classes)
+        if key not in self._embedded:
+            self.names(classes)
+            self._embedded[key] = eval_seg.text_embeddings(self.model, parse_classes(classes),
+                                                           self.protocol.templates).to(self.device)
+        return self._embedded[key]
 
     def segment(self, items, text):
         """eval_seg.predict on (image, key) items: yields (key, labels (H, W) int64 numpy,
@@ -311,7 +312,7 @@ def segment_files(seg, paths, classes, out, *, save_scores=False, save_features=
     bar.close()
     seconds = time.time() - t0
     run = {**(record or {}), "classes": names[seg.background:],
-           "prompts": {n: [t.format(s) for s in g for t in seg.protocol.templates]
+           "prompts": {n: eval_seg.prompts(g, seg.protocol.templates)
                        for n, g in zip(names[seg.background:], groups)},
            "background": seg.protocol.bg_thresh if seg.background else None, "protocol": seg.protocol,
            "images": images, "skipped": skipped, "seconds": seconds}

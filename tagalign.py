@@ -3,7 +3,7 @@
 The training program, top to bottom: the two losses wired from kernels/, AdamW and its
 schedule, `--set`, checkpoints, each mode's setup (the world from scratch, the paper's decoder
 on a frozen CLIP, a CLIP pretrained on the world), which hands the training loop one Run, the
-loop (`train`), and the command line (`train`, `pretrain`, `tags`, `shards`).
+loop (`train`), and the command line (`train`, `pretrain`, `tags`, `shards`, `segment`).
 
     python tagalign.py train                 # the synthetic world, from scratch, on a CPU
     python tagalign.py train --tag-weight 0  # the ITC-only baseline
@@ -20,6 +20,7 @@ Where the rest lives:
     augment.py      the official training augmentation
     distributed.py  torchrun: collectives, SyncBatchNorm2d, the DDP plumbing
     eval_seg.py     the zero-shot segmentation evaluator, its models and pictures
+    segment.py      your own images with your own class names (the `segment` command)
     bench.py        speed and memory
 """
 import argparse
@@ -109,9 +110,6 @@ def compute_loss(model, images, tokens, targets, *, tag_tokens=None, tag_emb=Non
 
 
 # ---------------------------------------------------------------- optimizer
-DECAY_RULES = ("official", "matrices")
-
-
 def decays(name, p, rule):
     """Whether AdamW's weight decay applies to parameter `name`.
     official: the authors' set_weight_decay (utils/optimizer.py of Qinying-Liu/TagAlign at
@@ -214,11 +212,16 @@ def checkpoint_state(run, optimizer, scaler, step, args):
             **run.extra_state, **run.batches.state()}
 
 
+def save_atomic(obj, path):
+    """torch.save(obj) to path through data.write_atomic: the old file or the new one, never half."""
+    with data.write_atomic(path) as tmp:
+        torch.save(obj, tmp)
+
+
 def save_checkpoint(path, state):
     """Write a checkpoint atomically; under torchrun rank 0 alone writes."""
     if distributed.rank_and_count()[0] == 0:
-        with data.write_atomic(path) as tmp:
-            torch.save(state, tmp)
+        save_atomic(state, path)
 
 
 RESUME_MUST_MATCH = ("steps", "batch_size", "lr", "warmup", "schedule", "beta2", "weight_decay", "seed",
@@ -260,7 +263,6 @@ class Run:
     summary: str                # the line that describes the model before training
     tag_tokens: torch.Tensor = None  # (K, L) tag prompts, embedded each step by the text tower that trains
     tag_emb: torch.Tensor = None     # (K, E) fixed tag embeddings: a frozen CLIP's, computed once
-    world_cfg: WorldConfig = None    # the world trained on (its benchmarks are made with it); None: none
     finish: Callable = lambda: None  # rank 0, after the final checkpoint: the mode's other files
 
 
@@ -335,8 +337,7 @@ def tag_texts(vocab, template=WORLD_TEMPLATES[0]):
 def export_clip(model, path):
     """A pretrained CLIP as an OpenAI-format state dict (its module names are OpenAI's), written
     atomically; `--clip path` reads it through the same loader as ViT-B-16.pt."""
-    with data.write_atomic(path) as tmp:
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+    save_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
     print(f"wrote {path} (OpenAI's layout: give it to --clip)")
 
 
@@ -377,10 +378,11 @@ def world_setup(args, ckpt, device):
     norm = data.NORMS[args.norm] if pretrain else (WORLD_MEAN, WORLD_STD)
     if pretrain:  # evaluated as raw CLIP (its own ln_post + proj on the surgery tokens), then exported
         eval_model = lambda: SegmentationModel(as_raw_clip(model, device), tokenizer, device, head="clip",  # noqa: E731
-                                               norm=norm)
+                                               norm=norm, world_cfg=world_cfg)
         finish = functools.partial(export_clip, model, os.path.join(args.out, "clip.pt"))
     else:
-        eval_model, finish = functools.partial(SegmentationModel, model, tokenizer, device), (lambda: None)
+        eval_model = functools.partial(SegmentationModel, model, tokenizer, device, world_cfg=world_cfg)
+        finish = lambda: None  # noqa: E731
     n_params = sum(p.numel() for p in model.parameters())
     return Run(
         model=model, batches=WorldBatches(world, args.batch_size, args.steps, tokenizer, vocab, cfg, norm),
@@ -391,7 +393,7 @@ def world_setup(args, ckpt, device):
         summary=f"model: {n_params / 1e6:.2f}M parameters, grid {cfg.image_size // cfg.patch_size}^2, "
                 f"tag weight {args.tag_weight} ({args.tag_loss}), kernels {args.kernels}",
         tag_tokens=tokenizer(tag_texts(vocab), cfg.context_length).to(device),  # (K, L)
-        world_cfg=world_cfg, finish=finish)
+        finish=finish)
 
 
 # ---------------------------------------------------------------- the paper: frozen CLIP, shards, cached text
@@ -418,8 +420,7 @@ def tag_embeddings(model, tokenizer, vocab, tags_dir, clip_sha256, template, dev
     with torch.no_grad():
         emb = torch.cat([model.encode_text(tokens[i:i + 1024].to(device)).float() for i in range(0, len(tokens), 1024)])
     emb = F.normalize(emb, dim=-1).cpu()
-    with data.write_atomic(path) as tmp:
-        torch.save({**key, "embeddings": emb}, tmp)
+    save_atomic({**key, "embeddings": emb}, path)
     print(f"tag embeddings: {len(vocab)} computed with {template!r}, saved to {path}")
     return emb.to(device)
 
@@ -598,10 +599,11 @@ def train(args):
     run.finish()
     names = eval_seg.parse_names(args.eval_benchmarks) if args.eval_benchmarks else []
     if args.eval_images and names:  # after the timing: evaluation is not training time
+        seg = run.eval_model()  # the world's models carry the world they were trained on
         extra = {"config": dataclasses.asdict(model.cfg), "args": vars(args)}
-        extra.update({"world": dataclasses.asdict(run.world_cfg)} if run.world_cfg else {})
-        eval_seg.run_benchmarks(run.eval_model(), names, data_root=args.data_root, out_dir=args.out,
-                                n_images=args.eval_images, extra=extra, world_cfg=run.world_cfg)
+        extra.update({"world": dataclasses.asdict(seg.world_cfg)} if seg.world_cfg else {})
+        eval_seg.run_benchmarks(seg, names, data_root=args.data_root, out_dir=args.out,
+                                n_images=args.eval_images, extra=extra, world_cfg=seg.world_cfg)
     return model
 
 

@@ -564,24 +564,20 @@ def read_synonyms(path):
 def _caption_tags(text, synonyms=None, pairs=False):
     """Tags of one caption as counted and encoded: its objects, then its attributes that are
     not also objects ("an orange cat next to an orange" counts "orange" once); with synonyms
-    (read_synonyms), each name replaced by its group's, counted once. pairs: also a third list,
-    the pair tags "attribute object" (parse_pairs), both names through the synonym map ("red
-    disk" -> "red circle")."""
-    if not pairs:
-        objects, attributes = parse_caption(text)
-        if synonyms:
-            objects = list(dict.fromkeys(synonyms.get(t, t) for t in objects))
-            attributes = list(dict.fromkeys(synonyms.get(t, t) for t in attributes))
-        return objects, [a for a in attributes if a not in objects]
-    objects, attributes, bound = parse_pairs(text)
+    (read_synonyms), each name replaced by its group's, counted once; and the pair tags
+    "attribute object" (parse_pairs; pairs=False: none, and the cheaper parse_caption), both
+    names through the synonym map ("red disk" -> "red circle"). Returns (objects, attributes,
+    pairs)."""
+    if pairs:
+        objects, attributes, bound = parse_pairs(text)
+    else:
+        (objects, attributes), bound = parse_caption(text), []
     if synonyms:
         objects = list(dict.fromkeys(synonyms.get(t, t) for t in objects))
         attributes = list(dict.fromkeys(synonyms.get(t, t) for t in attributes))
-    attributes = [a for a in attributes if a not in objects]
-    if synonyms:
         bound = [(synonyms.get(a, a), synonyms.get(o, o)) for a, o in bound]
     names = dict.fromkeys(f"{a} {o}" for a, o in bound)
-    return objects, attributes, [p for p in names if p not in objects]  # one tag per name
+    return objects, [a for a in attributes if a not in objects], [p for p in names if p not in objects]
 
 
 KINDS = ("object", "attribute", "pair")
@@ -635,11 +631,8 @@ class TagVocab:
         ...     "A black cat.")
         [0, 1, 2]
         """
-        if self.pairs:
-            objects, attributes, bound = _caption_tags(caption, self.synonyms, True)
-            attributes += bound  # a pair is never an object's name (_caption_tags)
-        else:
-            objects, attributes = _caption_tags(caption, self.synonyms)
+        objects, attributes, bound = _caption_tags(caption, self.synonyms, self.pairs)
+        attributes += bound  # a pair is never an object's name (_caption_tags)
         index, out = self.index, []
         for t in objects:
             j = index.get(t)
@@ -719,11 +712,9 @@ def build_vocab(captions, top_objects=9000, top_attributes=1000, min_count=5, sy
     _check_vocab_args(top_objects, top_attributes, min_count, top_pairs, min_pair_count)
     object_counts, attribute_counts, pair_counts = Counter(), Counter(), Counter() if pairs else None
     for c in captions:
+        objects, attributes, bound = _caption_tags(c, synonyms, pairs)
         if pairs:
-            objects, attributes, bound = _caption_tags(c, synonyms, True)
             pair_counts.update(bound)
-        else:
-            objects, attributes = _caption_tags(c, synonyms)
         object_counts.update(objects)
         attribute_counts.update(attributes)
     return _select_tags(object_counts, attribute_counts, top_objects, top_attributes, min_count,
@@ -739,10 +730,7 @@ def _tag_chunk(captions, synonyms=None, pairs=False):
         if c is None:
             lens.append(0)
             continue
-        if pairs:
-            objects, attributes, bound = _caption_tags(c, synonyms, True)
-        else:
-            (objects, attributes), bound = _caption_tags(c, synonyms), ()
+        objects, attributes, bound = _caption_tags(c, synonyms, pairs)
         for t in objects:
             ids.append(local.setdefault((0, t), len(local)))
         for t in attributes:
@@ -1000,7 +988,8 @@ class ShardTags:
         Row b's ids are ids[offsets[r_b]:offsets[r_b + 1]], n_b of them; laid end to end, the
         k-th of them sits at ids position offsets[r_b] + (k - the ids of rows before b)."""
         rows = np.asarray(rows, dtype=np.int64)  # (B,)
-        start, n = self.offsets[rows], self.offsets[rows + 1] - self.offsets[rows]  # (B,), (B,)
+        start = self.offsets[rows]  # (B,)
+        n = self.offsets[rows + 1] - start  # (B,)
         before = np.cumsum(n) - n  # (B,) ids of the rows before b
         at = np.repeat(start - before, n) + np.arange(n.sum())  # (nnz,) positions in ids
         t = torch.zeros(len(rows), len(self.vocab), dtype=torch.bool)

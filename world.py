@@ -6,13 +6,12 @@ batches are tagalign.world_batch.
 import io
 import math
 import os
-import tarfile
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from data import write_atomic
+from data import write_atomic, write_tar
 
 # ---------------------------------------------------------------- the synthetic world
 # A procedural world of coloured shapes on textured ground. Every sample is a
@@ -332,24 +331,27 @@ class World:
         return prefix + text
 
 
+def _scene_members(world, indices):
+    """(KEY.png, KEY.txt) tar members of each scene, KEY its index, zero-padded."""
+    from PIL import Image
+    for i in indices:
+        s, buf = world.sample(i), io.BytesIO()
+        Image.fromarray(s.image).save(buf, format="PNG")
+        yield f"{i:09d}.png", buf.getvalue()
+        yield f"{i:09d}.txt", s.caption.encode()
+
+
 def write_world_shards(out_dir, scenes, per_shard=1000, seed=0, image_size=64, cfg=None, start=0):
     """The world's training split as webdataset shards, as CC12M is distributed: out_dir/
     world-00000.tar ..., scene i as KEY.png (lossless) and KEY.txt, KEY = its index, zero-padded.
     Scenes start .. start + scenes - 1; contrast pairs stay together in a shard when per_shard
     is even. Returns the shard paths."""
-    from PIL import Image
     os.makedirs(out_dir, exist_ok=True)
     world, paths = World(seed, image_size, "train", cfg), []
     for first in range(start, start + scenes, per_shard):
         path = os.path.join(out_dir, f"world-{len(paths):05d}.tar")
-        with write_atomic(path) as tmp, tarfile.open(tmp, "w") as tf:
-            for i in range(first, min(first + per_shard, start + scenes)):
-                s, buf = world.sample(i), io.BytesIO()
-                Image.fromarray(s.image).save(buf, format="PNG")
-                for ext, payload in (("png", buf.getvalue()), ("txt", s.caption.encode())):
-                    info = tarfile.TarInfo(f"{i:09d}.{ext}")
-                    info.size, info.mtime = len(payload), 0
-                    tf.addfile(info, io.BytesIO(payload))
+        with write_atomic(path) as tmp:
+            write_tar(tmp, _scene_members(world, range(first, min(first + per_shard, start + scenes))))
         paths.append(path)
     return paths
 

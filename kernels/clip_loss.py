@@ -255,7 +255,7 @@ def _ce_bwd_chunked(x, y, scale, targets, offset, rows, cols, need_dy, cap=None,
             else:
                 t = targets[i0:i1]
                 if cap is not None and capped[i0:i1].any():  # capped positives: no gradient of their own
-                    t = t * (G >= -cap)  # bool & bool stays bool: one pass, converted below
+                    t = t * (G >= -cap)  # bool * bool stays bool (float targets: float); converted below
                 t = t.to(acc)
                 G.exp_().mul_(a[i0:i1, None]).addcmul_(t, a_pos[i0:i1, None], value=-1)
             if cols is not None:  # symmetric: diagonal positives, offset 0
@@ -666,10 +666,10 @@ class ScaledMatmulCE(torch.autograd.Function):
         fwd = _ce_fwd_triton if impl == "triton" else _ce_fwd_chunked
         (m, logl, pos, cnt, arg), (cm, cl) = fwd(x, y, scale, targets, offset, symmetric)
         row = (m - pos / torch.where(cnt > 0, cnt, 1.0)) + logl  # LSE - mean positive logit
-        u = torch.ones_like(m)  # U_i: the weight of the row's LSE term
+        u = None  # U_i, the weight of the row's LSE term: 1 unless positives are capped
         if cap is not None:
             over, lost = _capped_positives(x, y, scale, targets, m, logl, cnt, cap)
-            row, u = row - over, u - lost
+            row, u = row - over, 1 - lost
         # symmetric: the positive of column j is X_jj = pos_j (offset is 0)
         col = (cm - pos) + cl if symmetric else cm
         ctx.save_for_backward(x, y, scale, targets, m, logl, pos, cnt, arg, cm, cl, u)
@@ -685,10 +685,12 @@ class ScaledMatmulCE(torch.autograd.Function):
         a = a.to(m.dtype)
         b = b.to(m.dtype) if sym else None
         a_pos = a / torch.where(cnt > 0, cnt, 1.0)  # the positives' share of a row's gradient
-        a = a * u  # the LSE term's share: the target mass that is not capped
+        if u is not None:
+            a = a * u  # the LSE term's share: the target mass that is not capped
         if ctx.impl != "triton":
             rows, cols = (m, logl, a, a_pos), ((cm, cl, b, b) if sym else None)
-            dx, dy, ds = _ce_bwd_chunked(x, y, scale, targets, offset, rows, cols, need_dy, cap, u < 1)
+            dx, dy, ds = _ce_bwd_chunked(x, y, scale, targets, offset, rows, cols, need_dy, cap,
+                                         None if u is None else u < 1)
         else:
             # Divide the upstream gradients by g so that G stays O(1) for the fp16/bf16 dot.
             g = torch.maximum(a.abs().max(), a_pos.abs().max())

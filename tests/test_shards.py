@@ -13,7 +13,8 @@ from PIL import Image
 
 import data
 from augment import cc12m_like_jpeg
-from test_tags_cli import write_tar
+from bench import targets_loop
+from data import write_tar
 from tags import ShardTags, tag_files
 from tokenizer import Tokenizer
 from world import World, write_world_shards
@@ -55,15 +56,6 @@ def jpegs(tmp_path_factory, world):
 def stream(paths, tags, tok, workers=0, buffer=7, batch=4, seed=0, size=16, **kw):
     return data.ImageTextStream(paths, tags, tok, 16, batch, image_size=size, seed=seed, buffer=buffer,
                                 workers=workers, **kw)
-
-
-def targets_loop(tags, rows):
-    """(B, K) multi-hot targets as tagalign.py's main process built them before the workers did:
-    one row at a time."""
-    t = torch.zeros(len(rows), len(tags.vocab), dtype=torch.bool)
-    for i, r in enumerate(rows.tolist()):
-        t[i, torch.from_numpy(tags.ids[tags.offsets[r]:tags.offsets[r + 1]].astype(np.int64))] = True
-    return t
 
 
 def test_brace_lists_and_globs(tmp_path):

@@ -1,23 +1,12 @@
 """The `tags` command (tag_files): every input format, malformed samples, the vocabulary,
 the counts, and the per-sample tag file aligned with the input order."""
-import io
 import json
-import tarfile
 
 import numpy as np
 import pytest
 
+from data import write_tar
 from tags import format_tag_stats, read_tags, tag_files, TagVocab
-
-
-def write_tar(path, members):
-    """A tar of (name, bytes) members in the given order; returns its path."""
-    with tarfile.open(path, "w") as tf:
-        for name, payload in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tf.addfile(info, io.BytesIO(payload))
-    return str(path)
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """Training end to end on a tiny model: the loss goes down, checkpoints round-trip, --resume
 continues exactly where an interrupted run stopped, bad flags fail with one line."""
+import contextlib
 import json
 import os
 import random
@@ -43,6 +44,24 @@ def dies_at_call(fn, n):
             raise KeyboardInterrupt
         return fn(*a, **kw)
     return wrapped
+
+
+@contextlib.contextmanager
+def killed_at_batch(monkeypatch, step):
+    """The world run in the block is killed when it asks for batch `step` (between checkpoints)."""
+    batch = tagalign.world_batch
+
+    def batch_or_die(world, s, *rest):
+        if s == step:
+            raise KeyboardInterrupt
+        return batch(world, s, *rest)
+
+    monkeypatch.setattr(tagalign, "world_batch", batch_or_die)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        monkeypatch.setattr(tagalign, "world_batch", batch)
 
 
 def run(out, *flags):
@@ -101,19 +120,10 @@ def test_resume_continues_exactly(tiny, tmp_path, monkeypatch):
 
     # Kill the second run between checkpoints: it has logged steps 0-4, its checkpoint is from
     # step 3, and step 5's batch never arrives.
-    batch = tagalign.world_batch
-
-    def batch_or_die(world, step, *rest):
-        if step == 5:
-            raise KeyboardInterrupt
-        return batch(world, step, *rest)
-
-    monkeypatch.setattr(tagalign, "world_batch", batch_or_die)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_batch(monkeypatch, 5):
         run(broken, *flags)
     assert torch.load(broken / "ckpt.pt", weights_only=True)["step"] == 3
     assert [r["step"] for r in read_log(broken)] == [0, 1, 2, 3, 4]
-    monkeypatch.setattr(tagalign, "world_batch", batch)
     resumed = run(broken, *flags, "--resume")
 
     for k, v in reference.state_dict().items():
@@ -409,17 +419,8 @@ def test_pairs_train_and_resume_exactly(tiny, tmp_path, monkeypatch):
                              "--world-images", "2", "--n-vis", "0", "--out", str(tmp_path / "cosines")])
     assert "red circle" in metrics["world-attr"]["cosines"] and "grass" in metrics["world-stuff"]["cosines"]
 
-    batch = tagalign.world_batch
-
-    def batch_or_die(world, step, *rest):
-        if step == 3:
-            raise KeyboardInterrupt
-        return batch(world, step, *rest)
-
-    monkeypatch.setattr(tagalign, "world_batch", batch_or_die)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_batch(monkeypatch, 3):
         run(broken, *flags)
-    monkeypatch.setattr(tagalign, "world_batch", batch)
     with pytest.raises(SystemExit, match="trained with --pairs, this command says without"):
         run(broken, *flags[1:], "--resume")
     resumed = run(broken, *flags, "--resume")
