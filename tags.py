@@ -570,14 +570,18 @@ def _caption_tags(text, synonyms=None, pairs=False):
     pairs)."""
     if pairs:
         objects, attributes, bound = parse_pairs(text)
-    else:
-        (objects, attributes), bound = parse_caption(text), []
+    else:  # the parser's hot path (every caption of a corpus): nothing more than the words
+        (objects, attributes), bound = parse_caption(text), ()
     if synonyms:
         objects = list(dict.fromkeys(synonyms.get(t, t) for t in objects))
         attributes = list(dict.fromkeys(synonyms.get(t, t) for t in attributes))
+    attributes = [a for a in attributes if a not in objects]
+    if not bound:
+        return objects, attributes, bound
+    if synonyms:
         bound = [(synonyms.get(a, a), synonyms.get(o, o)) for a, o in bound]
     names = dict.fromkeys(f"{a} {o}" for a, o in bound)
-    return objects, [a for a in attributes if a not in objects], [p for p in names if p not in objects]
+    return objects, attributes, [p for p in names if p not in objects]  # one tag per name
 
 
 KINDS = ("object", "attribute", "pair")
@@ -632,7 +636,8 @@ class TagVocab:
         [0, 1, 2]
         """
         objects, attributes, bound = _caption_tags(caption, self.synonyms, self.pairs)
-        attributes += bound  # a pair is never an object's name (_caption_tags)
+        if bound:
+            attributes += bound  # a pair is never an object's name (_caption_tags)
         index, out = self.index, []
         for t in objects:
             j = index.get(t)
